@@ -1,0 +1,16 @@
+"""The seam between layers and kernels: ops take tensors and numbers, dispatch picks a backend."""
+
+from .dispatch import available_backends, get_backend, set_backend, use_backend
+from .ia3 import ia3_linear
+from .lora import lora_embedding, lora_linear, lora_linear_mixed
+
+__all__ = [
+    "available_backends",
+    "get_backend",
+    "ia3_linear",
+    "lora_embedding",
+    "lora_linear",
+    "lora_linear_mixed",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,190 @@
+"""Backend choice for every op: "auto" | "torch" | "triton" | "cuda".
+
+Each op family registers one implementation per backend together with a `supports`
+predicate. `select(op, ...)` returns the implementation to run for the current backend
+setting and the op's tensors:
+
+* an explicit backend ("triton", say) must be available, else `set_backend` raises;
+  when it is available but cannot take this particular input (dtype, device, shape),
+  dispatch falls back to the next backend in `FALLBACK_ORDER` and says so once at
+  debug level;
+* "auto" tries the fastest backends first and ends on "torch", which takes anything.
+
+Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("peft_fast.dispatch")
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+# The order "auto" tries; an explicit backend that cannot take an input falls back along it.
+FALLBACK_ORDER = ("cuda", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one op."""
+
+    fn: Callable[..., Any]
+    # Returns None when the implementation can take these arguments, else the reason it cannot.
+    supports: Callable[..., str | None]
+
+
+_IMPLS: dict[str, dict[str, Impl]] = {}
+# Modules that register the implementations of a backend, imported on first use.
+_BACKEND_MODULES: dict[str, tuple[str, ...]] = {"torch": (), "triton": (), "cuda": ()}
+_state = threading.local()
+_global_backend = "auto"
+_warned: set[tuple[str, str, str]] = set()
+
+
+def register(op: str, backend: str, fn: Callable[..., Any], supports: Callable[..., str | None] | None = None) -> None:
+    """Register `fn` as `backend`'s implementation of `op`."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports or (lambda *a, **k: None))
+
+
+def register_backend_module(backend: str, module: str) -> None:
+    """Declare that importing `module` registers `backend`'s implementations (lazy load)."""
+    mods = _BACKEND_MODULES.setdefault(backend, ())
+    if module not in mods:
+        _BACKEND_MODULES[backend] = mods + (module,)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter runs kernels on CPU tensors (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_status() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    if not _BACKEND_MODULES.get("triton"):
+        return "no Triton kernels are registered in this version of peft_fast"
+    import torch
+
+    if not torch.cuda.is_available() and not interpreter_enabled():
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+def _cuda_status() -> str | None:
+    import torch
+
+    if not _BACKEND_MODULES.get("cuda"):
+        return "no CUDA C++ kernels are built into this version of peft_fast"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+_STATUS: dict[str, Callable[[], str | None]] = {
+    "torch": lambda: None,
+    "triton": _triton_status,
+    "cuda": _cuda_status,
+}
+_loaded: dict[str, str | None] = {}
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None when `backend` can run here, else why not. Loads its kernels on first call."""
+    _check_name(backend)
+    if backend == "auto":
+        return None
+    if backend in _loaded:
+        return _loaded[backend]
+    reason = _STATUS[backend]()
+    if reason is None:
+        for mod in _BACKEND_MODULES.get(backend, ()):
+            try:
+                importlib.import_module(mod)
+            except Exception as e:
+                reason = f"loading {mod} failed ({type(e).__name__}: {e})"
+                break
+    _loaded[backend] = reason
+    return reason
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every concrete backend mapped to None (available) or the reason it is not."""
+    return {b: unavailable_reason(b) for b in BACKENDS[1:]}
+
+
+def _check_name(name: Any) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every op in this process ("auto" picks the best available)."""
+    global _global_backend
+    _check_name(name)
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    _global_backend = name
+
+
+def get_backend() -> str:
+    """The backend in force in this thread (a `use_backend` block, else the global one)."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else _global_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with another backend, e.g. `with peft_fast.use_backend("torch"): ...`."""
+    _check_name(name)
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _debug_once(op: str, backend: str, why: str) -> None:
+    key = (op, backend, why)
+    if key not in _warned:
+        _warned.add(key)
+        logger.debug("peft_fast: %s: backend %r cannot take this input (%s); falling back", op, backend, why)
+
+
+def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """The implementation of `op` to run on these arguments under the current backend."""
+    impls = _IMPLS.get(op)
+    if not impls or "torch" not in impls:
+        raise KeyError(f"op {op!r} has no reference implementation registered")
+    chosen = get_backend()
+    order = FALLBACK_ORDER if chosen == "auto" else (chosen,) + tuple(b for b in FALLBACK_ORDER if b != chosen)
+    for backend in order:
+        # Availability first: it imports the backend's modules, which register its impls.
+        if backend != "torch" and unavailable_reason(backend) is not None:
+            continue
+        impl = impls.get(backend)
+        if impl is None:
+            continue
+        why = impl.supports(*args, **kwargs)
+        if why is None:
+            return impl.fn
+        if backend == chosen:
+            _debug_once(op, backend, why)
+    return impls["torch"].fn

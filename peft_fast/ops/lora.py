@@ -1,0 +1,69 @@
+"""LoRA ops: what the LoRA layers call. Each dispatches to a backend (see dispatch.py);
+the "torch" backend is `reference.py`. Kernel backends register themselves here under
+the same op names and signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import dispatch, reference
+
+dispatch.register("lora_linear", "torch", reference.lora_linear)
+dispatch.register("lora_embedding", "torch", reference.lora_embedding)
+dispatch.register("lora_linear_mixed", "torch", reference.lora_linear_mixed)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """`y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`.
+
+    x: (..., in); weight: (out, in) as nn.Linear stores it; bias: (out,) or None;
+    lora_A: (r, in); lora_B: (out, r). Returns (..., out) in the base output's dtype.
+    Dropout applies only when `training` and `dropout_p > 0`.
+    """
+    fn = dispatch.select("lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    return fn(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+
+
+def lora_embedding(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """Embedding lookup plus its LoRA update; A: (r, num_embeddings), B: (dim, r)."""
+    fn = dispatch.select("lora_embedding", input_ids, weight, lora_A, lora_B, scaling)
+    return fn(input_ids, weight, lora_A, lora_B, scaling, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+
+
+def lora_linear_mixed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    dropout_ps: Sequence[float],
+    row_adapter: torch.Tensor,
+    training: bool = True,
+) -> torch.Tensor:
+    """LoRA for a batch that mixes adapters: row i of x (dim 0) uses adapter
+    `row_adapter[i]`, an index into the lists, or the base layer alone where it is -1."""
+    fn = dispatch.select("lora_linear_mixed", x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training)
+    return fn(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training)

@@ -1,0 +1,100 @@
+"""Pure-PyTorch reference implementations: the oracle every kernel is tested against,
+and the path that runs wherever no kernel backend can.
+
+The math and dtype handling follow HF peft's LoRA and IA³ layers exactly:
+the base product runs in the base weight's dtype, the adapter path in the adapter's
+dtype (fp32 adapters on a bf16 base stay fp32), and the sum is cast back to the base
+output's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lora_linear", "ia3_linear", "lora_embedding", "lora_linear_mixed"]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """`x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ` with W (out, in), A (r, in), B (out, r)."""
+    result = F.linear(x, weight, bias)
+    out_dtype = result.dtype
+    xa = x.to(lora_A.dtype)
+    if dropout_p > 0.0 and training:
+        xa = F.dropout(xa, p=dropout_p, training=True)
+    delta = F.linear(F.linear(xa, lora_A), lora_B) * scaling
+    return (result + delta).to(out_dtype)
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ia3_l: torch.Tensor,
+    feedforward: bool,
+) -> torch.Tensor:
+    """IA³: `(x · l) Wᵀ + b` for feed-forward layers (l of shape (1, in)),
+    `(x Wᵀ + b) · l` otherwise (l of shape (out, 1))."""
+    scale = ia3_l.flatten()
+    if feedforward:
+        interm = (x.to(ia3_l.dtype) * scale).to(x.dtype)
+        return F.linear(interm, weight, bias)
+    result = F.linear(x, weight, bias)
+    return (result * scale).to(result.dtype)
+
+
+def lora_embedding(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """Embedding lookup plus `scaling · A[:, ids]ᵀ Bᵀ`, with A (r, num_embeddings), B (dim, r)."""
+    result = F.embedding(input_ids, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    out_dtype = result.dtype
+    after_A = F.embedding(input_ids, lora_A.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    return (result + (after_A @ lora_B.T) * scaling).to(out_dtype)
+
+
+def lora_linear_mixed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    dropout_ps: Sequence[float],
+    row_adapter: torch.Tensor,
+    training: bool = True,
+) -> torch.Tensor:
+    """A batch whose rows use different adapters: row i (along dim 0 of x) gets adapter
+    `row_adapter[i]` (an index into the lists), or none where it is -1."""
+    result = F.linear(x, weight, bias)
+    out_dtype = result.dtype
+    for k, (A, B, s, p) in enumerate(zip(lora_As, lora_Bs, scalings, dropout_ps)):
+        rows = (row_adapter == k).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        xa = x[rows].to(A.dtype)
+        if p > 0.0 and training:
+            xa = F.dropout(xa, p=p, training=True)
+        delta = F.linear(F.linear(xa, A), B) * s
+        result = result.index_add(0, rows, delta.to(out_dtype))
+    return result
