@@ -1,5 +1,47 @@
-"""peft_fast: Hugging Face peft's API, with fused kernels behind it."""
+"""peft_fast: Hugging Face peft's API, with fused kernels behind it.
+
+Swap `from peft import ...` for `from peft_fast import ...`: the same configs, models and
+adapter files, with LoRA and IA³ running through `peft_fast.ops` (see `set_backend`).
+"""
 
 __version__ = "0.1.0"
 
+from .config import PeftConfig, PeftType, TaskType  # noqa: E402
+from .mapping import get_peft_model  # noqa: E402
 from .ops import available_backends, get_backend, set_backend, use_backend  # noqa: E402
+from .peft_model import (  # noqa: E402
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
+from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel  # noqa: E402
+
+__all__ = [
+    "IA3Config",
+    "IA3Model",
+    "LoraConfig",
+    "LoraModel",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "available_backends",
+    "get_backend",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "load_peft_weights",
+    "set_backend",
+    "set_peft_model_state_dict",
+    "use_backend",
+]

@@ -8,7 +8,8 @@ setting and the op's tensors:
   when it is available but cannot take this particular input (dtype, device, shape),
   dispatch falls back to the next backend in `FALLBACK_ORDER` and says so once at
   debug level;
-* "auto" tries the fastest backends first and ends on "torch", which takes anything.
+* "auto" tries the fastest backends first and ends on "torch", which takes anything;
+  on CPU tensors it uses "torch" (Triton's interpreter is a test vehicle, not a fast path).
 
 Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
 """
@@ -168,13 +169,25 @@ def _debug_once(op: str, backend: str, why: str) -> None:
         logger.debug("peft_fast: %s: backend %r cannot take this input (%s); falling back", op, backend, why)
 
 
+def _first_tensor_device(args: tuple[Any, ...]) -> str | None:
+    for a in args:
+        if hasattr(a, "device") and hasattr(a, "dtype"):
+            return a.device.type
+    return None
+
+
 def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
     """The implementation of `op` to run on these arguments under the current backend."""
     impls = _IMPLS.get(op)
     if not impls or "torch" not in impls:
         raise KeyError(f"op {op!r} has no reference implementation registered")
     chosen = get_backend()
-    order = FALLBACK_ORDER if chosen == "auto" else (chosen,) + tuple(b for b in FALLBACK_ORDER if b != chosen)
+    if chosen == "auto":
+        # Kernels are the fast path on GPUs only; on CPU tensors (Triton's interpreter) the
+        # reference is faster, so "auto" uses kernels there only when asked by name.
+        order = FALLBACK_ORDER if _first_tensor_device(args) == "cuda" else ("torch",)
+    else:
+        order = (chosen,) + tuple(b for b in FALLBACK_ORDER if b != chosen)
     for backend in order:
         # Availability first: it imports the backend's modules, which register its impls.
         if backend != "torch" and unavailable_reason(backend) is not None:

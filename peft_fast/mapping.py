@@ -1,0 +1,44 @@
+"""`get_peft_model` and the tables that map config types and tasks to classes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import PeftConfig, PeftType
+from .peft_model import TASK_MODELS, PeftModel
+from .tuners.ia3 import IA3Config
+from .tuners.lora import LoraConfig
+
+CONFIGS: dict[PeftType, type[PeftConfig]] = {PeftType.LORA: LoraConfig, PeftType.IA3: IA3Config}
+
+
+def config_class_for(peft_type: str | PeftType) -> type[PeftConfig]:
+    """The config class of a `peft_type` value as adapter_config.json stores it."""
+    try:
+        return CONFIGS[PeftType(peft_type)]
+    except (ValueError, KeyError):
+        raise ValueError(f"peft_type {peft_type!r} is not supported by peft_fast; supported: {[t.value for t in CONFIGS]}") from None
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (HF peft's entry point).
+
+    The task wrapper (PeftModelForCausalLM, ...) follows `peft_config.task_type`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mixed:
+        raise ValueError("mixed=True (PeftMixedModel) is not supported by peft_fast")
+    if isinstance(getattr(model, "peft_config", None), dict):
+        raise ValueError("this model already has adapters; use add_adapter() on its PeftModel instead of get_peft_model() again")
+    if revision is not None:
+        peft_config.revision = revision
+    cls = TASK_MODELS.get(peft_config.task_type, PeftModel) if peft_config.task_type is not None else PeftModel
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)

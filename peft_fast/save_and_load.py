@@ -1,0 +1,163 @@
+"""Adapter state dicts and files in HF peft's format.
+
+A model key such as `base_model.model.q_proj.lora_A.default.weight` is stored in the file
+as `base_model.model.q_proj.lora_A.weight` (the adapter name dropped), and a trained head
+`...classifier.modules_to_save.default.weight` as `...classifier.weight`. `adapter_key_map`
+is the one place that knows this mapping; saving and loading both use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .config import WEIGHTS_NAME, WEIGHTS_NAME_PT
+from .tuners.base import AdapterLayer, ModulesToSaveWrapper
+from .tuners.lora import LoraLayer
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """{key in the adapter file: key in `model.state_dict()`} for one adapter's own weights."""
+    mapping: dict[str, str] = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, AdapterLayer):
+            for container_name in module.adapter_layer_names:
+                container = getattr(module, container_name)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    mapping[f"{prefix}{container_name}"] = f"{prefix}{container_name}.{adapter_name}"
+                else:
+                    for pname in item.state_dict():
+                        mapping[f"{prefix}{container_name}.{pname}"] = f"{prefix}{container_name}.{adapter_name}.{pname}"
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for pname in module.modules_to_save[adapter_name].state_dict():
+                mapping[f"{prefix}{pname}"] = f"{prefix}modules_to_save.{adapter_name}.{pname}"
+    return mapping
+
+
+def _extra_base_keys(model: nn.Module, adapter_name: str, save_embedding_layers: bool | Literal["auto"]) -> list[str]:
+    """Base-model keys an adapter file also carries, stored under their own names: biases
+    trained with bias="all"/"lora_only", and whole embedding layers where HF peft saves them."""
+    config = model.peft_config[adapter_name]
+    keys: list[str] = []
+    bias = getattr(config, "bias", "none")
+    adapter_keys = set(adapter_key_map(model, adapter_name).values())
+    if bias == "all":
+        keys += [k for k, _ in model.named_parameters() if "bias" in k and k not in adapter_keys and ".original_module." not in k]
+    elif bias == "lora_only":
+        for path, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.r and getattr(module.base_layer, "bias", None) is not None:
+                keys.append(f"{path}.base_layer.bias")
+    if save_embedding_layers == "auto":
+        targets = getattr(config, "target_modules", None)
+        save_embedding_layers = isinstance(targets, (set, list)) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers:
+        keys += [
+            k for k, _ in model.named_parameters()
+            if any(f".{n}." in k for n in EMBEDDING_LAYER_NAMES) and k not in adapter_keys and "lora_" not in k
+        ]
+    return keys
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | Literal["auto"] = "auto",
+) -> dict[str, torch.Tensor]:
+    """One adapter's weights under HF peft's file keys (adapter name removed)."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(model.peft_config)}")
+    if state_dict is None:
+        state_dict = model.state_dict()
+    out = {file_key: state_dict[model_key] for file_key, model_key in adapter_key_map(model, adapter_name).items()}
+    for key in _extra_base_keys(model, adapter_name, save_embedding_layers):
+        out[key] = state_dict[key]
+    return out
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> Any:
+    """Load one adapter's weights (HF peft's file keys) into `model`.
+
+    Every key must fit: a key the model has no place for, a weight of the adapter that the
+    file lacks, or a shape that differs raises ValueError naming them. Returns torch's
+    `_IncompatibleKeys` (both lists empty), as HF peft does."""
+    if ignore_mismatched_sizes:
+        raise ValueError("ignore_mismatched_sizes=True is not supported: adapter weights must fit the model exactly")
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} does not exist; add it first (adapters: {list(model.peft_config)})")
+    mapping = adapter_key_map(model, adapter_name)
+    model_sd = model.state_dict()
+    to_load: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for file_key, tensor in peft_model_state_dict.items():
+        model_key = mapping.get(file_key)
+        if model_key is None and file_key in model_sd and file_key not in mapping.values():
+            model_key = file_key  # a base weight stored under its own name (bias, embedding layer)
+        if model_key is None:
+            unexpected.append(file_key)
+            continue
+        to_load[model_key] = tensor
+    missing = sorted(fk for fk, mk in mapping.items() if mk not in to_load)
+    if unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} keys the model has no place for, e.g. {sorted(unexpected)[:5]}")
+        if missing:
+            parts.append(f"{len(missing)} weights of adapter {adapter_name!r} missing from the file, e.g. {missing[:5]}")
+        raise ValueError(f"adapter weights do not fit the model: {'; '.join(parts)}")
+    wrong = [
+        f"{k}: file {tuple(t.shape)} vs model {tuple(model_sd[k].shape)}"
+        for k, t in to_load.items()
+        if tuple(t.shape) != tuple(model_sd[k].shape)
+    ]
+    if wrong:
+        raise ValueError(f"adapter weight shapes do not fit the model (was it saved with another r or base model?): {wrong[:5]}")
+    return model.load_state_dict(to_load, strict=False, assign=low_cpu_mem_usage)._replace(missing_keys=[])
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Read adapter_model.safetensors (or the older adapter_model.bin) from a local folder."""
+    folder = str(model_id)
+    if not os.path.isdir(folder):
+        raise ValueError(f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)")
+    st = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st, device=str(device) if device is not None else "cpu")
+    pt = os.path.join(folder, WEIGHTS_NAME_PT)
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location=device or "cpu", weights_only=True)
+    raise ValueError(f"no {WEIGHTS_NAME} or {WEIGHTS_NAME_PT} in adapter folder {folder!r} (it has {sorted(os.listdir(folder))})")
+
+
+def save_adapter_folder(folder: str, state_dict: dict[str, torch.Tensor], config: Any, safe_serialization: bool = True) -> None:
+    """Write one adapter: its weights and adapter_config.json."""
+    os.makedirs(folder, exist_ok=True)
+    # safetensors refuses tensors that share memory: give each its own contiguous copy.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, os.path.join(folder, WEIGHTS_NAME_PT))
+    config.save_pretrained(folder)

@@ -1,0 +1,601 @@
+"""What every layer-injecting method (LoRA, IA³) shares: finding target modules, swapping
+in adapter layers, trainable-parameter bookkeeping, adapter switching, merging and unloading.
+
+Module structure and parameter names follow HF peft, so that state-dict keys are the same:
+`<target>.base_layer.weight`, `<target>.lora_A.<adapter>.weight`, `<target>.ia3_l.<adapter>`,
+`<head>.modules_to_save.<adapter>.weight`, ...
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig
+from .targets import default_target_modules
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+BASE_ADAPTER = "__base__"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def fan_in_fan_out_for(target: nn.Module, config: PeftConfig, key: str) -> bool:
+    """How a Linear-like target stores its weight: Conv1D is (in, out), so it always needs
+    fan_in_fan_out (set on the config too, as HF peft does, without a warning); nn.Linear is
+    (out, in), so a config that says otherwise is corrected with a warning."""
+    if is_conv1d(target):
+        config.fan_in_fan_out = True
+        return True
+    if getattr(config, "fan_in_fan_out", False):
+        warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight stored (out, in)); using False for it", stacklevel=3)
+    return False
+
+
+def _name_matches(key: str, names: str | Iterable[str]) -> bool:
+    """HF peft's rule: a string is a regex that must match the whole key; a list matches a key
+    equal to an entry or ending in `.entry`."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == n or key.endswith(f".{n}") for n in names)
+
+
+def _layer_index_allowed(config: PeftConfig, key: str) -> bool:
+    indexes = getattr(config, "layers_to_transform", None)
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    pattern = getattr(config, "layers_pattern", None)
+    match = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == indexes if isinstance(indexes, int) else idx in indexes
+
+
+def is_target(config: PeftConfig, key: str) -> bool:
+    """Whether the module named `key` gets an adapter under `config` (HF peft's matching)."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and _name_matches(key, exclude):
+        return False
+    mts = getattr(config, "modules_to_save", None)
+    if mts and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in mts):
+        return False
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return _name_matches(key, targets) and _layer_index_allowed(config, key)
+
+
+# From this many listed targets on, LoRA stores them as the shortest name suffixes that
+# still pick out exactly the same modules (as HF peft does, so configs match).
+MIN_TARGETS_TO_SHORTEN = 20
+
+
+def _suffixes(name: str) -> list[str]:
+    """"a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def shortest_target_suffixes(targets: set[str], other_names: Iterable[str]) -> set[str]:
+    """A small set of name suffixes that matches every name in `targets` and none of
+    `other_names`; `targets` itself where no suffix is shorter."""
+    taken = {sfx for name in other_names for sfx in _suffixes(name)}
+    chosen: set[str] = set()
+    for name in sorted(targets, key=_suffixes):
+        if any(name == c or name.endswith(f".{c}") for c in chosen):
+            continue
+        for sfx in _suffixes(name):
+            if sfx not in taken and sfx not in chosen:
+                chosen.add(sfx)
+                break
+    return chosen or set(targets)
+
+
+class AdapterLayer(nn.Module):
+    """A wrapped base layer that carries one or more named adapters.
+
+    Subclasses name their per-adapter containers in `adapter_layer_names` (parameters) and
+    `other_param_names` (plain per-adapter numbers)."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        # Set by the model for the length of one mixed-batch forward (see BaseTuner.mixed_batch).
+        self._mixed_batch: MixedBatch | None = None
+
+    # -- what HF peft's BaseTunerLayer offers ------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for n in getattr(self, attr).keys():
+                if n not in names:
+                    names.append(n)
+        return names
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Activate these adapters; their parameters become trainable, all others frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, item in container.items():
+                item.requires_grad_(key in names)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self._active_adapters:
+            remaining = self.adapter_names()
+            self._active_adapters = [a for a in self._active_adapters if a != adapter_name] or remaining[:1]
+            if self._active_adapters:
+                self.set_adapter(self._active_adapters)
+
+    # -- merging -----------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _adapters_to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got the string {adapter_names!r}")
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names()]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def unmerge(self) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _check_mixed_batch_merged(self) -> None:
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+
+
+class MixedBatch:
+    """One forward's `adapter_names` (one per batch row), turned into indexes once per batch.
+
+    `row_slot[i]` indexes `names`; each layer maps those slots to its own adapters with
+    `rows_for`, a tiny lookup, so the grouping is computed once for all layers."""
+
+    def __init__(self, adapter_names: Sequence[str], device: torch.device | None = None) -> None:
+        self.names: list[str] = list(dict.fromkeys(adapter_names))
+        slot = {n: i for i, n in enumerate(self.names)}
+        self.batch_size = len(adapter_names)
+        self.row_slot = torch.tensor([slot[n] for n in adapter_names], dtype=torch.long, device=device)
+        self._cache: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def rows_for(self, layer_adapters: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Per row, the index into `layer_adapters` of its adapter, or -1 (base only)."""
+        key = (tuple(layer_adapters), device)
+        if key not in self._cache:
+            lut = torch.tensor(
+                [layer_adapters.index(n) if n in layer_adapters else -1 for n in self.names],
+                dtype=torch.long,
+                device=device,
+            )
+            self._cache[key] = lut[self.row_slot.to(device)]
+        return self._cache[key]
+
+    def check_rows(self, n_rows: int) -> None:
+        if n_rows != self.batch_size:
+            raise ValueError(
+                f"adapter_names has {self.batch_size} entries but the batch has {n_rows} rows; "
+                "pass one adapter name per row"
+            )
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full per adapter (classifier heads): HF peft's `modules_to_save`."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: str | None = None
+        self.disable_adapters = False
+        self._mixed_batch: MixedBatch | None = None
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if self._active_adapter is not None else []
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(f"modules_to_save can have only one active adapter, got {names}")
+        name = names[0] if names else None
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key == name)
+        self._active_adapter = name if name in self.modules_to_save else None
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self._active_adapter == adapter_name:
+            self._active_adapter = next(iter(self.modules_to_save.keys()), None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.original_module, name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._mixed_batch is not None and not self.disable_adapters:
+            return self._mixed_forward(x, *args, **kwargs)
+        if self.disable_adapters or self._active_adapter is None:
+            return self.original_module(x, *args, **kwargs)
+        return self.modules_to_save[self._active_adapter](x, *args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mb = self._mixed_batch
+        assert mb is not None
+        mb.check_rows(x.shape[0])
+        names = list(self.modules_to_save.keys())
+        rows_idx = mb.rows_for(names, x.device)
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for k in range(-1, len(names)):
+            rows = (rows_idx == k).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            module = self.original_module if k < 0 else self.modules_to_save[names[k]]
+            parts.append((rows, module(x[rows], *args, **kwargs)))
+        out = parts[0][1].new_empty((x.shape[0],) + parts[0][1].shape[1:])
+        for rows, y in parts:
+            out[rows] = y.to(out.dtype)
+        return out
+
+
+class BaseTuner(nn.Module):
+    """Holds the wrapped model (`self.model`) and the configs of its adapters.
+
+    Subclasses implement `_create_layer` (wrap a target module) and `_mark_trainable`."""
+
+    prefix: str = ""  # the parameter-name prefix of this method's adapter weights ("lora_", "ia3_")
+    shorten_targets: bool = False
+    layer_cls: type[AdapterLayer] = AdapterLayer
+    mapping_name: str = ""
+
+    def __init__(self, model: nn.Module, peft_config: dict[str, PeftConfig], adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(model, adapter_name, peft_config[adapter_name], low_cpu_mem_usage=low_cpu_mem_usage)
+        self.model.peft_config = self.peft_config  # as HF peft does: the base model knows its adapters
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # -- injection ----------------------------------------------------------------------------
+    def _prepare_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
+        """Fill in default target modules and expand "all-linear" (HF peft's rules)."""
+        if config.target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            defaults = default_target_modules(self.mapping_name, model_type)
+            if defaults is None:
+                raise ValueError(
+                    f"target_modules is not set and there is no default for model type {model_type!r}; "
+                    "pass target_modules=[...] naming the layers to adapt"
+                )
+            config.target_modules = set(defaults)
+            self._fill_default_extras(config, model_type)
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+            config.target_modules = self._all_linear_names(model, config)
+        return config
+
+    def _fill_default_extras(self, config: PeftConfig, model_type: str | None) -> None:
+        """Hook for methods with more per-model defaults (IA³'s feed-forward modules)."""
+
+    @staticmethod
+    def _all_linear_names(model: nn.Module, config: PeftConfig) -> set[str]:
+        names = {name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES) or isinstance(m, AdapterLayer)}
+        exclude: set[str] = set()
+        get_out = getattr(model, "get_output_embeddings", None)
+        out_emb = get_out() if callable(get_out) else None
+        if out_emb is not None:
+            exclude |= {n for n, m in model.named_modules() if m is out_emb}
+        elif str(config.task_type) == "SEQ_CLS":
+            for head in SEQ_CLS_HEAD_NAMES:
+                mod = getattr(model, head, None)
+                if mod is not None:
+                    exclude |= {n for n, m in model.named_modules() if m is mod}
+                    break
+        for prefix, m in model.named_modules():
+            if isinstance(m, AdapterLayer):
+                exclude |= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
+        return names - exclude
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Wrap every target module of `model` with an adapter layer carrying `adapter_name`."""
+        config = self._prepare_config(config, model)
+        self._check_new_adapter_config(config)
+        targets = config.target_modules
+        if self.shorten_targets and isinstance(targets, (set, list)) and len(targets) >= MIN_TARGETS_TO_SHORTEN:
+            others = [k for k, _ in model.named_modules() if not _name_matches(k, targets)]
+            shorter = shortest_target_suffixes(set(targets), others)
+            if len(shorter) < len(targets):
+                config.target_modules = shorter
+        self.peft_config[adapter_name] = config
+        matched: list[str] = []
+        for key, module in list(model.named_modules()):
+            if not key or isinstance(module, ModulesToSaveWrapper) or _inside_adapter_layer(key, model):
+                continue
+            if not is_target(config, key):
+                continue
+            matched.append(key)
+            parent, child_name = _parent_of(model, key)
+            if isinstance(module, AdapterLayer):
+                if not isinstance(module, self.layer_cls):
+                    raise ValueError(f"module {key!r} already carries an adapter of another method ({type(module).__name__})")
+                self._update_layer(module, adapter_name, config, key)
+            else:
+                new = self._create_layer(module, adapter_name, config, key)
+                setattr(parent, child_name, new)
+        if not matched:
+            del self.peft_config[adapter_name]
+            targets = config.target_modules
+            shown = sorted(targets) if isinstance(targets, (set, list)) else targets
+            raise ValueError(
+                f"target_modules {shown!r} matched no module of the base model; "
+                f"modules it has include: {_some_module_names(model)}"
+            )
+        self._check_targets_found(config, matched)
+        # New adapters start frozen; `set_adapter` (below or by the caller) makes the active one trainable.
+        self._mark_trainable(model, adapter_name)
+        if config.inference_mode:
+            for n, p in model.named_parameters():
+                if f".{adapter_name}." in f"{n}." and self.prefix in n:
+                    p.requires_grad_(False)
+
+    def _check_targets_found(self, config: PeftConfig, matched: list[str]) -> None:
+        """Hook: per-method checks once the matched module names are known."""
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        bias = getattr(config, "bias", "none")
+        if len(self.peft_config) > 0 and bias != "none":
+            raise ValueError(f"{type(self).__name__} supports only one adapter with bias != 'none'; got bias={bias!r} for a second adapter")
+
+    def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _mark_trainable(self, model: nn.Module, adapter_name: str) -> None:
+        """Freeze everything but adapter parameters of the active adapters."""
+        for n, p in model.named_parameters():
+            if self.prefix not in n:
+                p.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, AdapterLayer):
+                m.set_adapter(self.active_adapters)
+
+    # -- layers -----------------------------------------------------------------------------
+    def adapter_layers(self) -> Iterable[AdapterLayer]:
+        return (m for m in self.model.modules() if isinstance(m, AdapterLayer))
+
+    def _wrappers(self) -> Iterable[ModulesToSaveWrapper]:
+        return (m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"adapter {n!r} does not exist; adapters: {list(self.peft_config)}")
+        for layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+            layer.set_adapter(names)
+        for w in self._wrappers():
+            w.set_adapter([n for n in names if n in w.modules_to_save][:1])
+        self.active_adapter = adapter_name
+
+    def enable_adapter_layers(self) -> None:
+        for m in list(self.adapter_layers()) + list(self._wrappers()):
+            m.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for m in list(self.adapter_layers()) + list(self._wrappers()):
+            m.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        for layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        for w in self._wrappers():
+            w.delete_adapter(adapter_name)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining:
+            remaining = list(self.peft_config)[:1]
+        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+
+    # -- merging / unloading ------------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        for layer in self.adapter_layers():
+            if any(isinstance(p, torch.Tensor) and p.device.type == "meta" for p in layer.parameters()):
+                raise ValueError("cannot merge adapters whose weights are on the meta device; load real weights first")
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' weight deltas into the base weights (in place; reversible with unmerge_adapter)."""
+        self._check_mergeable()
+        for layer in self.adapter_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        if merge:
+            self._check_mergeable()
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, AdapterLayer):
+                if merge:
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                parent, child = _parent_of(self.model, key)
+                setattr(parent, child, module.get_base_layer())
+            elif isinstance(module, ModulesToSaveWrapper):
+                parent, child = _parent_of(self.model, key)
+                active = module.active_adapter
+                setattr(parent, child, module.modules_to_save[active] if active is not None else module.original_module)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the active adapters into the base weights and return the plain base model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging and return the plain base model."""
+        return self._unload(merge=False)
+
+    # -- mixed batches ------------------------------------------------------------------------
+    @contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str] | None, device: torch.device | None = None):
+        """For one forward: route each batch row through its own adapter (see MixedBatch)."""
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list with one adapter name per batch row, got {type(adapter_names).__name__}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; known: {list(self.peft_config)} and {BASE_ADAPTER!r}")
+        layers = list(self.adapter_layers()) + list(self._wrappers())
+        for layer in layers:
+            if isinstance(layer, AdapterLayer):
+                layer._check_mixed_batch_merged()
+        mb = MixedBatch(adapter_names, device)
+        for layer in layers:
+            layer._mixed_batch = mb
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._mixed_batch = None
+
+
+def _parent_of(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = key.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _inside_adapter_layer(key: str, model: nn.Module) -> bool:
+    """True for modules that live inside an adapter layer (its base layer, lora_A, ...)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (AdapterLayer, ModulesToSaveWrapper)):
+            return True
+    return False
+
+
+def _some_module_names(model: nn.Module, limit: int = 12) -> list[str]:
+    leaves = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if k and not list(m.children())})
+    return leaves[:limit]
+
+
+def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, trainable: bool) -> None:
+    """Wrap (or extend) every module whose name ends with one of `names` (HF peft's rule)."""
+    for key, module in list(model.named_modules()):
+        if not key or _inside_adapter_layer(key, model):
+            continue
+        if not any(key.endswith(n) for n in names):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+            module.set_adapter(module.active_adapter or adapter_name)
+        elif isinstance(module, AdapterLayer):
+            continue
+        else:
+            parent, child = _parent_of(model, key)
+            wrapper = ModulesToSaveWrapper(module, adapter_name)
+            setattr(parent, child, wrapper)
+            module = wrapper
+        if not trainable:
+            module.modules_to_save[adapter_name].requires_grad_(False)

@@ -1,0 +1,164 @@
+"""IA³: learned vectors that scale the output of attention projections and the input of
+feed-forward projections."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import PeftConfig, PeftType
+from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, fan_in_fan_out_for, is_conv1d
+from .lora import _normalize_targets
+from .targets import default_target_modules
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """HF peft's IA3Config: same fields, defaults and JSON keys."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.IA3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _normalize_targets(self)
+        if (
+            isinstance(self.feedforward_modules, set)
+            and isinstance(self.target_modules, set)
+            and not self.feedforward_modules <= self.target_modules
+        ):
+            raise ValueError(
+                f"feedforward_modules {sorted(self.feedforward_modules)} must be a subset of target_modules "
+                f"{sorted(self.target_modules)}"
+            )
+
+
+def _is_feedforward(config: IA3Config, key: str) -> bool:
+    ff = config.feedforward_modules
+    if not ff:
+        return False
+    if isinstance(ff, str):
+        return re.fullmatch(ff, key) is not None
+    return any(key.endswith(t) for t in ff)
+
+
+class IA3Linear(AdapterLayer):
+    """IA³ on nn.Linear or Conv1D. ia3_l is (1, in) for feed-forward layers, else (out, 1)."""
+
+    adapter_layer_names = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool, is_feedforward: bool) -> None:
+        super().__init__(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_feedforward = is_feedforward
+        if is_conv1d(base_layer):
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def update_layer(self, adapter_name: str, init_ia3_weights: bool) -> None:
+        w = self.base_layer.weight
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        value = torch.randn(shape, device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+        if init_ia3_weights:
+            nn.init.constant_(value, 1.0)
+        self.ia3_l[adapter_name] = nn.Parameter(value)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _scale_for_weight(self, adapter_name: str) -> torch.Tensor:
+        """The vector shaped to multiply the stored base weight."""
+        ia3_l = self.ia3_l[adapter_name].data
+        return ia3_l.T if self.fan_in_fan_out else ia3_l
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        base = self.base_layer
+        for name in self._adapters_to_merge(adapter_names):
+            scale = self._scale_for_weight(name)
+            new_w = base.weight.data * scale.to(base.weight.dtype)
+            new_b = None
+            if not self.is_feedforward and base.bias is not None:
+                new_b = base.bias.data * self.ia3_l[name].data.reshape(base.bias.shape).to(base.bias.dtype)
+            if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+                raise ValueError(f"merging adapter {name!r} would put NaN or inf into the base weights; not merged")
+            base.weight.data = new_w
+            if new_b is not None:
+                base.bias.data = new_b
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.base_layer
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            scale = self._scale_for_weight(name)
+            base.weight.data = base.weight.data / (scale.to(base.weight.dtype) + 1e-8)
+            if not self.is_feedforward and base.bias is not None:
+                base.bias.data = base.bias.data / (self.ia3_l[name].data.reshape(base.bias.shape) + 1e-8)
+
+    def active_scale(self) -> torch.Tensor | None:
+        """The product of the active adapters' vectors, or None if none is active here."""
+        names = [a for a in self.active_adapters if a in self.ia3_l]
+        if not names:
+            return None
+        scale = self.ia3_l[names[0]]
+        for a in names[1:]:
+            scale = scale * self.ia3_l[a]
+        return scale
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self._mixed_batch is not None:
+            raise ValueError("adapter_names (mixed adapter batches) are supported for LoRA only, not IA³")
+        scale = None if self.merged else self.active_scale()
+        if scale is None:
+            return self.base_layer(x, *args, **kwargs)
+        return ops.ia3_linear(x, self.base_weight(), self.base_layer.bias, scale, self.is_feedforward)
+
+    def extra_repr(self) -> str:
+        return f"is_feedforward={self.is_feedforward}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class IA3Model(BaseTuner):
+    """Injects IA³ layers into a model."""
+
+    prefix = "ia3_"
+    layer_cls = IA3Linear
+    mapping_name = "ia3"
+
+    def _fill_default_extras(self, config: PeftConfig, model_type: str | None) -> None:
+        assert isinstance(config, IA3Config)
+        if config.feedforward_modules is None:
+            config.feedforward_modules = set(default_target_modules("ia3_feedforward", model_type) or [])
+
+    def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
+        assert isinstance(config, IA3Config)
+        if not isinstance(target, LINEAR_TYPES):
+            raise ValueError(f"target module {key!r} is a {type(target).__name__}; IA³ supports nn.Linear and transformers' Conv1D")
+        layer = IA3Linear(target, fan_in_fan_out_for(target, config, key), _is_feedforward(config, key))
+        layer.update_layer(adapter_name, config.init_ia3_weights)
+        return layer
+
+    def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
+        assert isinstance(config, IA3Config) and isinstance(layer, IA3Linear)
+        if _is_feedforward(config, key) != layer.is_feedforward:
+            raise ValueError(f"{key!r} is a feed-forward module in one IA³ adapter and not in another; they cannot share the layer")
+        layer.update_layer(adapter_name, config.init_ia3_weights)

@@ -1,0 +1,373 @@
+"""LoRA: `y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ` on Linear, Conv1D and Embedding layers."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import PeftConfig, PeftType, check_unsupported
+from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, fan_in_fan_out_for, is_conv1d
+
+# HF peft fields this version accepts in files but does not implement: their "off" values.
+_LORA_UNSUPPORTED = {
+    "use_dora": False, "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
+    "layer_replication": None, "lora_bias": False, "target_parameters": None, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None, "trainable_token_indices": None, "megatron_config": None,
+}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """HF peft's LoraConfig: same fields, defaults and JSON keys."""
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | Literal["gaussian"] = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    # Accepted for file compatibility with HF peft; any value but the default is refused.
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict | None = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    use_dora: bool = False
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: list | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
+
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_unsupported(self, _LORA_UNSUPPORTED)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        _normalize_targets(self)
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise TypeError(f"{name} must be a dict of {{module name pattern: value}}, got {type(pattern).__name__}")
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+
+def _normalize_targets(config: PeftConfig) -> None:
+    """HF peft's conventions: lists become sets; layer selection needs a list of targets."""
+    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, name, set(value))
+    if getattr(config, "layers_pattern", None) and getattr(config, "layers_to_transform", None) is None:
+        raise ValueError("layers_pattern is only used together with layers_to_transform; set layers_to_transform too")
+    if isinstance(config.target_modules, str) and getattr(config, "layers_to_transform", None) is not None:
+        raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; pass a list")
+    if isinstance(config.target_modules, str) and getattr(config, "layers_pattern", None):
+        raise ValueError("layers_pattern cannot be used when target_modules is a regex string; pass a list")
+    if config.modules_to_save is not None and not isinstance(config.modules_to_save, list):
+        config.modules_to_save = list(config.modules_to_save)
+
+
+def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """HF peft's rank_pattern/alpha_pattern lookup: the first pattern matching the key's end."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+class LoraLayer(AdapterLayer):
+    """Per-adapter numbers shared by the LoRA layer kinds."""
+
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _set_numbers(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+
+    def dropout_p(self, adapter_name: str) -> float:
+        d = self.lora_dropout[adapter_name]
+        return d.p if isinstance(d, nn.Dropout) else 0.0
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Multiply the adapter's scaling by `scale` relative to alpha / r (HF peft's API)."""
+        self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's A (r, in) and B (out, r)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def active_lora(self) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+        """(A, B, scaling, dropout p) of the active adapters, or None if none is active here.
+
+        Several active adapters are concatenated along the rank, each B pre-scaled; they
+        must share one dropout probability."""
+        names = [a for a in self.active_adapters if a in self.r]
+        if not names:
+            return None
+        if len(names) == 1:
+            A, B = self.lora_weights(names[0])
+            return A, B, self.scaling[names[0]], self.dropout_p(names[0])
+        ps = {self.dropout_p(a) for a in names}
+        if len(ps) > 1:
+            raise ValueError(f"active adapters {names} have different lora_dropout values; activate one at a time")
+        pairs = [self.lora_weights(a) for a in names]
+        A = torch.cat([a for a, _ in pairs], 0)
+        B = torch.cat([b * self.scaling[n] for (_, b), n in zip(pairs, names)], 1)
+        return A, B, 1.0, ps.pop()
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        weight = self.base_layer.weight
+        for name in self._adapters_to_merge(adapter_names):
+            delta = self.delta_weight(name)
+            if safe_merge:
+                merged = weight.data + delta.to(weight.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN or inf into the base weights; not merged")
+                weight.data = merged
+            else:
+                weight.data += delta.to(weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data -= self.delta_weight(name).to(weight.dtype)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear or transformers' Conv1D (whose weight is stored (in, out))."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        if is_conv1d(base_layer):
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
+    ) -> None:
+        self._set_numbers(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        w = self.base_layer.weight
+        factory = {"device": w.device, "dtype": w.dtype if w.is_floating_point() else None}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        # init_lora_weights=False keeps nn.Linear's random init for both: a non-identity adapter.
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), a view for Conv1D."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_weights(adapter_name)
+        delta = (B @ A) * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self._mixed_batch is not None:
+            return self._mixed_forward(x)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        lora = self.active_lora()
+        if lora is None:
+            return self.base_layer(x, *args, **kwargs)
+        A, B, scaling, p = lora
+        return ops.lora_linear(x, self.base_weight(), self.base_layer.bias, A, B, scaling, p, self.training)
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mb = self._mixed_batch
+        assert mb is not None
+        mb.check_rows(x.shape[0])
+        names = list(self.lora_A.keys())
+        return ops.lora_linear_mixed(
+            x,
+            self.base_weight(),
+            self.base_layer.bias,
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [self.scaling[n] for n in names],
+            [self.dropout_p(n) for n in names],
+            mb.rows_for(names, x.device),
+            self.training,
+        )
+
+    def extra_repr(self) -> str:
+        return f"fan_in_fan_out={self.fan_in_fan_out}"
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: A (r, num_embeddings) indexed by token id, B (dim, r)."""
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
+    ) -> None:
+        self._set_numbers(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+        w = self.base_layer.weight
+        num, dim = w.shape
+        A = torch.randn((r, num), device=w.device, dtype=w.dtype)
+        B = torch.randn((dim, r), device=w.device, dtype=w.dtype)
+        if init_lora_weights in (True, "gaussian"):
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_weights(adapter_name)
+        return (B @ A).T * self.scaling[adapter_name]
+
+    def _embed(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        base = self.base_layer
+        return ops.lora_embedding(
+            x, base.weight, A, B, scaling, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self._mixed_batch is not None:
+            return self._mixed_forward(x)
+        lora = None if self.merged else self.active_lora()
+        if lora is None:
+            return self.base_layer(x, *args, **kwargs)
+        A, B, scaling, _ = lora  # HF peft applies no dropout to embedding LoRA
+        return self._embed(x, A, B, scaling)
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mb = self._mixed_batch
+        assert mb is not None
+        mb.check_rows(x.shape[0])
+        names = list(self.lora_embedding_A.keys())
+        rows_idx = mb.rows_for(names, x.device)
+        result = self.base_layer(x)
+        for k, name in enumerate(names):
+            rows = (rows_idx == k).nonzero().flatten()
+            if rows.numel():
+                A, B = self.lora_weights(name)
+                result = result.index_copy(0, rows, self._embed(x[rows], A, B, self.scaling[name]).to(result.dtype))
+        return result
+
+
+class LoraModel(BaseTuner):
+    """Injects LoRA layers into a model."""
+
+    prefix = "lora_"
+    shorten_targets = True
+    layer_cls = LoraLayer
+    mapping_name = "lora"
+
+    def _layer_numbers(self, config: LoraConfig, key: str) -> tuple[int, float]:
+        r = _pattern_value(config.rank_pattern, key, config.r)
+        alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        return r, alpha
+
+    def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
+        assert isinstance(config, LoraConfig)
+        layer: LoraLayer
+        if isinstance(target, nn.Embedding):
+            layer = LoraEmbedding(target)
+        elif isinstance(target, LINEAR_TYPES):
+            layer = LoraLinear(target, fan_in_fan_out=fan_in_fan_out_for(target, config, key))
+        else:
+            raise ValueError(
+                f"target module {key!r} is a {type(target).__name__}; LoRA supports nn.Linear, transformers' Conv1D "
+                "and nn.Embedding"
+            )
+        self._update_layer(layer, adapter_name, config, key)
+        return layer
+
+    def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
+        assert isinstance(config, LoraConfig) and isinstance(layer, (LoraLinear, LoraEmbedding))
+        r, alpha = self._layer_numbers(config, key)
+        layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora)
+
+    def _mark_trainable(self, model: nn.Module, adapter_name: str) -> None:
+        super()._mark_trainable(model, adapter_name)
+        for config in self.peft_config.values():
+            bias = getattr(config, "bias", "none")
+            if bias == "all":
+                for n, p in model.named_parameters():
+                    if "bias" in n:
+                        p.requires_grad_(True)
+            elif bias == "lora_only":
+                for m in model.modules():
+                    if isinstance(m, LoraLayer) and getattr(m.base_layer, "bias", None) is not None:
+                        m.base_layer.bias.requires_grad_(True)
