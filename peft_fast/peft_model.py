@@ -17,6 +17,14 @@ from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner, set_modules_to_save
 from .tuners.ia3 import IA3Model
 from .tuners.lora import LoraModel
 
+def _checkpointing_enabled(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing.
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
 TUNERS: dict[PeftType, type[BaseTuner]] = {PeftType.LORA: LoraModel, PeftType.IA3: IA3Model}
 
 
@@ -49,7 +57,8 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         self.base_model = tuner(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=True)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        if _checkpointing_enabled(model) and hasattr(model, "enable_input_require_grads"):
+            # Checkpointed blocks need inputs that require grad for the adapters to get gradients.
             model.enable_input_require_grads()
 
     # -- plumbing ----------------------------------------------------------------------------

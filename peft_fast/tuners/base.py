@@ -422,12 +422,8 @@ class BaseTuner(nn.Module):
                 f"modules it has include: {_some_module_names(model)}"
             )
         self._check_targets_found(config, matched)
-        # New adapters start frozen; `set_adapter` (below or by the caller) makes the active one trainable.
+        # Only the active adapters' parameters train; the caller (PeftModel) freezes adapters in inference mode.
         self._mark_trainable(model, adapter_name)
-        if config.inference_mode:
-            for n, p in model.named_parameters():
-                if f".{adapter_name}." in f"{n}." and self.prefix in n:
-                    p.requires_grad_(False)
 
     def _check_targets_found(self, config: PeftConfig, matched: list[str]) -> None:
         """Hook: per-method checks once the matched module names are known."""
