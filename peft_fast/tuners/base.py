@@ -47,6 +47,14 @@ def fan_in_fan_out_for(target: nn.Module, config: PeftConfig, key: str) -> bool:
     return False
 
 
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D (whose weight is (in, out))."""
+    if is_conv1d(layer):
+        n_in, n_out = layer.weight.shape
+        return n_in, n_out
+    return layer.in_features, layer.out_features
+
+
 def _name_matches(key: str, names: str | Iterable[str]) -> bool:
     """HF peft's rule: a string is a regex that must match the whole key; a list matches a key
     equal to an entry or ending in `.entry`."""
@@ -202,6 +210,34 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self._mixed_batch is not None:
+            self._mixed_batch.check_rows(x.shape[0])
+            return self._mixed_forward(x, self._mixed_batch)
+        if not self.merged:
+            out = self._adapted_forward(x)
+            if out is not None:
+                return out
+        return self.base_layer(x, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output with the active adapters applied, or None where none is active here."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:
+        """The output when each batch row picks its own adapter."""
+        raise ValueError(f"adapter_names (mixed adapter batches) are not supported by {type(self).__name__}")
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in): a transposed view where it is stored (in, out)."""
+        w = self.base_layer.weight
+        return w.T if getattr(self, "fan_in_fan_out", False) else w
 
     def _check_mixed_batch_merged(self) -> None:
         if self.merged:

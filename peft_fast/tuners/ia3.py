@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..config import PeftConfig, PeftType
-from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, fan_in_fan_out_for, is_conv1d
+from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, fan_in_fan_out_for, linear_features
 from .lora import _normalize_targets
 from .targets import default_target_modules
 
@@ -64,10 +64,7 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.fan_in_fan_out = fan_in_fan_out
         self.is_feedforward = is_feedforward
-        if is_conv1d(base_layer):
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool) -> None:
         w = self.base_layer.weight
@@ -77,10 +74,6 @@ class IA3Linear(AdapterLayer):
             nn.init.constant_(value, 1.0)
         self.ia3_l[adapter_name] = nn.Parameter(value)
         self.set_adapter(self.active_adapters or [adapter_name])
-
-    def base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
 
     def _scale_for_weight(self, adapter_name: str) -> torch.Tensor:
         """The vector shaped to multiply the stored base weight."""
@@ -121,16 +114,10 @@ class IA3Linear(AdapterLayer):
             scale = scale * self.ia3_l[a]
         return scale
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self._mixed_batch is not None:
-            raise ValueError("adapter_names (mixed adapter batches) are supported for LoRA only, not IA³")
-        scale = None if self.merged else self.active_scale()
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        scale = self.active_scale()
         if scale is None:
-            return self.base_layer(x, *args, **kwargs)
+            return None
         return ops.ia3_linear(x, self.base_weight(), self.base_layer.bias, scale, self.is_feedforward)
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..config import PeftConfig, PeftType, check_unsupported
-from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, fan_in_fan_out_for, is_conv1d
+from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, MixedBatch, fan_in_fan_out_for, linear_features
 
 # HF peft fields this version accepts in files but does not implement: their "off" values.
 _LORA_UNSUPPORTED = {
@@ -194,10 +194,7 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        if is_conv1d(base_layer):
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
 
     def update_layer(
         self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
@@ -216,11 +213,6 @@ class LoraLinear(LoraLayer):
         # init_lora_weights=False keeps nn.Linear's random init for both: a non-identity adapter.
         self.set_adapter(self.active_adapters or [adapter_name])
 
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), a view for Conv1D."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
@@ -229,25 +221,14 @@ class LoraLinear(LoraLayer):
         delta = (B @ A) * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self._mixed_batch is not None:
-            return self._mixed_forward(x)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         lora = self.active_lora()
         if lora is None:
-            return self.base_layer(x, *args, **kwargs)
+            return None
         A, B, scaling, p = lora
         return ops.lora_linear(x, self.base_weight(), self.base_layer.bias, A, B, scaling, p, self.training)
 
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        mb = self._mixed_batch
-        assert mb is not None
-        mb.check_rows(x.shape[0])
+    def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:
         names = list(self.lora_A.keys())
         return ops.lora_linear_mixed(
             x,
@@ -298,23 +279,14 @@ class LoraEmbedding(LoraLayer):
             x, base.weight, A, B, scaling, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self._mixed_batch is not None:
-            return self._mixed_forward(x)
-        lora = None if self.merged else self.active_lora()
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        lora = self.active_lora()
         if lora is None:
-            return self.base_layer(x, *args, **kwargs)
+            return None
         A, B, scaling, _ = lora  # HF peft applies no dropout to embedding LoRA
         return self._embed(x, A, B, scaling)
 
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        mb = self._mixed_batch
-        assert mb is not None
-        mb.check_rows(x.shape[0])
+    def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:
         names = list(self.lora_embedding_A.keys())
         rows_idx = mb.rows_for(names, x.device)
         result = self.base_layer(x)
