@@ -1,0 +1,174 @@
+"""lora_expand: a matmul with the LoRA expand fused in as extra K steps and an epilogue,
+
+    out = x · Wᵀ  +  alpha · dropout_mask ⊙ (h · Bᵀ)  +  bias
+
+x: M × K, W: N × K (nn.Linear's (out, in) layout, any strides), h: M × r (fp32),
+B: N × r, bias: N. The M × N LoRA product is never written: each program keeps two fp32
+accumulators for its BLOCK_M × BLOCK_N tile, one for the base product (operands in the base
+dtype) and one for the expand (h cast to B's dtype, the adapter dtype), and sums them
+once in registers.
+
+Forward: `y = lora_expand(x, W, bias, h, B, alpha=s)` with h = dropout(x)Aᵀ/(1-p).
+Backward: `dx = lora_expand(dy, Wᵀ, None, dh, Aᵀ, alpha=1/(1-p), mask)` with dh = s·dy·B:
+the dropout mask (regenerated from the seed, numbered over x's M × K) gates the adapter
+term only, which is exactly `dy·W + mask ⊙ (dh·A) / (1-p)`.
+
+Programs are ordered in groups of GROUP_M rows of tiles (Triton's matmul tutorial) so
+consecutive programs share W's column tiles in L2. Ragged edges are masked; r below 16 is
+padded to 16 by masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import dot_precision, matmul_config, rank_block, tl_dtype
+from .dropout import check_numbering, check_seed, dropout_keep
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) for program `pid`, walking GROUP_M tile-rows at a time for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_expand_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_hm, stride_hr, stride_bn, stride_br,
+    stride_om, stride_on,
+    alpha, p,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr,
+    BASE_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )
+        acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
+
+    if HAS_LORA:
+        acc_lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            h = tl.load(
+                h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+            )
+            b = tl.load(
+                b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0,
+            )
+            acc_lora = tl.dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), acc_lora, input_precision=LORA_PRECISION)
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+            acc_lora = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), acc_lora, 0.0)
+        acc += alpha * acc_lora
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
+def lora_expand(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    alpha: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x · weightᵀ + alpha · mask ⊙ (h · lora_Bᵀ) + bias` as a new (M, N) tensor in x's dtype.
+
+    x: (M, K); weight: (N, K), same dtype as x; bias: (N,) or None; h: (M, r) any float
+    dtype, cast to lora_B's dtype (the adapter dtype) for its product; lora_B: (N, r).
+    h and lora_B are both given or both None. With `dropout_p > 0` the adapter term is gated
+    by the keep-mask of `seed` numbered over the output's M × N (no rescaling here).
+    """
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x (M, K) and weight (N, K) do not fit: {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({N},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if (h is None) != (lora_B is None):
+        raise ValueError("h and lora_B must both be given or both be None")
+    has_lora = h is not None
+    R = 0
+    if has_lora:
+        R = h.shape[1]
+        if h.dim() != 2 or h.shape[0] != M or lora_B.shape != (N, R):
+            raise ValueError(f"h must be ({M}, r) and lora_B ({N}, r), got {tuple(h.shape)} and {tuple(lora_B.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("h", h), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    dropout = has_lora and dropout_p > 0.0
+    if dropout:
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        if seed is None:
+            raise ValueError("seed is required when dropout_p > 0")
+        check_seed(seed, x.device)
+        check_numbering(M, N)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    cfg = matmul_config(x.device, x.dtype)
+    lora_dtype = lora_B.dtype if has_lora else x.dtype
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    dummy = out
+    _lora_expand_kernel[grid](
+        x, weight, bias if bias is not None else dummy, h if has_lora else dummy,
+        lora_B if has_lora else dummy, out, seed if dropout else dummy,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
+        lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0,
+        out.stride(0), out.stride(1),
+        float(alpha), float(dropout_p),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, DROPOUT=dropout,
+        BASE_DTYPE=tl_dtype(x.dtype), LORA_DTYPE=tl_dtype(lora_dtype),
+        BASE_PRECISION=dot_precision(x.dtype), LORA_PRECISION=dot_precision(lora_dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=rank_block(R, cap=cfg.block_k), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
