@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import interpreter_enabled
+from .dispatch import get_backend, interpreter_enabled
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def device_reason(named: dict[str, torch.Tensor | None]) -> str | None:
     """None when every tensor in `named` can go to a Triton kernel, else why not: tensors on
-    one CUDA device (or CPU under TRITON_INTERPRET=1), fp16/bf16/fp32, no autocast."""
+    one CUDA device, fp16/bf16/fp32, no autocast. CPU tensors go to Triton's interpreter
+    only under TRITON_INTERPRET=1 *and* an explicit "triton" backend: the interpreter is a
+    testing tool, so "auto" keeps CPU work on the torch path."""
     tensors = {k: t for k, t in named.items() if t is not None}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -29,6 +31,8 @@ def device_reason(named: dict[str, torch.Tensor | None]) -> str | None:
     if device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensors need TRITON_INTERPRET=1"
+        if get_backend() != "triton":
+            return "CPU tensors run on Triton's interpreter only when backend 'triton' is chosen"
     elif device.type != "cuda":
         return f"device {device} is neither CUDA nor CPU"
     if torch.is_autocast_enabled(device.type):
