@@ -3,10 +3,11 @@
     out = x · Wᵀ  +  alpha · dropout_mask ⊙ (h · Bᵀ)  +  bias
 
 x: M × K, W: N × K (nn.Linear's (out, in) layout, any strides), h: M × r (fp32),
-B: N × r, bias: N. The M × N LoRA product is never written: each program keeps two fp32
-accumulators for its BLOCK_M × BLOCK_N tile, one for the base product (operands in the base
-dtype) and one for the expand (h cast to B's dtype, the adapter dtype), and sums them
-once in registers.
+B: N × r, bias: N. The M × N LoRA product is never written: each program accumulates its
+BLOCK_M × BLOCK_N tile in fp32 registers, first the base product over K (operands in the
+base dtype), then the expand over r as extra K steps (alpha · h cast to B's dtype, the
+adapter dtype). When a dropout mask gates the expand (backward's dx), the expand gets a
+second fp32 accumulator that is masked and added once.
 
 Forward: `y = lora_expand(x, W, bias, h, B, alpha=s)` with h = dropout(x)Aᵀ/(1-p).
 Backward: `dx = lora_expand(dy, Wᵀ, None, dh, Aᵀ, alpha=1/(1-p), mask)` with dh = s·dy·B:
@@ -77,7 +78,12 @@ def _lora_expand_kernel(
         acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
 
     if HAS_LORA:
-        acc_lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Without dropout the expand accumulates straight into the base accumulator (alpha is
+        # folded into h); with dropout it needs its own accumulator to be masked.
+        if DROPOUT:
+            acc_lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc_lora = acc
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
@@ -85,6 +91,8 @@ def _lora_expand_kernel(
                 h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                 mask=mask_m[:, None] & mask_r[None, :], other=0.0,
             )
+            if not DROPOUT:
+                h = h.to(tl.float32) * alpha
             b = tl.load(
                 b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                 mask=mask_r[:, None] & mask_n[None, :], other=0.0,
@@ -93,7 +101,9 @@ def _lora_expand_kernel(
         if DROPOUT:
             seed = tl.load(seed_ptr)
             acc_lora = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), acc_lora, 0.0)
-        acc += alpha * acc_lora
+            acc += alpha * acc_lora
+        else:
+            acc = acc_lora
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)

@@ -20,7 +20,7 @@ from torch import Tensor
 from peft_fast.kernels.ia3_scale import ia3_scaled_matmul
 
 from . import dispatch
-from .triton_support import check_linear_args, device_reason
+from .triton_support import check_linear_args, device_reason, size_reason
 
 
 @torch.library.custom_op("peft_fast::ia3_linear_fwd", mutates_args=())
@@ -122,7 +122,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, fe
 
 def supports(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> str | None:
     """None when the Triton kernel can take this call, else the reason (dispatch falls back)."""
-    return device_reason({"x": x, "weight": weight, "bias": bias, "ia3_l": ia3_l})
+    return device_reason({"x": x, "weight": weight, "bias": bias, "ia3_l": ia3_l}) or size_reason(x, weight)
 
 
 dispatch.register("ia3_linear", "triton", ia3_linear, supports)

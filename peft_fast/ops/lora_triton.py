@@ -29,7 +29,7 @@ from peft_fast.kernels.lora_expand import lora_expand
 from peft_fast.kernels.lora_shrink import lora_shrink
 
 from . import dispatch
-from .triton_support import check_linear_args, device_reason
+from .triton_support import check_linear_args, device_reason, size_reason
 
 
 @torch.library.custom_op("peft_fast::lora_linear_fwd", mutates_args=())
@@ -166,7 +166,7 @@ def supports(
         return why
     if dropout_p > 0.0 and training and x.numel() > MAX_ELEMENTS:
         return f"dropout on {x.numel()} elements exceeds the kernels' int32 mask numbering"
-    return None
+    return size_reason(x, weight)
 
 
 dispatch.register("lora_linear", "triton", lora_linear, supports)

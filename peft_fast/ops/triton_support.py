@@ -40,6 +40,18 @@ def device_reason(named: dict[str, torch.Tensor | None]) -> str | None:
     return None
 
 
+def size_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when x, weight and the (..., out) output stay below 2**31 elements (the kernels'
+    int32 offsets), else why not. Shapes are not validated here."""
+    if weight.dim() != 2 or x.dim() < 1:
+        return None
+    rows = x.numel() // max(1, x.shape[-1])
+    biggest = max(x.numel(), weight.numel(), rows * weight.shape[0])
+    if biggest >= 2**31:
+        return f"a tensor of {biggest} elements exceeds the kernels' int32 offsets"
+    return None
+
+
 def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     """(in_features, out_features) of a linear layer's arguments; ValueError/TypeError
     naming the argument when x (..., in), weight (out, in) or bias (out,) do not fit."""
