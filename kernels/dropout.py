@@ -48,6 +48,20 @@ def check_numbering(M: int, K: int) -> None:
         raise ValueError(f"dropout needs M * K < 2**31 for its int32 numbering, got M={M}, K={K}")
 
 
+def check_dropout(dropout_p: float, seed: torch.Tensor | None, device: torch.device, M: int, K: int) -> bool:
+    """Whether a launcher applies dropout; ValueError when p is outside [0, 1) or dropout
+    lacks a valid seed or exceeds the int32 numbering of an M × K input."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return False
+    if seed is None:
+        raise ValueError("seed is required when dropout_p > 0")
+    check_seed(seed, device)
+    check_numbering(M, K)
+    return True
+
+
 def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float, device: torch.device | str) -> torch.Tensor:
     """The (M, K) bool keep-mask the LoRA kernels apply to x for this seed and p."""
     device = torch.device(device)

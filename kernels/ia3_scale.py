@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, matmul_config, tl_dtype
-from .lora_expand import grouped_tile
+from .tiles import check_matmul_operands, grouped_tile, load_tile, store_tile
 
 
 @triton.jit
@@ -47,52 +47,38 @@ def _ia3_scale_kernel(
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        mask_mk = mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0.0)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         if PRO_REDUCE:
             if pid_n == 0:
-                r = tl.load(
-                    pro_r_ptr + offs_m[:, None] * stride_prm + offs_k[None, :] * stride_prk, mask=mask_mk, other=0.0
-                )
+                r = load_tile(pro_r_ptr, offs_m, offs_k, stride_prm, stride_prk, M, K)
                 part = tl.sum(x.to(tl.float32) * r.to(tl.float32), axis=0)
                 tl.store(pro_part_ptr + pid_m * K + offs_k, part, mask=mask_k)
         if IN_SCALE:
             s_in = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
             x = x.to(tl.float32) * s_in.to(tl.float32)[None, :]
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-        )
+        w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)
         # Round the scaled x to the operand dtype like the reference, then the product.
         acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    mask_mn = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
-        tl.store(
-            z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
-            acc.to(z_ptr.dtype.element_ty), mask=mask_mn,
-        )
+        store_tile(z_ptr, acc, offs_m, offs_n, stride_zm, stride_zn, M, N)
     if EPI_REDUCE:
-        r = tl.load(epi_r_ptr + offs_m[:, None] * stride_erm + offs_n[None, :] * stride_ern, mask=mask_mn, other=0.0)
+        r = load_tile(epi_r_ptr, offs_m, offs_n, stride_erm, stride_ern, M, N)
         part = tl.sum(acc * r.to(tl.float32), axis=0)
         tl.store(epi_part_ptr + pid_m * N + offs_n, part, mask=mask_n)
     if OUT_SCALE:
         s_out = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * s_out.to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty), mask=mask_mn,
-    )
+    store_tile(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
 
 
 def ia3_scaled_matmul(
@@ -113,12 +99,7 @@ def ia3_scaled_matmul(
     unscaled x; `epilogue_reduce` R (M, N) gives `epi = Σ_m z ⊙ R` (fp32, (N,)), computed on
     the unscaled, unrounded z. Either is None when not asked for.
     """
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x (M, K) and weight (N, K) do not fit: {tuple(x.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    M, K = x.shape
-    N = weight.shape[0]
+    M, K, N = check_matmul_operands(x, weight)
     expected = {
         "bias": (bias, (N,)), "in_scale": (in_scale, (K,)), "out_scale": (out_scale, (N,)),
         "prologue_reduce": (prologue_reduce, (M, K)), "epilogue_reduce": (epilogue_reduce, (M, N)),

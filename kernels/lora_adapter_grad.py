@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, skinny_config, tl_dtype
-from .dropout import check_numbering, check_seed, dropout_keep
+from .dropout import check_dropout, dropout_keep
+from .tiles import load_tile, store_tile
 
 
 @triton.jit
@@ -36,8 +37,6 @@ def _lora_adapter_grad_kernel(
     pid_s = tl.program_id(2)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_r = offs_r < R
-    mask_n = offs_n < N
     if DROPOUT:
         seed = tl.load(seed_ptr)
     m_start = pid_s * rows_per_split
@@ -45,22 +44,12 @@ def _lora_adapter_grad_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < m_end
-        pt = tl.load(
-            p_ptr + offs_r[:, None] * stride_pr + offs_m[None, :] * stride_pm,
-            mask=mask_r[:, None] & mask_m[None, :], other=0.0,
-        )
-        q = tl.load(
-            q_ptr + offs_m[:, None] * stride_qm + offs_n[None, :] * stride_qn,
-            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-        )
+        pt = load_tile(p_ptr, offs_r, offs_m, stride_pr, stride_pm, R, m_end)
+        q = load_tile(q_ptr, offs_m, offs_n, stride_qm, stride_qn, m_end, N)
         if DROPOUT:
             q = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), q, 0.0)
         acc = tl.dot(pt.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    tl.store(
-        out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_n[None, :] * stride_on,
-        acc * scale, mask=mask_r[:, None] & mask_n[None, :],
-    )
+    store_tile(out_ptr + pid_s * stride_os, acc * scale, offs_r, offs_n, stride_or, stride_on, R, N)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -91,14 +80,7 @@ def lora_adapter_grad(
         raise ValueError(f"P and Q must share a device, got {P.device} and {Q.device}")
     M, R = P.shape
     N = Q.shape[1]
-    dropout = dropout_p > 0.0
-    if dropout:
-        if not dropout_p < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-        if seed is None:
-            raise ValueError("seed is required when dropout_p > 0")
-        check_seed(seed, Q.device)
-        check_numbering(M, N)
+    dropout = check_dropout(dropout_p, seed, Q.device, M, N)
     if M == 0 or R == 0 or N == 0:
         return torch.zeros((N, R) if transpose else (R, N), dtype=dtype, device=Q.device)
     cfg = skinny_config(Q.device, R)

@@ -26,21 +26,8 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, matmul_config, rank_block, tl_dtype
-from .dropout import check_numbering, check_seed, dropout_keep
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) for program `pid`, walking GROUP_M tile-rows at a time for L2 reuse."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+from .dropout import check_dropout, dropout_keep
+from .tiles import check_matmul_operands, grouped_tile, load_tile, store_tile
 
 
 @triton.jit
@@ -60,21 +47,12 @@ def _lora_expand_kernel(
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-        )
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)
         acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
 
     if HAS_LORA:
@@ -86,17 +64,10 @@ def _lora_expand_kernel(
             acc_lora = acc
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            h = tl.load(
-                h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-            )
+            h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, M, R)
             if not DROPOUT:
                 h = h.to(tl.float32) * alpha
-            b = tl.load(
-                b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-            )
+            b = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N)
             acc_lora = tl.dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), acc_lora, input_precision=LORA_PRECISION)
         if DROPOUT:
             seed = tl.load(seed_ptr)
@@ -106,12 +77,9 @@ def _lora_expand_kernel(
             acc = acc_lora
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
-    )
+    store_tile(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
 
 
 def lora_expand(
@@ -131,12 +99,7 @@ def lora_expand(
     h and lora_B are both given or both None. With `dropout_p > 0` the adapter term is gated
     by the keep-mask of `seed` numbered over the output's M × N (no rescaling here).
     """
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x (M, K) and weight (N, K) do not fit: {tuple(x.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    M, K = x.shape
-    N = weight.shape[0]
+    M, K, N = check_matmul_operands(x, weight)
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be ({N},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if (h is None) != (lora_B is None):
@@ -147,17 +110,10 @@ def lora_expand(
         R = h.shape[1]
         if h.dim() != 2 or h.shape[0] != M or lora_B.shape != (N, R):
             raise ValueError(f"h must be ({M}, r) and lora_B ({N}, r), got {tuple(h.shape)} and {tuple(lora_B.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("h", h), ("lora_B", lora_B)):
+    for name, t in (("bias", bias), ("h", h), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on {x.device}, got {t.device}")
-    dropout = has_lora and dropout_p > 0.0
-    if dropout:
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-        if seed is None:
-            raise ValueError("seed is required when dropout_p > 0")
-        check_seed(seed, x.device)
-        check_numbering(M, N)
+    dropout = check_dropout(dropout_p, seed, x.device, M, N) and has_lora
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out

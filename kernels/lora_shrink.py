@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, skinny_config, tl_dtype
-from .dropout import check_numbering, check_seed, dropout_keep
+from .dropout import check_dropout, dropout_keep
+from .tiles import load_tile, store_tile
 
 
 @triton.jit
@@ -34,30 +35,18 @@ def _lora_shrink_kernel(
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
     if DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         if DROPOUT:
             x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
-        a = tl.load(
-            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=mask_k[:, None] & mask_r[None, :], other=0.0,
-        )
+        a = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R)
         acc = tl.dot(x.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
     acc = acc * scale
-    tl.store(
-        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-        acc, mask=mask_m[:, None] & mask_r[None, :],
-    )
+    store_tile(h_ptr, acc, offs_m, offs_r, stride_hm, stride_hr, M, R)
 
 
 def lora_shrink(
@@ -79,16 +68,9 @@ def lora_shrink(
         raise ValueError(f"lora_A must be (r, {x.shape[1]}), got shape {tuple(lora_A.shape)}")
     if lora_A.device != x.device:
         raise ValueError(f"lora_A must be on {x.device}, got {lora_A.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     M, K = x.shape
     R = lora_A.shape[0]
-    dropout = dropout_p > 0.0
-    if dropout:
-        if seed is None:
-            raise ValueError("seed is required when dropout_p > 0")
-        check_seed(seed, x.device)
-        check_numbering(M, K)
+    dropout = check_dropout(dropout_p, seed, x.device, M, K)
     h = torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or R == 0:
         return h
