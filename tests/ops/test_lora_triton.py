@@ -1,6 +1,6 @@
 """The Triton LoRA backend (peft_fast/ops/lora_triton.py and kernels/lora_shrink.py,
-kernels/lora_expand.py, kernels/lora_adapter_grad.py, kernels/dropout.py) against the
-float64 reference (peft_fast/ops/reference.py).
+kernels/lora_expand.py, kernels/lora_adapter_grad.py, kernels/dropout.py, kernels/tiles.py,
+kernels/configs.py) against the float64 reference (peft_fast/ops/reference.py).
 
 On CPU the kernels run under Triton's interpreter (tests/ops/conftest.py), so shapes stay tiny.
 """
@@ -239,6 +239,15 @@ def test_launcher_errors_name_the_argument():
         lora_shrink(x, randn(2, 8, dtype=torch.float32), dropout_p=0.5)
     with pytest.raises(TypeError, match="weight"):
         lora_expand(x, randn(3, 8, dtype=torch.float16), None, None, None)
+
+
+def test_matmul_operand_check():
+    from peft_fast.kernels.tiles import check_matmul_operands
+
+    x = randn(4, 8, dtype=torch.float32)
+    assert check_matmul_operands(x, randn(6, 8, dtype=torch.float32)) == (4, 8, 6)
+    with pytest.raises(ValueError, match="weight"):
+        check_matmul_operands(x, randn(6, 7, dtype=torch.float32))
 
 
 def test_op_errors_name_the_argument():
