@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .config import PeftConfig, PeftType, TaskType  # noqa: E402
 from .mapping import get_peft_model  # noqa: E402
 from .ops import available_backends, get_backend, set_backend, use_backend  # noqa: E402
+from .patch import patch_peft, unpatch_peft  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -41,7 +42,9 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "load_peft_weights",
+    "patch_peft",
     "set_backend",
     "set_peft_model_state_dict",
+    "unpatch_peft",
     "use_backend",
 ]

@@ -1,8 +1,12 @@
 """The seam between layers and kernels: ops take tensors and numbers, dispatch picks a backend."""
 
+from . import dispatch
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .ia3 import ia3_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
+
+dispatch.register_backend_module("triton", "peft_fast.ops.lora_triton")
+dispatch.register_backend_module("triton", "peft_fast.ops.ia3_triton")
 
 __all__ = [
     "available_backends",

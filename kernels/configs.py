@@ -1,0 +1,101 @@
+"""Block sizes for the LoRA/IA³ kernels: a small table per GPU family.
+
+Every launcher asks `matmul_config` / `skinny_config` for its blocks. The choice depends
+only on the device and the problem's dimensions, never on timing, so the forward's choice
+is reproducible in backward and across runs.
+
+Provenance: the sm_90 / sm_80 rows start from Triton's matmul tutorial configs for
+bf16/fp16 on Hopper/Ampere; they are NOT yet tuned on this project's GPUs (no measurement
+in bench/results/ backs them). The interpreter row uses small blocks so that tests on tiny
+odd shapes run through every masked edge quickly on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes and launch options of one matmul-shaped kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (family, is_fp32) -> config of the big fused matmuls (base product + expand / IA³ scaling).
+_MATMUL: dict[tuple[str, bool], MatmulConfig] = {
+    # 128 × 128, not the tutorial's 128 × 256: the dropout variant holds two fp32 accumulators.
+    ("sm90", False): MatmulConfig(128, 128, 64, 8, num_warps=8, num_stages=4),
+    ("sm90", True): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
+    ("sm80", False): MatmulConfig(128, 128, 32, 8, num_warps=4, num_stages=4),
+    ("sm80", True): MatmulConfig(64, 128, 32, 8, num_warps=4, num_stages=3),
+    ("default", False): MatmulConfig(64, 64, 32, 8, num_warps=4, num_stages=2),
+    ("default", True): MatmulConfig(64, 64, 32, 8, num_warps=4, num_stages=2),
+    ("interpreter", False): MatmulConfig(32, 32, 32, 2, num_warps=1, num_stages=1),
+    ("interpreter", True): MatmulConfig(32, 32, 32, 2, num_warps=1, num_stages=1),
+}
+
+
+def gpu_family(device: torch.device) -> str:
+    """"sm90", "sm80", "default" for a CUDA device; "interpreter" for a CPU tensor."""
+    if device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "sm90"
+    if major >= 8:
+        return "sm80"
+    return "default"
+
+
+def matmul_config(device: torch.device, dtype: torch.dtype) -> MatmulConfig:
+    """Blocks for the fused base-product kernels on `device` with operands of `dtype`."""
+    return _MATMUL[(gpu_family(device), dtype == torch.float32)]
+
+
+def rank_block(r: int, cap: int = 64) -> int:
+    """Block size along the LoRA rank: a power of two, at least 16 (tl.dot's minimum),
+    at most `cap`; ranks above `cap` loop or take several programs."""
+    b = 16
+    while b < r and b < cap:
+        b *= 2
+    return b
+
+
+def skinny_config(device: torch.device, r: int) -> MatmulConfig:
+    """Blocks for the rank-sized products (shrink, adapter gradients): block_n is along r."""
+    fam = gpu_family(device)
+    br = rank_block(r, cap=16 if fam == "interpreter" else 64)
+    if fam == "interpreter":
+        return MatmulConfig(32, br, 32, 1, num_warps=1, num_stages=1)
+    if fam == "sm90":
+        return MatmulConfig(64, br, 128, 1, num_warps=4, num_stages=4)
+    return MatmulConfig(64, br, 64, 1, num_warps=4, num_stages=3)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of `dtype`: fp32 follows torch's TF32 switch
+    (off by default, so fp32 products are exact IEEE like torch's); other dtypes ignore it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def tl_dtype(dtype: torch.dtype):  # -> triton.language.dtype
+    """The triton.language dtype for a torch floating dtype; TypeError for others."""
+    import triton.language as tl
+
+    try:
+        return getattr(tl, TL_DTYPES[dtype])
+    except KeyError:
+        raise TypeError(f"dtype must be one of {list(TL_DTYPES)}, got {dtype}") from None

@@ -1,0 +1,140 @@
+"""lora_expand: a matmul with the LoRA expand fused in as extra K steps and an epilogue,
+
+    out = x · Wᵀ  +  alpha · dropout_mask ⊙ (h · Bᵀ)  +  bias
+
+x: M × K, W: N × K (nn.Linear's (out, in) layout, any strides), h: M × r (fp32),
+B: N × r, bias: N. The M × N LoRA product is never written: each program accumulates its
+BLOCK_M × BLOCK_N tile in fp32 registers, first the base product over K (operands in the
+base dtype), then the expand over r as extra K steps (alpha · h cast to B's dtype, the
+adapter dtype). When a dropout mask gates the expand (backward's dx), the expand gets a
+second fp32 accumulator that is masked and added once.
+
+Forward: `y = lora_expand(x, W, bias, h, B, alpha=s)` with h = dropout(x)Aᵀ/(1-p).
+Backward: `dx = lora_expand(dy, Wᵀ, None, dh, Aᵀ, alpha=1/(1-p), mask)` with dh = s·dy·B:
+the dropout mask (regenerated from the seed, numbered over x's M × K) gates the adapter
+term only, which is exactly `dy·W + mask ⊙ (dh·A) / (1-p)`.
+
+Programs are ordered in groups of GROUP_M rows of tiles (Triton's matmul tutorial) so
+consecutive programs share W's column tiles in L2. Ragged edges are masked; r below 16 is
+padded to 16 by masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import dot_precision, matmul_config, rank_block, tl_dtype
+from .dropout import check_dropout, dropout_keep
+from .tiles import check_matmul_operands, grouped_tile, load_tile, store_tile
+
+
+@triton.jit
+def _lora_expand_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_hm, stride_hr, stride_bn, stride_br,
+    stride_om, stride_on,
+    alpha, p,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr,
+    BASE_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)
+        acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
+
+    if HAS_LORA:
+        # Without dropout the expand accumulates straight into the base accumulator (alpha is
+        # folded into h); with dropout it needs its own accumulator to be masked.
+        if DROPOUT:
+            acc_lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc_lora = acc
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, M, R)
+            if not DROPOUT:
+                h = h.to(tl.float32) * alpha
+            b = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N)
+            acc_lora = tl.dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), acc_lora, input_precision=LORA_PRECISION)
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+            acc_lora = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), acc_lora, 0.0)
+            acc += alpha * acc_lora
+        else:
+            acc = acc_lora
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    store_tile(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
+
+
+def lora_expand(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    alpha: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x · weightᵀ + alpha · mask ⊙ (h · lora_Bᵀ) + bias` as a new (M, N) tensor in x's dtype.
+
+    x: (M, K); weight: (N, K), same dtype as x; bias: (N,) or None; h: (M, r) any float
+    dtype, cast to lora_B's dtype (the adapter dtype) for its product; lora_B: (N, r).
+    h and lora_B are both given or both None. With `dropout_p > 0` the adapter term is gated
+    by the keep-mask of `seed` numbered over the output's M × N (no rescaling here).
+    """
+    M, K, N = check_matmul_operands(x, weight)
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({N},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if (h is None) != (lora_B is None):
+        raise ValueError("h and lora_B must both be given or both be None")
+    has_lora = h is not None
+    R = 0
+    if has_lora:
+        R = h.shape[1]
+        if h.dim() != 2 or h.shape[0] != M or lora_B.shape != (N, R):
+            raise ValueError(f"h must be ({M}, r) and lora_B ({N}, r), got {tuple(h.shape)} and {tuple(lora_B.shape)}")
+    for name, t in (("bias", bias), ("h", h), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    dropout = check_dropout(dropout_p, seed, x.device, M, N) and has_lora
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    cfg = matmul_config(x.device, x.dtype)
+    lora_dtype = lora_B.dtype if has_lora else x.dtype
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    dummy = out
+    _lora_expand_kernel[grid](
+        x, weight, bias if bias is not None else dummy, h if has_lora else dummy,
+        lora_B if has_lora else dummy, out, seed if dropout else dummy,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
+        lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0,
+        out.stride(0), out.stride(1),
+        float(alpha), float(dropout_p),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, DROPOUT=dropout,
+        BASE_DTYPE=tl_dtype(x.dtype), LORA_DTYPE=tl_dtype(lora_dtype),
+        BASE_PRECISION=dot_precision(x.dtype), LORA_PRECISION=dot_precision(lora_dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=rank_block(R, cap=cfg.block_k), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,172 @@
+"""Triton backend of `lora_linear`: torch.library custom ops with autograd, registered with
+dispatch as the "triton" implementation.
+
+Forward (two kernels, see kernels/lora_shrink.py and kernels/lora_expand.py):
+    h = dropout(x) Aᵀ / (1 - p)                 lora_shrink, fp32 (M × r)
+    y = x Wᵀ + b + s · h Bᵀ                     lora_expand, expand fused into the matmul
+Backward (saves x, h and the dropout seed; never the mask, dropped x or the M × N product):
+    dh = s · dy B                               lora_shrink with Bᵀ
+    dB = s · dyᵀ h,  dA = dhᵀ dropout(x)/(1-p)  lora_adapter_grad (mask regenerated)
+    dx = dy W + mask ⊙ (dh A) / (1 - p)         lora_expand with Wᵀ, Aᵀ
+    dW = dyᵀ x, db = Σ dy                       torch, only when W / b require grad
+
+`torch.ops.peft_fast.lora_linear_fwd` / `lora_linear_bwd` are opaque to torch.compile (fake
+kernels give their shapes), so a compiled model has no graph break here. The dropout seed
+is drawn from torch's generator on x's device, so `torch.manual_seed` makes masks
+reproducible and every call draws a fresh mask.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from peft_fast.kernels.dropout import MAX_ELEMENTS
+from peft_fast.kernels.lora_adapter_grad import lora_adapter_grad
+from peft_fast.kernels.lora_expand import lora_expand
+from peft_fast.kernels.lora_shrink import lora_shrink
+
+from . import dispatch
+from .triton_support import check_linear_args, device_reason, size_reason
+
+
+@torch.library.custom_op("peft_fast::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """(y, h) for 2-D x: y (M, out) in x's dtype, h = dropout(x)Aᵀ/(1-p) (M, r) in fp32."""
+    h = lora_shrink(x, lora_A, 1.0 / (1.0 - dropout_p), dropout_p, seed)
+    y = lora_expand(x, weight, bias, h, lora_B, alpha=scaling)
+    return y, h
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    M = x.shape[0]
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_fast::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    h: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA, dB) of lora_linear_fwd's y; dx is an empty tensor when not `need_dx`."""
+    adapter_dtype = lora_A.dtype
+    rescale = 1.0 / (1.0 - dropout_p)
+    dh = lora_shrink(dy, lora_B.t(), scaling)
+    dB = lora_adapter_grad(h, dy, adapter_dtype, scaling, transpose=True)
+    dA = lora_adapter_grad(dh, x, adapter_dtype, rescale, dropout_p, seed)
+    if need_dx:
+        dx = lora_expand(dy, weight.t(), None, dh, lora_A.t(), alpha=rescale, dropout_p=dropout_p, seed=seed)
+    else:
+        dx = dy.new_empty((0,))
+    return dx, dA, dB
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, dy, _dh):
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA, dB = torch.ops.peft_fast.lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, need[0]
+    )
+    dW = dy.t().mm(x) if need[1] else None
+    db = dy.sum(0) if need[2] else None
+    return (dx if need[0] else None), dW, db, (dA if need[3] else None), (dB if need[4] else None), None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    in_f, out_f = check_linear_args(x, weight, bias)
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must be (r, {in_f}) with r >= 1, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B must be ({out_f}, {r}), got {tuple(lora_B.shape)}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """Same contract as `peft_fast.ops.lora_linear`, on fused Triton kernels.
+
+    x may have any leading dims and strides (it is viewed as 2-D, copied only when its
+    strides do not allow a view); gradients reach x, lora_A, lora_B, and weight/bias when
+    they require grad.
+    """
+    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    in_f, out_f = weight.shape[1], weight.shape[0]
+    p = float(dropout_p) if training else 0.0
+    x2 = x.reshape(-1, in_f)
+    seed = None
+    if p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    y, _ = torch.ops.peft_fast.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def supports(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> str | None:
+    """None when the Triton kernels can take this call, else the reason (dispatch falls back)."""
+    why = device_reason({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+    if why is not None:
+        return why
+    if dropout_p > 0.0 and training and x.numel() > MAX_ELEMENTS:
+        return f"dropout on {x.numel()} elements exceeds the kernels' int32 mask numbering"
+    return size_reason(x, weight)
+
+
+dispatch.register("lora_linear", "triton", lora_linear, supports)

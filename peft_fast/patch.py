@@ -1,0 +1,153 @@
+"""Route a Hugging Face peft model's LoRA and IA³ linear layers through peft_fast's ops.
+
+`patch_peft(model)` replaces, on each eligible layer instance, `forward` with one that calls
+`peft_fast.ops.lora_linear` / `ia3_linear` (and so whatever backend dispatch picks). It
+touches nothing else: parameters, module names, state-dict keys, peft's config and its
+save/load all stay as they were, so `save_pretrained` and the HF Trainer keep working.
+
+Each call checks whether the op computes exactly what HF peft's own forward would; when it
+does not, the call goes to peft's forward unchanged. peft's forward runs for:
+DoRA and every other LoRA variant, LoRA bias (`lora_bias=True`), merged adapters, disabled
+adapters, several active adapters, a mixed batch (`adapter_names=`), extra forward
+arguments, input-dtype casting switched off with mismatched dtypes, and base layers that are
+not a plain `nn.Linear` or transformers `Conv1D` (quantized, hooked or offloaded layers
+included). GPT-2's `Conv1D` stores its weight as (in, out): the op gets a transposed view.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import ia3_linear, lora_linear
+
+__all__ = ["patch_peft", "patched_layers", "unpatch_peft"]
+
+_MARK = "_peft_fast_patched"
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers missing or moved: no Conv1D support, never wrong
+        return None
+    return Conv1D
+
+
+def _plain_base_weight(base: nn.Module) -> torch.Tensor | None:
+    """The (out, in) weight of a plain nn.Linear / Conv1D base layer without hooks, else None."""
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") or "forward" in vars(base):
+        return None
+    if type(base) is nn.Linear:
+        return base.weight
+    conv1d = _conv1d_type()
+    if conv1d is not None and type(base) is conv1d:
+        return base.weight.t()
+    return None
+
+
+def _single_active(layer: nn.Module, store: nn.ModuleDict | nn.ParameterDict) -> str | None:
+    """The one active adapter that has weights in `store`, or None (none or several)."""
+    active = [name for name in layer.active_adapters if name in store.keys()]
+    return active[0] if len(active) == 1 else None
+
+
+def _lora_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """Arguments of `lora_linear` equivalent to this peft forward call, or None."""
+    if args or kwargs or not isinstance(x, torch.Tensor) or layer.disable_adapters or layer.merged:
+        return None
+    name = _single_active(layer, layer.lora_A)
+    if name is None or name in layer.lora_variant or layer.use_dora.get(name, False):
+        return None
+    weight = _plain_base_weight(layer.base_layer)
+    A, B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if weight is None or x.dtype != weight.dtype:
+        return None
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+        return None
+    if x.dtype != A.weight.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return None
+    if type(drop) is nn.Identity:
+        p = 0.0
+    elif type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks:
+        p = float(drop.p) if drop.training else 0.0
+    else:
+        return None
+    scaling = layer.scaling[name]
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        return None
+    return x, weight, layer.base_layer.bias, A.weight, B.weight, float(scaling), p, p > 0.0
+
+
+def _ia3_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """Arguments of `ia3_linear` equivalent to this peft forward call, or None."""
+    if args or kwargs or not isinstance(x, torch.Tensor) or layer.disable_adapters or layer.merged:
+        return None
+    name = _single_active(layer, layer.ia3_l)
+    weight = _plain_base_weight(layer.base_layer)
+    if name is None or weight is None or x.dtype != weight.dtype:
+        return None
+    return x, weight, layer.base_layer.bias, layer.ia3_l[name], bool(layer.is_feedforward)
+
+
+def _lora_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    fast = _lora_fast_args(self, x, args, kwargs)
+    if fast is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return lora_linear(*fast)
+
+
+def _ia3_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    fast = _ia3_fast_args(self, x, args, kwargs)
+    if fast is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return ia3_linear(*fast)
+
+
+def _peft_layer_types() -> dict[type, Any]:
+    try:
+        from peft.tuners.ia3 import layer as ia3_layer
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as e:
+        raise ImportError(f"patch_peft needs Hugging Face peft installed ({e})") from e
+    return {lora_layer.Linear: _lora_forward, ia3_layer.Linear: _ia3_forward}
+
+
+def patch_peft(model: nn.Module) -> nn.Module:
+    """Make every HF peft `lora.Linear` and `ia3.Linear` layer of `model` run through
+    peft_fast's ops (in place; returns `model`). Outputs and gradients are HF peft's: calls
+    the ops cannot reproduce exactly go to peft's own forward. Patching twice is harmless;
+    `unpatch_peft` undoes it.
+
+    Raises TypeError when `model` is not an nn.Module, ValueError when it has no such layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    forwards = _peft_layer_types()
+    count = 0
+    for module in model.modules():
+        fn = forwards.get(type(module))
+        if fn is None:
+            continue
+        module.forward = types.MethodType(fn, module)
+        setattr(module, _MARK, True)
+        count += 1
+    if count == 0:
+        raise ValueError("model has no HF peft lora.Linear or ia3.Linear layer to patch")
+    return model
+
+
+def unpatch_peft(model: nn.Module) -> nn.Module:
+    """Give every layer `patch_peft` touched its HF peft forward back (in place; returns `model`)."""
+    for module in model.modules():
+        if module.__dict__.pop(_MARK, False):
+            module.__dict__.pop("forward", None)
+    return model
+
+
+def patched_layers(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that `patch_peft` routed through peft_fast."""
+    return [name for name, m in model.named_modules() if m.__dict__.get(_MARK, False)]

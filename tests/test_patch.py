@@ -1,0 +1,204 @@
+"""peft_fast.patch_peft on tiny Llama / GPT-2 models built with HF peft (no downloads):
+same loss and gradients as unpatched peft on the "torch" and "triton" backends, and peft's
+own forward for everything the ops do not cover."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton reads this when kernels are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from unittest import mock  # noqa: E402
+
+import pytest  # noqa: E402
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import peft_fast  # noqa: E402
+import peft_fast.patch  # noqa: E402
+from peft_fast.ops import dispatch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no RNG outside the adapters
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _lora_model(kind: str, dropout: float = 0.0, **kw):
+    base = _llama() if kind == "llama" else _gpt2()
+    targets = LLAMA_LORA_TARGETS if kind == "llama" else ["c_attn", "c_proj", "c_fc"]
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
+        fan_in_fan_out=kind == "gpt2", **kw,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    return peft.get_peft_model(base, cfg).to(DEVICE)
+
+
+def _ia3_model():
+    cfg = peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    )
+    torch.manual_seed(1)
+    return peft.get_peft_model(_llama(), cfg).to(DEVICE)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (2, 7), generator=g).to(DEVICE)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _loss_and_grads(model, **kw):
+    model.zero_grad(set_to_none=True)
+    loss = model(**_batch(), **kw).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b, rtol):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=1e-6)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        err = ((ga[n] - gb[n]).norm() / gb[n].norm()).item()
+        assert err < rtol, f"{n}: relative error {err:.3g}"
+
+
+def _spy(name):
+    """Count calls of the op patch.py routes through, keeping its behaviour."""
+    return mock.patch.object(peft_fast.patch, name, wraps=getattr(peft_fast.patch, name))
+
+
+def _triton_or_skip():
+    reason = dispatch.unavailable_reason("triton")
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_same_loss_and_grads_as_peft(kind, backend):
+    if backend == "triton":
+        _triton_or_skip()
+    model = _lora_model(kind)
+    want = _loss_and_grads(model)
+    keys = list(model.state_dict())
+    peft_fast.patch_peft(model)
+    assert list(model.state_dict()) == keys
+    n_layers = len(peft_fast.patch.patched_layers(model))
+    assert n_layers == (14 if kind == "llama" else 8)  # GPT-2: c_attn, 2 x c_proj, c_fc
+    with _spy("lora_linear") as spy, peft_fast.use_backend(backend):
+        got = _loss_and_grads(model)
+    assert spy.call_count == n_layers  # every layer took the fast path
+    _assert_same(got, want, 1e-5 if backend == "triton" else 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ia3_same_loss_and_grads_as_peft(backend):
+    if backend == "triton":
+        _triton_or_skip()
+    model = _ia3_model()
+    want = _loss_and_grads(model)
+    peft_fast.patch_peft(model)
+    with _spy("ia3_linear") as spy, peft_fast.use_backend(backend):
+        got = _loss_and_grads(model)
+    assert spy.call_count == 6
+    _assert_same(got, want, 1e-5)
+
+
+def test_dropout_torch_backend_is_bitwise_peft_and_triton_trains():
+    model = _lora_model("llama", dropout=0.2)
+    model.train()
+    torch.manual_seed(3)
+    want = _loss_and_grads(model)
+    peft_fast.patch_peft(model)
+    with peft_fast.use_backend("torch"):
+        torch.manual_seed(3)
+        got = _loss_and_grads(model)
+    _assert_same(got, want, 1e-6)
+    model.eval()  # no dropout in eval: the triton path equals peft's eval forward
+    with torch.no_grad():
+        ref = model(**_batch()).logits
+        if dispatch.unavailable_reason("triton") is None:
+            with peft_fast.use_backend("triton"):
+                torch.testing.assert_close(model(**_batch()).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_peft_where_ops_do_not_apply():
+    model = _lora_model("llama")
+    model.eval()
+    base_model = model.base_model
+    with torch.no_grad():
+        plain = model(**_batch()).logits
+        with model.disable_adapter():
+            disabled = model(**_batch()).logits
+    peft_fast.patch_peft(model)
+    with _spy("lora_linear") as spy, torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**_batch()).logits, disabled)
+        base_model.merge_adapter()
+        torch.testing.assert_close(model(**_batch()).logits, plain, rtol=1e-4, atol=1e-4)
+        base_model.unmerge_adapter()
+        mixed = model(**_batch(), adapter_names=["default", "__base__"]).logits
+        torch.testing.assert_close(mixed[0], plain[0])
+        torch.testing.assert_close(mixed[1], disabled[1])
+    assert spy.call_count == 0
+
+
+def test_falls_back_for_dora_and_several_active_adapters():
+    model = _lora_model("llama", use_dora=True)
+    want = _loss_and_grads(model)
+    peft_fast.patch_peft(model)
+    with _spy("lora_linear") as spy:
+        _assert_same(_loss_and_grads(model), want, 1e-6)
+    assert spy.call_count == 0
+
+    model = _lora_model("llama")
+    torch.manual_seed(5)
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    want = _loss_and_grads(model)
+    peft_fast.patch_peft(model)
+    with _spy("lora_linear") as spy:
+        _assert_same(_loss_and_grads(model), want, 1e-6)
+    assert spy.call_count == 12  # the 12 layers with one adapter; q_proj x 2 falls back
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = _lora_model("gpt2")
+    peft_fast.patch_peft(model)
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_gpt2(), tmp_path).to(DEVICE)
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    peft_fast.unpatch_peft(model)
+    assert peft_fast.patch.patched_layers(model) == []
+
+
+def test_bad_model_is_rejected():
+    with pytest.raises(TypeError, match="model"):
+        peft_fast.patch_peft("not a model")
+    with pytest.raises(ValueError, match="no HF peft"):
+        peft_fast.patch_peft(torch.nn.Linear(2, 2))
