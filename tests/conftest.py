@@ -1,4 +1,10 @@
-"""Tiny transformers models built from configs (fixed seed, no downloads)."""
+"""Test set-up, and tiny transformers models built from configs (fixed seed, no downloads).
+
+Triton kernel tests run on the GPU when there is one, else on CPU tensors under Triton's
+interpreter: TRITON_INTERPRET must be set before any kernel is defined (Triton reads it when
+`@triton.jit` runs), so it is set here, before any test module imports peft_fast's kernels.
+"auto" never sends CPU tensors to the interpreter, so model tests still run the reference.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,11 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import transformers
 
 transformers.logging.set_verbosity_error()

@@ -101,22 +101,25 @@ _loaded: dict[str, str | None] = {}
 
 
 def unavailable_reason(backend: str) -> str | None:
-    """None when `backend` can run here, else why not. Loads its kernels on first call."""
+    """None when `backend` can run here, else why not. Loads its kernels on first success.
+
+    The device check is not cached (TRITON_INTERPRET may be set after import); loading the
+    backend's modules happens once."""
     _check_name(backend)
     if backend == "auto":
         return None
-    if backend in _loaded:
-        return _loaded[backend]
     reason = _STATUS[backend]()
-    if reason is None:
+    if reason is not None:
+        return reason
+    if backend not in _loaded:
+        _loaded[backend] = None
         for mod in _BACKEND_MODULES.get(backend, ()):
             try:
                 importlib.import_module(mod)
             except Exception as e:
-                reason = f"loading {mod} failed ({type(e).__name__}: {e})"
+                _loaded[backend] = f"loading {mod} failed ({type(e).__name__}: {e})"
                 break
-    _loaded[backend] = reason
-    return reason
+    return _loaded[backend]
 
 
 def available_backends() -> dict[str, str | None]:

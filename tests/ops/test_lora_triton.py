@@ -2,7 +2,7 @@
 kernels/lora_expand.py, kernels/lora_adapter_grad.py, kernels/dropout.py, kernels/tiles.py,
 kernels/configs.py) against the float64 reference (peft_fast/ops/reference.py).
 
-On CPU the kernels run under Triton's interpreter (tests/ops/conftest.py), so shapes stay tiny.
+On CPU the kernels run under Triton's interpreter (set in tests/conftest.py), so shapes stay tiny.
 """
 
 from __future__ import annotations
@@ -282,10 +282,14 @@ def test_dispatch_reason_without_interpreter(monkeypatch):
     from peft_fast.ops import lora_triton
 
     x = torch.randn(4, 8)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with peft_fast.use_backend("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
         why = lora_triton.supports(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0)
-    assert why is not None and "TRITON_INTERPRET" in why
+        assert why is not None and "TRITON_INTERPRET" in why
+        # the backend itself now reports why it cannot run, and refuses to be chosen
+        assert "TRITON_INTERPRET" in peft_fast.available_backends()["triton"]
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            peft_fast.set_backend("triton")
 
 
 def test_opcheck_custom_ops():
