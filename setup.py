@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 
 packages = find_packages(include=["peft_fast", "peft_fast.*"])
 setup(
-    packages=packages + ["peft_fast.kernels"],
+    packages=packages + ["peft_fast.kernels", "peft_fast.data"],
     package_dir={"peft_fast.kernels": "kernels"},
     package_data={"peft_fast": ["data/*.jsonl"]},
     include_package_data=True,

