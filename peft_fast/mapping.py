@@ -34,6 +34,8 @@ def get_peft_model(
     The task wrapper (PeftModelForCausalLM, ...) follows `peft_config.task_type`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}")
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel) is not supported by peft_fast")
     if isinstance(getattr(model, "peft_config", None), dict):

@@ -93,17 +93,22 @@ class PeftModel(nn.Module):
             for p in self._adapter_parameters(adapter_name):
                 p.requires_grad_(False)
 
-    def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+    def _adapter_parameters(self, adapter_name: str, include_modules_to_save: bool = True) -> Iterator[nn.Parameter]:
         from .save_and_load import adapter_key_map
 
         params = dict(self.named_parameters(remove_duplicate=False))
         for model_key in adapter_key_map(self, adapter_name).values():
+            if not include_modules_to_save and ".modules_to_save." in model_key:
+                continue
             if model_key in params:
                 yield params[model_key]
 
     def _cast_adapter_dtype(self, adapter_name: str) -> None:
-        """HF peft's autocast_adapter_dtype: fp16/bf16 adapter weights become fp32."""
-        for p in self._adapter_parameters(adapter_name):
+        """HF peft's autocast_adapter_dtype: fp16/bf16 adapter-layer weights become fp32.
+
+        Copies of modules_to_save keep the base model's dtype (as in HF peft): their input
+        comes from the base model in that dtype."""
+        for p in self._adapter_parameters(adapter_name, include_modules_to_save=False):
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
 
@@ -144,14 +149,16 @@ class PeftModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     @contextmanager
-    def _peft_forward(self, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _peft_forward(
+        self, kwargs: dict[str, Any], encoder_adapter_names: tuple[nn.Module, Sequence[str]] | None = None
+    ) -> Iterator[dict[str, Any]]:
         adapter_names = kwargs.pop("adapter_names", None)
         device = None
         for v in kwargs.values():
             if isinstance(v, torch.Tensor):
                 device = v.device
                 break
-        with self.base_model.mixed_batch(adapter_names, device):
+        with self.base_model.mixed_batch(adapter_names, device, encoder_adapter_names):
             yield kwargs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -302,11 +309,17 @@ class _GenerativePeftModel(PeftModel):
         if not hasattr(model, "generate"):
             raise AttributeError(f"{type(model).__name__} has no generate()")
         adapter_names = kwargs.get("adapter_names")
+        encoder_adapter_names = None
         if adapter_names is not None:
             # Generation expands the batch for beams and returned sequences: expand the names alike.
             repeat = max(int(kwargs.get("num_beams", 1) or 1), int(kwargs.get("num_return_sequences", 1) or 1))
             kwargs["adapter_names"] = [n for n in adapter_names for _ in range(repeat)]
-        with self._peft_forward(kwargs) as kw:
+            # An encoder runs once on the rows as given, before the expansion: it keeps the names as given.
+            get_encoder = getattr(model, "get_encoder", None)
+            encoder = get_encoder() if callable(get_encoder) else None
+            if repeat > 1 and isinstance(encoder, nn.Module) and encoder is not model:
+                encoder_adapter_names = (encoder, list(adapter_names))
+        with self._peft_forward(kwargs, encoder_adapter_names) as kw:
             return model.generate(*args, **kw)
 
 

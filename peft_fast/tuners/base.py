@@ -387,8 +387,8 @@ class BaseTuner(nn.Module):
     # -- injection ----------------------------------------------------------------------------
     def _prepare_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
         """Fill in default target modules and expand "all-linear" (HF peft's rules)."""
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
             defaults = default_target_modules(self.mapping_name, model_type)
             if defaults is None:
                 raise ValueError(
@@ -396,7 +396,8 @@ class BaseTuner(nn.Module):
                     "pass target_modules=[...] naming the layers to adapt"
                 )
             config.target_modules = set(defaults)
-            self._fill_default_extras(config, model_type)
+        # Also with target_modules given (HF peft fills IA³'s feedforward_modules either way).
+        self._fill_default_extras(config, model_type)
         if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
             config.target_modules = self._all_linear_names(model, config)
         return config
@@ -569,8 +570,16 @@ class BaseTuner(nn.Module):
 
     # -- mixed batches ------------------------------------------------------------------------
     @contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str] | None, device: torch.device | None = None):
-        """For one forward: route each batch row through its own adapter (see MixedBatch)."""
+    def mixed_batch(
+        self,
+        adapter_names: Sequence[str] | None,
+        device: torch.device | None = None,
+        encoder_adapter_names: tuple[nn.Module, Sequence[str]] | None = None,
+    ):
+        """For one forward: route each batch row through its own adapter (see MixedBatch).
+
+        `encoder_adapter_names` is (encoder, names): layers inside that encoder get these
+        names instead, for generation that expands the batch (beams) after the encoder ran."""
         if adapter_names is None:
             yield
             return
@@ -586,6 +595,12 @@ class BaseTuner(nn.Module):
         mb = MixedBatch(adapter_names, device)
         for layer in layers:
             layer._mixed_batch = mb
+        if encoder_adapter_names is not None:
+            encoder, names = encoder_adapter_names
+            encoder_mb = MixedBatch(names, device)
+            for m in encoder.modules():
+                if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)):
+                    m._mixed_batch = encoder_mb
         try:
             yield
         finally:
