@@ -130,7 +130,9 @@ def set_peft_model_state_dict(
     ]
     if wrong:
         raise ValueError(f"adapter weight shapes do not fit the model (was it saved with another r or base model?): {wrong[:5]}")
-    return model.load_state_dict(to_load, strict=False, assign=low_cpu_mem_usage)._replace(missing_keys=[])
+    # Weights still on the meta device (a model built there) are replaced, not copied into.
+    assign = low_cpu_mem_usage or any(model_sd[k].is_meta for k in to_load)
+    return model.load_state_dict(to_load, strict=False, assign=assign)._replace(missing_keys=[])
 
 
 def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
