@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .configs import bgmv_config, rank_block, tl_dtype
 from .dropout import dropout_keep
-from .segments import StackedRanks, check_dropout_ps, check_per_adapter, check_rows, check_stacked
+from .segments import StackedRanks, check_dropout_ps, check_expand_args, check_per_adapter, check_rows
 from .tiles import load_tile, store_tile
 
 
@@ -60,14 +60,7 @@ def bgmv_expand(
 ) -> torch.Tensor:
     """Same result as `sgmv_expand` (adds into `out` in place and returns it), with the
     grouping given per batch row: `row_adapter` (M // tokens_per_row,) int32, -1 = none."""
-    if out.dim() != 2:
-        raise ValueError(f"out must be 2-D (M, N), got shape {tuple(out.shape)}")
-    M, N = out.shape
-    if not isinstance(b_stacked, torch.Tensor) or b_stacked.dim() != 2:
-        raise ValueError(f"b_stacked must be (N, R_total), got {getattr(b_stacked, 'shape', b_stacked)!r}")
-    check_stacked("b_stacked (as its transpose)", b_stacked.t(), N, out.device)
-    if h.dim() != 2 or h.shape[0] != M or h.shape[1] < ranks.max_rank or h.device != out.device:
-        raise ValueError(f"h must be ({M}, >= {ranks.max_rank}) on {out.device}, got {tuple(h.shape)} on {h.device}")
+    M, N = check_expand_args(out, h, b_stacked, ranks.max_rank)
     check_rows(row_adapter, tokens_per_row, M, out.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, out.device)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .configs import bgmv_config, rank_block, tl_dtype
 from .dropout import dropout_keep
-from .segments import StackedRanks, check_dropout_ps, check_per_adapter, check_rows, check_stacked
+from .segments import StackedRanks, check_dropout_ps, check_per_adapter, check_rows, check_shrink_args
 from .tiles import load_tile, store_tile
 
 
@@ -66,10 +66,7 @@ def bgmv_shrink(
     """Same result as `sgmv_shrink` (an fp32 (M, ranks.max_rank) tensor, zero outside each
     token's adapter ranks and on tokens of no adapter), with the grouping given per batch
     row: `row_adapter` (M // tokens_per_row,) int32, -1 for base-only rows."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    M, K = x.shape
-    check_stacked("a_stacked", a_stacked, K, x.device)
+    M, K = check_shrink_args(x, a_stacked)
     check_rows(row_adapter, tokens_per_row, M, x.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, x.device)

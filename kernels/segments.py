@@ -101,6 +101,27 @@ def check_stacked(name: str, stacked: torch.Tensor, inner: int, device: torch.de
         raise ValueError(f"{name} must be on {device}, got {stacked.device}")
 
 
+def check_shrink_args(x: torch.Tensor, a_stacked: torch.Tensor) -> tuple[int, int]:
+    """(M, K) of a shrink's x (M, K) and stacked A (R_total, K); ValueError otherwise."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    check_stacked("a_stacked", a_stacked, x.shape[1], x.device)
+    return x.shape[0], x.shape[1]
+
+
+def check_expand_args(out: torch.Tensor, h: torch.Tensor, b_stacked: torch.Tensor, max_rank: int) -> tuple[int, int]:
+    """(M, N) of an expand's out (M, N), h (M, >= max_rank) and stacked B (N, R_total);
+    ValueError otherwise."""
+    if out.dim() != 2:
+        raise ValueError(f"out must be 2-D (M, N), got shape {tuple(out.shape)}")
+    M, N = out.shape
+    if not isinstance(b_stacked, torch.Tensor) or b_stacked.dim() != 2:
+        raise ValueError(f"b_stacked must be (N, R_total), got {getattr(b_stacked, 'shape', b_stacked)!r}")
+    check_stacked("b_stacked (as its transpose)", b_stacked.t(), N, out.device)
+    if h.dim() != 2 or h.shape[0] != M or h.shape[1] < max_rank or h.device != out.device:
+        raise ValueError(f"h must be ({M}, >= {max_rank}) on {out.device}, got {tuple(h.shape)} on {h.device}")
+    return M, N
+
 def check_dropout_ps(dropout_ps: torch.Tensor | None, seed: torch.Tensor | None, n: int, device: torch.device, M: int, K: int) -> bool:
     """Whether a launcher applies per-adapter dropout; ValueError when the probabilities,
     seed or the int32 mask numbering of an M × K tensor do not fit."""

@@ -26,9 +26,9 @@ from .segments import (
     Segments,
     StackedRanks,
     check_dropout_ps,
+    check_expand_args,
     check_per_adapter,
     check_segments,
-    check_stacked,
     load_rows,
     segment_span,
     segment_tokens,
@@ -88,14 +88,7 @@ def sgmv_expand(
     b_stacked: (N, R_total) any strides. With `dropout_ps` the adapter term of element
     (m, n) is kept where `tl.rand(seed, m * N + n) >= p_a` (no rescaling here).
     """
-    if out.dim() != 2:
-        raise ValueError(f"out must be 2-D (M, N), got shape {tuple(out.shape)}")
-    M, N = out.shape
-    if not isinstance(b_stacked, torch.Tensor) or b_stacked.dim() != 2:
-        raise ValueError(f"b_stacked must be (N, R_total), got {getattr(b_stacked, 'shape', b_stacked)!r}")
-    check_stacked("b_stacked (as its transpose)", b_stacked.t(), N, out.device)
-    if h.dim() != 2 or h.shape[0] != M or h.shape[1] < ranks.max_rank or h.device != out.device:
-        raise ValueError(f"h must be ({M}, >= {ranks.max_rank}) on {out.device}, got {tuple(h.shape)} on {h.device}")
+    M, N = check_expand_args(out, h, b_stacked, ranks.max_rank)
     check_segments(segs, ranks, M, out.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, out.device)

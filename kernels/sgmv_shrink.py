@@ -27,7 +27,7 @@ from .segments import (
     check_dropout_ps,
     check_per_adapter,
     check_segments,
-    check_stacked,
+    check_shrink_args,
     load_rows,
     segment_span,
     segment_tokens,
@@ -90,10 +90,7 @@ def sgmv_shrink(
     x's element (m, k) is kept where `tl.rand(seed, m * K + k) >= p_a` (no rescaling here:
     fold 1/(1-p_a) into scales).
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    M, K = x.shape
-    check_stacked("a_stacked", a_stacked, K, x.device)
+    M, K = check_shrink_args(x, a_stacked)
     check_segments(segs, ranks, M, x.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, x.device)
