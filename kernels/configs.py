@@ -55,6 +55,13 @@ def gpu_family(device: torch.device) -> str:
     return "default"
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for a CPU tensor (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
 def matmul_config(device: torch.device, dtype: torch.dtype) -> MatmulConfig:
     """Blocks for the fused base-product kernels on `device` with operands of `dtype`."""
     return _MATMUL[(gpu_family(device), dtype == torch.float32)]
@@ -99,3 +106,23 @@ def tl_dtype(dtype: torch.dtype):  # -> triton.language.dtype
         return getattr(tl, TL_DTYPES[dtype])
     except KeyError:
         raise TypeError(f"dtype must be one of {list(TL_DTYPES)}, got {dtype}") from None
+
+
+def sgmv_config(device: torch.device, max_seg_tokens: int, max_rank: int) -> MatmulConfig:
+    """Blocks for the segment kernels (sgmv_shrink / sgmv_expand / sgmv_adapter_grad):
+    block_m along a segment's tokens (smaller for short segments, so that tiles are not
+    mostly masked), block_n along the rank (shrink) or the output columns (expand).
+    Untuned starting points (no GPU measurement backs them yet)."""
+    fam = gpu_family(device)
+    if fam == "interpreter":
+        return MatmulConfig(16, 32, 32, 1, num_warps=1, num_stages=1)
+    block_m = 16 if max_seg_tokens <= 16 else 32 if max_seg_tokens <= 64 else 64
+    return MatmulConfig(block_m, 128, 64, 1, num_warps=4, num_stages=3 if fam == "sm80" else 4)
+
+
+def bgmv_config(device: torch.device) -> MatmulConfig:
+    """Blocks for the one-token-per-program kernels (bgmv_shrink / bgmv_expand): block_k
+    along the input (shrink), block_n along the output (expand). Untuned starting points."""
+    if gpu_family(device) == "interpreter":
+        return MatmulConfig(1, 32, 32, 1, num_warps=1, num_stages=1)
+    return MatmulConfig(1, 256, 256, 1, num_warps=4, num_stages=2)

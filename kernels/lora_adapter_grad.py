@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, skinny_config, tl_dtype
+from .configs import dot_precision, num_sms, skinny_config, tl_dtype
 from .dropout import check_dropout, dropout_keep
 from .tiles import load_tile, store_tile
 
@@ -52,12 +52,6 @@ def _lora_adapter_grad_kernel(
     store_tile(out_ptr + pid_s * stride_os, acc * scale, offs_r, offs_n, stride_or, stride_on, R, N)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def lora_adapter_grad(
     P: torch.Tensor,
     Q: torch.Tensor,
@@ -89,7 +83,7 @@ def lora_adapter_grad(
     block_m = cfg.block_k
     tiles = triton.cdiv(R, block_r) * triton.cdiv(N, block_n)
     # Enough programs for about two waves, each with at least a few BLOCK_M steps.
-    split = max(1, min(triton.cdiv(2 * _num_sms(Q.device), tiles), triton.cdiv(M, 4 * block_m)))
+    split = max(1, min(triton.cdiv(2 * num_sms(Q.device), tiles), triton.cdiv(M, 4 * block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
     split = triton.cdiv(M, rows_per_split)
     partial = torch.empty((split, R, N), dtype=torch.float32, device=Q.device)

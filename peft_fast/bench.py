@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few-minute subset of the GPU shapes")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<device>-<date>.json)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.add_argument("--suite", choices=("lora", "sgmv"), default="lora",
+                        help="lora: one adapter per layer (default); sgmv: many adapters in one batch (bench_sgmv.py)")
     args = parser.parse_args(argv)
+    if args.suite == "sgmv":
+        return _main_sgmv(args, argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -252,6 +256,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     if not args.no_plot and _plot(rows, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
+    return 0
+
+
+def _record(device_name: str, cuda: bool, argv: list[str] | None, timer_note: str, rows: list, extra: dict) -> dict:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return {
+        "device": device_name,
+        "kind": "gpu" if cuda else "cpu (reference path only; GPU numbers not measured)",
+        "versions": _versions(),
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join(["peft-fast bench"] + (sys.argv[1:] if argv is None else list(argv))),
+        "timer": "triton.testing.do_bench median (CUDA events)" if cuda else timer_note,
+        **extra,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def _main_sgmv(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from . import bench_sgmv
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = bench_sgmv.cpu_name()
+        print("No CUDA GPU: timing the torch variants on small CPU shapes. GPU numbers are not measured.")
+        torch.set_num_threads(1)
+    rows, extra = bench_sgmv.sweep(args.quick, device)
+    print(bench_sgmv.table(rows))
+    now = _dt.datetime.now(_dt.timezone.utc)
+    slug = "cpu" if not cuda else "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
+    out = args.out or Path("bench/results") / f"{slug}-sgmv-{now:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = _record(device_name, cuda, argv, "time.perf_counter median of 21, 1 CPU thread", rows, extra)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
     return 0
 
 

@@ -7,6 +7,7 @@ from .lora import lora_embedding, lora_linear, lora_linear_mixed
 
 dispatch.register_backend_module("triton", "peft_fast.ops.lora_triton")
 dispatch.register_backend_module("triton", "peft_fast.ops.ia3_triton")
+dispatch.register_backend_module("triton", "peft_fast.ops.sgmv_triton")
 
 __all__ = [
     "available_backends",

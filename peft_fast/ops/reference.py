@@ -83,9 +83,13 @@ def lora_linear_mixed(
     dropout_ps: Sequence[float],
     row_adapter: torch.Tensor,
     training: bool = True,
+    *,
+    plan: object = None,
+    stack: object = None,
 ) -> torch.Tensor:
     """A batch whose rows use different adapters: row i (along dim 0 of x) gets adapter
-    `row_adapter[i]` (an index into the lists), or none where it is -1."""
+    `row_adapter[i]` (an index into the lists), or none where it is -1. `plan` and `stack`
+    are kernel backends' hints (see ops.lora_linear_mixed) and are ignored here."""
     result = F.linear(x, weight, bias)
     out_dtype = result.dtype
     for k, (A, B, s, p) in enumerate(zip(lora_As, lora_Bs, scalings, dropout_ps)):

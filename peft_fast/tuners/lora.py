@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..config import PeftConfig, PeftType, check_unsupported
+from ..ops.sgmv import LoraStackCache
 from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, MixedBatch, fan_in_fan_out_for, linear_features
 
 # HF peft fields this version accepts in files but does not implement: their "off" values.
@@ -195,6 +196,9 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = linear_features(base_layer)
+        # Mixed-adapter batches on kernel backends: this layer's adapters stacked along the
+        # rank, rebuilt when they change (memory cost: see peft_fast/ops/sgmv.py).
+        self._lora_stack = LoraStackCache()
 
     def update_layer(
         self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
@@ -240,6 +244,8 @@ class LoraLinear(LoraLayer):
             [self.dropout_p(n) for n in names],
             mb.rows_for(names, x.device),
             self.training,
+            plan=mb.plan_for(names, x.device),
+            stack=self._lora_stack,
         )
 
     def extra_repr(self) -> str:
