@@ -3,7 +3,7 @@
 // in Python: peft_fast/ops/cuda_ops.py, lora_cuda.py, sgmv_cuda.py, ia3_cuda.py.
 // Loaded with torch.ops.load_library (no Python module init), whether built by setup.py or
 // JIT-compiled by peft_fast/ops/cuda_build.py.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <tuple>
