@@ -1,4 +1,5 @@
-"""Helpers the Triton kernel tests share: device choice, error measure, random inputs."""
+"""Helpers the kernel tests (Triton and CUDA backends) share: device choice, error measure,
+random inputs and the LoRA / IA³ cases."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def require_triton() -> None:
     reason = dispatch.unavailable_reason("triton")
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
+
+
+def require_cuda_kernels() -> None:
+    """Skip the calling test when the CUDA C++ backend cannot run here (no device, no nvcc, build failed)."""
+    reason = dispatch.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -55,3 +63,26 @@ def assert_close_to_oracle(
     assert torch_path is not None
     bound = 2 * rel_err(torch_path, oracle) + 1e-4
     assert err <= bound, f"{name}: {dtype} relative error {err:.3g} > 2 x torch's ({bound:.3g})"
+
+
+def lora_case(M, K, N, r, lead=(), bias=True, seed=0):
+    """float64 master inputs of one lora_linear call (x, W, b, A, B), plus the output gradient."""
+    t = iter(range(seed * 10, seed * 10 + 10))
+    x = randn(*lead, M, K, seed=next(t))
+    W = randn(N, K, seed=next(t)) / K**0.5
+    b = randn(N, seed=next(t)) if bias else None
+    A = randn(r, K, seed=next(t)) / K**0.5
+    B = randn(N, r, seed=next(t))  # nonzero: HF initialises B to zeros, the test must not
+    dy = randn(*lead, M, N, seed=next(t))
+    return x, W, b, A, B, dy
+
+
+def ia3_case(M, K, N, feedforward, lead=(), bias=True, seed=0):
+    """float64 master inputs of one ia3_linear call (x, W, b, l), plus the output gradient."""
+    t = iter(range(seed * 10, seed * 10 + 10))
+    x = randn(*lead, M, K, seed=next(t))
+    W = randn(N, K, seed=next(t)) / K**0.5
+    b = randn(N, seed=next(t)) if bias else None
+    l = 1 + 0.5 * randn(*((1, K) if feedforward else (N, 1)), seed=next(t))
+    dy = randn(*lead, M, N, seed=next(t))
+    return x, W, b, l, dy

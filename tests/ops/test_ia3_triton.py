@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import DEVICE, assert_close_to_oracle, grads_of, leaf, randn, rel_err, require_triton
+from kernel_testing import DEVICE, assert_close_to_oracle, grads_of, ia3_case, leaf, randn, rel_err, require_triton
 
 import peft_fast
 from peft_fast.ops import reference
@@ -16,14 +16,7 @@ def _triton():
     require_triton()
 
 
-def _ia3_case(M, K, N, feedforward, lead=(), bias=True, seed=0):
-    t = iter(range(seed * 10, seed * 10 + 10))
-    x = randn(*lead, M, K, seed=next(t))
-    W = randn(N, K, seed=next(t)) / K**0.5
-    b = randn(N, seed=next(t)) if bias else None
-    l = 1 + 0.5 * randn(*((1, K) if feedforward else (N, 1)), seed=next(t))
-    dy = randn(*lead, M, N, seed=next(t))
-    return x, W, b, l, dy
+_ia3_case = ia3_case
 
 
 def _run(backend, x, W, b, l, dy, feedforward, dtype, l_dtype, wants_grad=(True, True)):
