@@ -102,4 +102,13 @@ const int32_t* rows_ptr(const c10::optional<at::Tensor>& rows, const c10::Device
   return t.data_ptr<int32_t>();
 }
 
+int sm_count(const c10::Device& device) {
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    count = 100;
+  }
+  return count;
+}
+
 }  // namespace peft_fast

@@ -179,6 +179,9 @@ template <typename Fn> void dispatch_float(at::ScalarType dtype, const char* nam
   }
 }
 
+// Streaming multiprocessors of `device` (100 when the runtime cannot say): sizes split-K grids.
+int sm_count(const c10::Device& device);
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace peft_fast

@@ -103,15 +103,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count(const c10::Device& device) {
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()) != cudaSuccess) {
-    (void)cudaGetLastError();
-    count = 100;
-  }
-  return count;
-}
-
 void check_scale(const at::Tensor& t, const at::Tensor& scale) {
   check_cuda_2d(t, "t");
   check_same_device(t, "t", scale, "scale");

@@ -131,15 +131,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count(const c10::Device& device) {
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()) != cudaSuccess) {
-    (void)cudaGetLastError();
-    count = 100;
-  }
-  return count;
-}
-
 template <typename TQ, typename TA>
 at::Tensor launch(const at::Tensor& P, const at::Tensor& Q, const int32_t* rows, const int64_t* seed,
                   const Segments& segs, int64_t total_rank, cudaStream_t stream) {
