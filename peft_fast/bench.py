@@ -8,11 +8,20 @@ the same run, with `triton.testing.do_bench` medians:
   peft_fp32     HF peft's lora.Linear with fp32 adapters (peft's default under autocast_adapter_dtype)
   triton_bf16   peft_fast.ops.lora_linear on the "triton" backend, bf16 adapters
   triton_fp32   the same with fp32 adapters
+  cuda_bf16     peft_fast.ops.lora_linear on the "cuda" backend (csrc/), bf16 adapters
+  cuda_fp32     the same with fp32 adapters
+
+A kernel backend that is unavailable (no Triton, CUDA kernels not built) is left out of the
+table with a note saying why.
 
 forward, backward and forward+backward separately, the peak memory of one
 forward+backward, and each time as a ratio over `linear` of the same phase. Results go to
 stdout as a table and to JSON in bench/results/ (device, versions, date, command, raw
 numbers), with a PNG plot beside it when matplotlib is importable.
+
+`--write-table` (GPU only) also rewrites peft_fast/ops/backend_table.json: per shape class
+(token buckets, see dispatch.shape_class) the backends ordered by their median
+forward+backward time in this run, which "auto" then follows.
 
 Without a GPU the same command times the torch reference path on small CPU shapes (wall
 clock medians) so the harness itself is exercised; such a file is labelled CPU, and GPU
@@ -126,7 +135,7 @@ def run_case(K: int, N: int, M: int, r: int, p: float, device: torch.device) -> 
     variants: dict[str, tuple[Callable[[], torch.Tensor], list[torch.Tensor]]] = {
         "linear": (lambda: F.linear(x, W), []),
     }
-    backends = ["triton"] if cuda else ["torch"]
+    backends = kernel_backends() if cuda else ["torch"]
     for ad in (torch.bfloat16, torch.float32) if cuda else (torch.float32,):
         tag = "bf16" if ad == torch.bfloat16 else "fp32"
         try:
@@ -154,6 +163,49 @@ def run_case(K: int, N: int, M: int, r: int, p: float, device: torch.device) -> 
         row.bwd_ratio = row.bwd_ms / base.bwd_ms
         row.fwd_bwd_ratio = row.fwd_bwd_ms / base.fwd_bwd_ms
     return rows
+
+
+def kernel_backends() -> list[str]:
+    """The kernel backends to time here ("triton", "cuda"), each printed once when unavailable."""
+    from peft_fast.ops import dispatch
+
+    out = []
+    for b in ("triton", "cuda"):
+        why = dispatch.unavailable_reason(b)
+        if why is None:
+            out.append(b)
+        elif b not in _said_unavailable:
+            _said_unavailable.add(b)
+            print(f"bench: backend {b!r} left out: {why}")
+    return out
+
+
+_said_unavailable: set[str] = set()
+
+
+def backend_table(rows: list[Row], source: str, device: str) -> dict:
+    """backend_table.json's content from this run's rows: for lora_linear, per shape class,
+    backends ordered by median forward+backward time (bf16 adapters; ties keep name order)."""
+    from peft_fast.ops import dispatch
+
+    by_class: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        backend, _, tag = row.variant.partition("_")
+        if backend not in dispatch.FALLBACK_ORDER or tag != "bf16":
+            continue
+        cls = dispatch.shape_class(torch.empty(row.M, 1, device="meta"))
+        by_class.setdefault(cls, {}).setdefault(backend, []).append(row.fwd_bwd_ms)
+    entries = {
+        cls: sorted(times, key=lambda b: statistics.median(times[b]))
+        for cls, times in sorted(by_class.items())
+    }
+    return {
+        "about": "Backend order 'auto' uses per op and shape class, fastest first, from the bench run in "
+        "'source' (median forward+backward ms, bf16 adapters). Regenerate with `peft-fast bench --write-table`.",
+        "source": source,
+        "device": device,
+        "entries": {"lora_linear": entries} if entries else {},
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -214,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.add_argument("--suite", choices=("lora", "sgmv"), default="lora",
                         help="lora: one adapter per layer (default); sgmv: many adapters in one batch (bench_sgmv.py)")
+    parser.add_argument(
+        "--write-table", action="store_true", help="GPU only: rewrite peft_fast/ops/backend_table.json from this run"
+    )
     args = parser.parse_args(argv)
     if args.suite == "sgmv":
         return _main_sgmv(args, argv)
 
     cuda = torch.cuda.is_available()
+    if args.write_table and not cuda:
+        parser.error("--write-table needs a CUDA GPU: the table orders GPU backends by measured time")
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         preset = QUICK if args.quick else {"shapes": GPU_SHAPES, "tokens": GPU_TOKENS, "ranks": GPU_RANKS, "dropouts": DROPOUTS}
@@ -254,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
+    if args.write_table:
+        from peft_fast.ops import dispatch
+
+        table = backend_table(rows, str(out), device_name)
+        dispatch.BACKEND_TABLE.write_text(json.dumps(table, indent=1) + "\n")
+        dispatch._table_cache = None  # this process follows the new table too
+        print(f"wrote {dispatch.BACKEND_TABLE}")
     if not args.no_plot and _plot(rows, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
     return 0

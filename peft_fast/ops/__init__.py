@@ -8,6 +8,10 @@ from .lora import lora_embedding, lora_linear, lora_linear_mixed
 dispatch.register_backend_module("triton", "peft_fast.ops.lora_triton")
 dispatch.register_backend_module("triton", "peft_fast.ops.ia3_triton")
 dispatch.register_backend_module("triton", "peft_fast.ops.sgmv_triton")
+# CUDA C++ kernels (csrc/, peft_fast._C): importing these loads or JIT-builds the library.
+dispatch.register_backend_module("cuda", "peft_fast.ops.lora_cuda")
+dispatch.register_backend_module("cuda", "peft_fast.ops.sgmv_cuda")
+dispatch.register_backend_module("cuda", "peft_fast.ops.ia3_cuda")
 
 __all__ = [
     "available_backends",

@@ -10,6 +10,8 @@ setting and the op's tensors:
   debug level;
 * "auto" tries the fastest backends first and ends on "torch", which takes anything;
   on CPU tensors it uses "torch" (Triton's interpreter is a test vehicle, not a fast path).
+  "Fastest" comes from backend_table.json (per op and shape class, measured on a GPU by
+  `peft-fast bench --write-table`); where it has no entry, FALLBACK_ORDER (triton first).
 
 Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
 """
@@ -18,18 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("peft_fast.dispatch")
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-# The order "auto" tries; an explicit backend that cannot take an input falls back along it.
-FALLBACK_ORDER = ("cuda", "triton", "torch")
+# The order "auto" tries on CUDA tensors when the backend table (below) has no measurement
+# for the op and shape class; an explicit backend that cannot take an input falls back along it.
+FALLBACK_ORDER = ("triton", "cuda", "torch")
+BACKEND_TABLE = Path(__file__).with_name("backend_table.json")
 
 
 @dataclass(frozen=True)
@@ -83,13 +89,12 @@ def _triton_status() -> str | None:
 
 
 def _cuda_status() -> str | None:
-    import torch
-
     if not _BACKEND_MODULES.get("cuda"):
-        return "no CUDA C++ kernels are built into this version of peft_fast"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
+        return "no CUDA C++ kernels are registered in this version of peft_fast"
+    from .cuda_build import unavailable_reason as cuda_reason
+
+    # no CUDA device / torch without CUDA / no nvcc and no prebuilt library / build failed (log)
+    return cuda_reason()
 
 
 _STATUS: dict[str, Callable[[], str | None]] = {
@@ -172,11 +177,48 @@ def _debug_once(op: str, backend: str, why: str) -> None:
         logger.debug("peft_fast: %s: backend %r cannot take this input (%s); falling back", op, backend, why)
 
 
-def _first_tensor_device(args: tuple[Any, ...]) -> str | None:
+def _first_tensor(args: tuple[Any, ...]) -> Any:
     for a in args:
         if hasattr(a, "device") and hasattr(a, "dtype"):
-            return a.device.type
+            return a
     return None
+
+
+def shape_class(x: Any) -> str:
+    """The backend table's shape class of a call whose first tensor is `x`: its token count
+    (all dims but the last) in buckets, the dimension that changes which kernel wins most."""
+    if x is None or getattr(x, "dim", lambda: 0)() < 1:
+        return "any"
+    tokens = x.numel() // max(1, x.shape[-1])
+    for bound in (256, 4096):
+        if tokens <= bound:
+            return f"tokens<={bound}"
+    return "tokens>4096"
+
+
+_table_cache: dict[str, Any] | None = None
+
+
+def backend_table() -> dict[str, Any]:
+    """The measured backend order per op and shape class (backend_table.json, written by
+    `peft-fast bench --write-table` on a GPU); `{"entries": {}}` when missing or unreadable."""
+    global _table_cache
+    if _table_cache is None:
+        try:
+            _table_cache = json.loads(BACKEND_TABLE.read_text())
+        except (OSError, ValueError):
+            _table_cache = {"entries": {}}
+    return _table_cache
+
+
+def auto_order(op: str, x: Any) -> tuple[str, ...]:
+    """The order "auto" tries for `op` on CUDA tensor `x`: the table's measured order for the
+    op and x's shape class (then any backend it left out), else FALLBACK_ORDER."""
+    measured = backend_table().get("entries", {}).get(op, {}).get(shape_class(x))
+    if not measured:
+        return FALLBACK_ORDER
+    known = [b for b in measured if b in FALLBACK_ORDER]
+    return tuple(known) + tuple(b for b in FALLBACK_ORDER if b not in known)
 
 
 def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -188,7 +230,8 @@ def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
     if chosen == "auto":
         # Kernels are the fast path on GPUs only; on CPU tensors (Triton's interpreter) the
         # reference is faster, so "auto" uses kernels there only when asked by name.
-        order = FALLBACK_ORDER if _first_tensor_device(args) == "cuda" else ("torch",)
+        x = _first_tensor(args)
+        order = auto_order(op, x) if x is not None and x.device.type == "cuda" else ("torch",)
     else:
         order = (chosen,) + tuple(b for b in FALLBACK_ORDER if b != chosen)
     for backend in order:

@@ -20,7 +20,8 @@ from torch import Tensor
 from peft_fast.kernels.ia3_scale import ia3_scaled_matmul
 
 from . import dispatch
-from .triton_support import check_linear_args, device_reason, size_reason
+from .checks import check_ia3_args, size_reason
+from .triton_support import device_reason
 
 
 @torch.library.custom_op("peft_fast::ia3_linear_fwd", mutates_args=())
@@ -101,18 +102,10 @@ def _backward(ctx, dy, _dz):
 ia3_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_ia3_args(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> None:
-    in_f, out_f = check_linear_args(x, weight, bias)
-    expected = (1, in_f) if feedforward else (out_f, 1)
-    if not isinstance(ia3_l, Tensor) or tuple(ia3_l.shape) != expected:
-        kind = "feed-forward" if feedforward else "non-feed-forward"
-        raise ValueError(f"ia3_l must have shape {expected} for a {kind} layer, got {tuple(getattr(ia3_l, 'shape', ()))}")
-
-
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
     """Same contract as `peft_fast.ops.ia3_linear`, on fused Triton kernels; x may have any
     leading dims and strides. Gradients reach x, ia3_l, and weight/bias when they require grad."""
-    _check_ia3_args(x, weight, bias, ia3_l, feedforward)
+    check_ia3_args(x, weight, bias, ia3_l, feedforward)
     in_f, out_f = weight.shape[1], weight.shape[0]
     scale = ia3_l.reshape(-1)
     save_z = (not feedforward) and ia3_l.requires_grad and torch.is_grad_enabled()

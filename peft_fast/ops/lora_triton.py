@@ -29,7 +29,8 @@ from peft_fast.kernels.lora_expand import lora_expand
 from peft_fast.kernels.lora_shrink import lora_shrink
 
 from . import dispatch
-from .triton_support import check_linear_args, device_reason, size_reason
+from .checks import check_lora_args, size_reason
+from .triton_support import device_reason
 
 
 @torch.library.custom_op("peft_fast::lora_linear_fwd", mutates_args=())
@@ -108,21 +109,6 @@ def _backward(ctx, dy, _dh):
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    in_f, out_f = check_linear_args(x, weight, bias)
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must be (r, {in_f}) with r >= 1, got {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if tuple(lora_B.shape) != (out_f, r):
-        raise ValueError(f"lora_B must be ({out_f}, {r}), got {tuple(lora_B.shape)}")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -139,7 +125,7 @@ def lora_linear(
     strides do not allow a view); gradients reach x, lora_A, lora_B, and weight/bias when
     they require grad.
     """
-    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     in_f, out_f = weight.shape[1], weight.shape[0]
     p = float(dropout_p) if training else 0.0
     x2 = x.reshape(-1, in_f)

@@ -1,11 +1,13 @@
-"""Helpers the Triton kernel tests share: device choice, error measure, random inputs."""
+"""Helpers the kernel tests (Triton and CUDA backends) share: device choice, error measure,
+random inputs and the LoRA / IA³ cases."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peft_fast.ops import dispatch
+import peft_fast
+from peft_fast.ops import dispatch, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Under the interpreter bf16 tl.dot is wrong (Triton 3.9), so bf16 runs only on a GPU.
@@ -17,6 +19,13 @@ def require_triton() -> None:
     reason = dispatch.unavailable_reason("triton")
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
+
+
+def require_cuda_kernels() -> None:
+    """Skip the calling test when the CUDA C++ backend cannot run here (no device, no nvcc, build failed)."""
+    reason = dispatch.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -55,3 +64,51 @@ def assert_close_to_oracle(
     assert torch_path is not None
     bound = 2 * rel_err(torch_path, oracle) + 1e-4
     assert err <= bound, f"{name}: {dtype} relative error {err:.3g} > 2 x torch's ({bound:.3g})"
+
+
+def lora_case(M, K, N, r, lead=(), bias=True, seed=0):
+    """float64 master inputs of one lora_linear call (x, W, b, A, B), plus the output gradient."""
+    t = iter(range(seed * 10, seed * 10 + 10))
+    x = randn(*lead, M, K, seed=next(t))
+    W = randn(N, K, seed=next(t)) / K**0.5
+    b = randn(N, seed=next(t)) if bias else None
+    A = randn(r, K, seed=next(t)) / K**0.5
+    B = randn(N, r, seed=next(t))  # nonzero: HF initialises B to zeros, the test must not
+    dy = randn(*lead, M, N, seed=next(t))
+    return x, W, b, A, B, dy
+
+
+def ia3_case(M, K, N, feedforward, lead=(), bias=True, seed=0):
+    """float64 master inputs of one ia3_linear call (x, W, b, l), plus the output gradient."""
+    t = iter(range(seed * 10, seed * 10 + 10))
+    x = randn(*lead, M, K, seed=next(t))
+    W = randn(N, K, seed=next(t)) / K**0.5
+    b = randn(N, seed=next(t)) if bias else None
+    l = 1 + 0.5 * randn(*((1, K) if feedforward else (N, 1)), seed=next(t))
+    dy = randn(*lead, M, N, seed=next(t))
+    return x, W, b, l, dy
+
+
+def ia3_run(backend, x, W, b, l, dy, feedforward, dtype, l_dtype, wants_grad=(True, True)):
+    """(y, grads of x and/or l) of `peft_fast.ops.ia3_linear` on `backend` with inputs cast."""
+    xs, ls = x.detach().to(dtype).requires_grad_(wants_grad[0]), l.detach().to(l_dtype).requires_grad_(wants_grad[1])
+    with peft_fast.use_backend(backend):
+        y = peft_fast.ops.ia3_linear(xs, W.to(dtype), b.to(dtype) if b is not None else None, ls, feedforward)
+    return y, grads_of(y, dy, [t for t, w in zip((xs, ls), wants_grad) if w])
+
+
+def ia3_check(backend, case, feedforward, dtype, l_dtype):
+    """ia3_linear on `backend` vs the float64 reference on the same rounded inputs (y, dx, dl)."""
+    x, W, b, l, dy = case
+    x64, l64 = leaf(x.to(dtype), torch.float64), leaf(l.to(l_dtype), torch.float64)
+    b64 = b.to(dtype).double() if b is not None else None
+    y64 = reference.ia3_linear(x64, W.to(dtype).double(), b64, l64, feedforward)
+    want = [y64] + grads_of(y64, dy.to(dtype).double(), [x64, l64])
+    y, g = ia3_run(backend, *case, feedforward, dtype, l_dtype)
+    base = [None] * 3
+    if dtype != torch.float32:
+        y_t, g_t = ia3_run("torch", *case, feedforward, dtype, l_dtype)
+        base = [y_t] + g_t
+    assert y.dtype == dtype and g[1].dtype == l_dtype and g[1].shape == l.shape
+    for name, got, w, bt in zip(("y", "dx", "dl"), [y] + g, want, base):
+        assert_close_to_oracle(name, got, w, dtype, bt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import DEVICE, assert_close_to_oracle, grads_of, leaf, randn, rel_err, require_triton
+from kernel_testing import DEVICE, grads_of, ia3_case, ia3_check, ia3_run, leaf, randn, rel_err, require_triton
 
 import peft_fast
 from peft_fast.ops import reference
@@ -16,37 +16,14 @@ def _triton():
     require_triton()
 
 
-def _ia3_case(M, K, N, feedforward, lead=(), bias=True, seed=0):
-    t = iter(range(seed * 10, seed * 10 + 10))
-    x = randn(*lead, M, K, seed=next(t))
-    W = randn(N, K, seed=next(t)) / K**0.5
-    b = randn(N, seed=next(t)) if bias else None
-    l = 1 + 0.5 * randn(*((1, K) if feedforward else (N, 1)), seed=next(t))
-    dy = randn(*lead, M, N, seed=next(t))
-    return x, W, b, l, dy
+_ia3_case = ia3_case
 
 
-def _run(backend, x, W, b, l, dy, feedforward, dtype, l_dtype, wants_grad=(True, True)):
-    xs, ls = x.detach().to(dtype).requires_grad_(wants_grad[0]), l.detach().to(l_dtype).requires_grad_(wants_grad[1])
-    with peft_fast.use_backend(backend):
-        y = peft_fast.ops.ia3_linear(xs, W.to(dtype), b.to(dtype) if b is not None else None, ls, feedforward)
-    return y, grads_of(y, dy, [t for t, w in zip((xs, ls), wants_grad) if w])
+_run = ia3_run
 
 
 def _check(case, feedforward, dtype, l_dtype):
-    x, W, b, l, dy = case
-    x64, l64 = leaf(x.to(dtype), torch.float64), leaf(l.to(l_dtype), torch.float64)
-    b64 = b.to(dtype).double() if b is not None else None
-    y64 = reference.ia3_linear(x64, W.to(dtype).double(), b64, l64, feedforward)
-    want = [y64] + grads_of(y64, dy.to(dtype).double(), [x64, l64])
-    y, g = _run("triton", *case, feedforward, dtype, l_dtype)
-    base = [None] * 3
-    if dtype != torch.float32:
-        y_t, g_t = _run("torch", *case, feedforward, dtype, l_dtype)
-        base = [y_t] + g_t
-    assert y.dtype == dtype and g[1].dtype == l_dtype and g[1].shape == l.shape
-    for name, got, w, bt in zip(("y", "dx", "dl"), [y] + g, want, base):
-        assert_close_to_oracle(name, got, w, dtype, bt)
+    ia3_check("triton", case, feedforward, dtype, l_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -15,6 +15,7 @@ from kernel_testing import (
     assert_close_to_oracle,
     grads_of,
     leaf,
+    lora_case,
     randn,
     rel_err,
     require_triton,
@@ -29,16 +30,7 @@ def _triton():
     require_triton()
 
 
-def _lora_case(M, K, N, r, lead=(), bias=True, seed=0):
-    """float64 master inputs of one lora_linear call, plus the output gradient."""
-    t = iter(range(seed * 10, seed * 10 + 10))
-    x = randn(*lead, M, K, seed=next(t))
-    W = randn(N, K, seed=next(t)) / K**0.5
-    b = randn(N, seed=next(t)) if bias else None
-    A = randn(r, K, seed=next(t)) / K**0.5
-    B = randn(N, r, seed=next(t))  # nonzero: HF initialises B to zeros, the test must not
-    dy = randn(*lead, M, N, seed=next(t))
-    return x, W, b, A, B, dy
+_lora_case = lora_case
 
 
 def _run(backend, x, W, b, A, B, dy, dtype, adapter_dtype, scaling=0.5, p=0.0, training=True):

@@ -1,0 +1,53 @@
+// peft_fast._C: the CUDA kernels as torch.library ops in the `peft_fast` namespace
+// (`torch.ops.peft_fast.cuda_*`). Shapes for torch.compile (fake kernels) and autograd live
+// in Python: peft_fast/ops/cuda_ops.py, lora_cuda.py, sgmv_cuda.py, ia3_cuda.py.
+// Loaded with torch.ops.load_library (no Python module init), whether built by setup.py or
+// JIT-compiled by peft_fast/ops/cuda_build.py.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace peft_fast {
+
+at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& rows,
+                       c10::IntArrayRef seg_starts, c10::IntArrayRef rank_offsets, c10::IntArrayRef ranks,
+                       c10::ArrayRef<double> scales, c10::ArrayRef<double> dropout_ps,
+                       const c10::optional<at::Tensor>& seed, int64_t max_rank);
+void sgmv_expand_(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& rows,
+                  c10::IntArrayRef seg_starts, c10::IntArrayRef rank_offsets, c10::IntArrayRef ranks,
+                  c10::ArrayRef<double> alphas, c10::ArrayRef<double> dropout_ps,
+                  const c10::optional<at::Tensor>& seed);
+at::Tensor sgmv_adapter_grad(const at::Tensor& P, const at::Tensor& Q, const c10::optional<at::Tensor>& rows,
+                             c10::IntArrayRef seg_starts, c10::IntArrayRef rank_offsets, c10::IntArrayRef ranks,
+                             c10::ArrayRef<double> scales, c10::ArrayRef<double> dropout_ps,
+                             const c10::optional<at::Tensor>& seed, int64_t total_rank, at::ScalarType dtype);
+at::Tensor ia3_scale(const at::Tensor& t, const at::Tensor& scale);
+std::tuple<at::Tensor, at::Tensor> ia3_scale_grad(const at::Tensor& g, const at::Tensor& r, const at::Tensor& scale);
+
+}  // namespace peft_fast
+
+// Segment arguments (see common.cuh, SegmentTable): segment s covers positions
+// [seg_starts[s], seg_starts[s+1]) of `rows` (x's rows when rows is None) and ranks
+// [rank_offsets[s], rank_offsets[s] + ranks[s]) of the stacked adapter weights.
+TORCH_LIBRARY_FRAGMENT(peft_fast, m) {
+  m.def(
+      "cuda_sgmv_shrink(Tensor x, Tensor w, Tensor? rows, int[] seg_starts, int[] rank_offsets, int[] ranks, "
+      "float[] scales, float[] dropout_ps, Tensor? seed, int max_rank) -> Tensor");
+  m.def(
+      "cuda_sgmv_expand_(Tensor(a!) out, Tensor h, Tensor w, Tensor? rows, int[] seg_starts, int[] rank_offsets, "
+      "int[] ranks, float[] alphas, float[] dropout_ps, Tensor? seed) -> ()");
+  m.def(
+      "cuda_sgmv_adapter_grad(Tensor p, Tensor q, Tensor? rows, int[] seg_starts, int[] rank_offsets, int[] ranks, "
+      "float[] scales, float[] dropout_ps, Tensor? seed, int total_rank, ScalarType dtype) -> Tensor");
+  m.def("cuda_ia3_scale(Tensor t, Tensor scale) -> Tensor");
+  m.def("cuda_ia3_scale_grad(Tensor g, Tensor r, Tensor scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(peft_fast, CUDA, m) {
+  m.impl("cuda_sgmv_shrink", &peft_fast::sgmv_shrink);
+  m.impl("cuda_sgmv_expand_", &peft_fast::sgmv_expand_);
+  m.impl("cuda_sgmv_adapter_grad", &peft_fast::sgmv_adapter_grad);
+  m.impl("cuda_ia3_scale", &peft_fast::ia3_scale);
+  m.impl("cuda_ia3_scale_grad", &peft_fast::ia3_scale_grad);
+}

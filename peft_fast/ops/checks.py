@@ -1,0 +1,88 @@
+"""Argument checks every kernel backend (Triton, CUDA) shares: op argument validation with
+errors that name the argument, and the backend-neutral part of "can a kernel take this call".
+
+Moved here from lora_triton.py / ia3_triton.py / triton_support.py so the CUDA backend uses
+the same checks; triton_support.py re-exports what it used to define.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tensors_reason(named: dict[str, torch.Tensor | None]) -> tuple[str | None, torch.device | None]:
+    """(None, device) when every tensor in `named` (Nones skipped) is fp16/bf16/fp32 and all
+    share one device; else (why not, None)."""
+    tensors = {k: t for k, t in named.items() if t is not None}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor ({type(t).__name__})", None
+        if t.dtype not in KERNEL_DTYPES:
+            return f"{name} has dtype {t.dtype}; kernels take {KERNEL_DTYPES}", None
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        return f"tensors on several devices: {sorted(map(str, devices))}", None
+    return None, next(iter(devices))
+
+
+def size_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when x, weight and the (..., out) output stay below 2**31 elements (the kernels'
+    int32 offsets), else why not. Shapes are not validated here."""
+    if weight.dim() != 2 or x.dim() < 1:
+        return None
+    rows = x.numel() // max(1, x.shape[-1])
+    biggest = max(x.numel(), weight.numel(), rows * weight.shape[0])
+    if biggest >= 2**31:
+        return f"a tensor of {biggest} elements exceeds the kernels' int32 offsets"
+    return None
+
+
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer's arguments; ValueError/TypeError
+    naming the argument when x (..., in), weight (out, in) or bias (out,) do not fit."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', x)!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got {getattr(weight, 'shape', weight)!r}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x's last dimension must be weight's in_features {in_f}, got {x.shape[-1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None:
+        if bias.shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    return in_f, out_f
+
+
+def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, names: tuple[str, str] = ("lora_A", "lora_B")) -> int:
+    """The rank r of one adapter; ValueError/TypeError naming the argument when the linear
+    arguments, lora_A (r, in), lora_B (out, r), scaling or dropout_p do not fit."""
+    a_name, b_name = names
+    in_f, out_f = check_linear_args(x, weight, bias)
+    if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
+        raise ValueError(f"{a_name} must be (r, {in_f}) with r >= 1, got {tuple(getattr(lora_A, 'shape', ()))}")
+    r = lora_A.shape[0]
+    if not isinstance(lora_B, torch.Tensor) or tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"{b_name} must be ({out_f}, {r}), got {tuple(getattr(lora_B, 'shape', ()))}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"{a_name} and {b_name} must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return r
+
+
+def check_ia3_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor, feedforward: bool) -> None:
+    """ValueError naming the argument when the linear arguments or ia3_l ((1, in) for a
+    feed-forward layer, (out, 1) otherwise) do not fit."""
+    in_f, out_f = check_linear_args(x, weight, bias)
+    expected = (1, in_f) if feedforward else (out_f, 1)
+    if not isinstance(ia3_l, torch.Tensor) or tuple(ia3_l.shape) != expected:
+        kind = "feed-forward" if feedforward else "non-feed-forward"
+        raise ValueError(f"ia3_l must have shape {expected} for a {kind} layer, got {tuple(getattr(ia3_l, 'shape', ()))}")
