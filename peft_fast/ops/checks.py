@@ -7,6 +7,8 @@ the same checks; triton_support.py re-exports what it used to define.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -86,3 +88,20 @@ def check_ia3_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not isinstance(ia3_l, torch.Tensor) or tuple(ia3_l.shape) != expected:
         kind = "feed-forward" if feedforward else "non-feed-forward"
         raise ValueError(f"ia3_l must have shape {expected} for a {kind} layer, got {tuple(getattr(ia3_l, 'shape', ()))}")
+
+
+def mixed_adapter_reason(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor | None], str | None]:
+    """For a mixed-adapter call: every tensor by argument name (for a backend's device
+    check), and why stacked-adapter kernels cannot take the adapters (None if they can):
+    none given, or several dtypes (kernels stack all adapters in one tensor)."""
+    named: dict[str, torch.Tensor | None] = {"x": x, "weight": weight, "bias": bias}
+    named.update({f"lora_As[{k}]": t for k, t in enumerate(lora_As)})
+    named.update({f"lora_Bs[{k}]": t for k, t in enumerate(lora_Bs)})
+    if not lora_As:
+        return named, "no adapters given"
+    if len({t.dtype for t in (*lora_As, *lora_Bs)}) != 1:
+        return named, "the adapters do not share one dtype (kernels stack their weights)"
+    return named, None
+

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .checks import check_lora_args
+from .checks import check_lora_args, mixed_adapter_reason
 from .cuda_ops import adapter_dtype_reason, cuda_reason, new_seed
 
 
@@ -129,14 +129,10 @@ def supports(
     stack: object = None,
 ) -> str | None:
     """None when the CUDA SGMV kernels can take this call, else the reason (dispatch falls back)."""
-    named = {"x": x, "weight": weight, "bias": bias}
-    named.update({f"lora_As[{k}]": A for k, A in enumerate(lora_As)})
-    named.update({f"lora_Bs[{k}]": B for k, B in enumerate(lora_Bs)})
-    why = cuda_reason(named, x, weight)
-    if why is not None or not lora_As:
-        return why or "no adapters"
-    if len({t.dtype for t in (*lora_As, *lora_Bs)}) != 1:
-        return "the adapters do not share one dtype (their weights are stacked)"
+    named, adapters_why = mixed_adapter_reason(x, weight, bias, lora_As, lora_Bs)
+    why = cuda_reason(named, x, weight) or adapters_why
+    if why is not None:
+        return why
     if not isinstance(row_adapter, Tensor) or row_adapter.dtype.is_floating_point or row_adapter.device != x.device:
         return f"row_adapter must be an integer tensor on {x.device}"
     return adapter_dtype_reason(x, lora_As[0], "lora_As")

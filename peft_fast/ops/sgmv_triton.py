@@ -43,6 +43,7 @@ from peft_fast.kernels.sgmv_shrink import sgmv_shrink
 
 from . import dispatch
 from .sgmv import LoraStackCache, MixedPlan, StackedLora, check_mixed_args, plan_mixed_batch
+from .checks import mixed_adapter_reason
 from .triton_support import check_linear_args, device_reason, size_reason
 
 PATHS = ("sgmv", "bgmv")
@@ -185,16 +186,10 @@ def supports(
     **_: object,
 ) -> str | None:
     """None when the Triton kernels can take this call, else the reason (dispatch falls back)."""
-    named: dict[str, Tensor | None] = {"x": x, "weight": weight, "bias": bias}
-    named.update({f"lora_As[{k}]": t for k, t in enumerate(lora_As)})
-    named.update({f"lora_Bs[{k}]": t for k, t in enumerate(lora_Bs)})
-    why = device_reason(named)
+    named, adapters_why = mixed_adapter_reason(x, weight, bias, lora_As, lora_Bs)
+    why = device_reason(named) or adapters_why
     if why is not None:
         return why
-    if not lora_As:
-        return "no adapters given"
-    if len({t.dtype for t in list(lora_As) + list(lora_Bs)}) != 1:
-        return "adapters of several dtypes"
     if x.dim() < 2:
         return "x has no batch dimension"
     if isinstance(row_adapter, Tensor) and row_adapter.device.type not in ("cpu", x.device.type):
