@@ -53,6 +53,15 @@ def _check_takes_cache(model: nn.Module) -> None:
         raise ValueError(f"prefix tuning needs a model whose forward takes past_key_values; {type(model).__name__}.forward does not")
 
 
+def _span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Extractive question answering's loss, as transformers computes it: positions outside the
+    sequence are ignored, start and end cross-entropies averaged."""
+    ignored = start_logits.shape[1]
+    loss = nn.CrossEntropyLoss(ignore_index=ignored)
+    start, end = start.reshape(-1).clamp(0, ignored), end.reshape(-1).clamp(0, ignored)
+    return (loss(start_logits, start.to(start_logits.device)) + loss(end_logits, end.to(end_logits.device))) / 2
+
+
 def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
     if config.is_prompt_learning and is_trainable:
         raise ValueError(
@@ -282,12 +291,10 @@ class PeftModel(nn.Module):
             _check_takes_cache(model)
             past_key_values = self.get_prompt(batch_size)
             return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        kwargs["token_type_ids"] = prepend(kwargs.get("token_type_ids"), n, 0)
-        if self.prompt_pads_labels:
-            kwargs["labels"] = prepend(kwargs.get("labels"), n, -100)
-        for name in ("start_positions", "end_positions"):  # question answering: positions in the longer sequence
-            if kwargs.get(name) is not None:
-                kwargs[name] = kwargs[name] + n
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0)
+        if self.prompt_pads_labels and kwargs.get("labels") is not None:
+            kwargs["labels"] = prepend(kwargs["labels"], n, -100)
         output = model(inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds), attention_mask=attention_mask, **kwargs)
         for name in self.prompt_drops_virtual_outputs:
             if not hasattr(output, "keys"):
@@ -572,13 +579,22 @@ class PeftModelForTokenClassification(PeftModel):
 
 
 class PeftModelForQuestionAnswering(PeftModel):
-    """With prompt tuning or P-tuning the start/end logits keep one entry per input token (the
-    virtual tokens' entries are cut off; HF peft returns them, and reads start/end positions
-    as positions in the longer sequence)."""
+    """With prompt tuning or P-tuning the start/end logits keep one entry per input token, and
+    the loss is computed on those (HF peft returns the virtual tokens' entries too, and reads
+    start/end positions as positions in the longer sequence)."""
 
     task_head_names = ("qa_outputs",)
     prompt_keeps_token_type_ids = True
     prompt_drops_virtual_outputs = ("start_logits", "end_logits")
+
+    def _prompt_forward(
+        self, *args: Any, start_positions: torch.Tensor | None = None, end_positions: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        output = super()._prompt_forward(*args, **kwargs)
+        if start_positions is None or end_positions is None or output.get("start_logits") is None:
+            return output
+        loss = _span_loss(output["start_logits"], output["end_logits"], start_positions, end_positions)
+        return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
 
 
 class PeftModelForFeatureExtraction(PeftModel):

@@ -200,8 +200,12 @@ class PromptEncoderBase(nn.Module):
                 f"prompt_embeddings has shape {tuple(tensor.shape)} but the adapter expects {tuple(self.embedding.weight.shape)} "
                 "(was it saved with another num_virtual_tokens or base model?)"
             )
+        weight = self.embedding.weight
+        if weight.is_meta:  # an adapter built on the meta device: take the file's tensor instead
+            self.embedding.weight = nn.Parameter(tensor.to(weight.dtype), requires_grad=weight.requires_grad)
+            return
         with torch.no_grad():
-            self.embedding.weight.copy_(tensor.to(self.embedding.weight))
+            weight.copy_(tensor.to(weight))
 
 
 def _init_token_ids(config: PromptTuningConfig, total: int, vocab_size: int) -> torch.Tensor:
