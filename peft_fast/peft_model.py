@@ -42,12 +42,14 @@ def _input_embeddings(model: nn.Module) -> nn.Module:
 
 
 def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
+    """The batch size of whichever input is given (ValueError when neither is)."""
     if input_ids is None and inputs_embeds is None:
         raise ValueError("pass input_ids or inputs_embeds")
     return (input_ids if input_ids is not None else inputs_embeds).shape[0]
 
 
 def _check_takes_cache(model: nn.Module) -> None:
+    """Refuse prefix tuning on a model whose forward cannot receive the prefix cache."""
     params = inspect.signature(model.forward).parameters
     if "past_key_values" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"prefix tuning needs a model whose forward takes past_key_values; {type(model).__name__}.forward does not")
@@ -63,6 +65,7 @@ def _span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torc
 
 
 def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
+    """Refuse loading a prompt-learning adapter file for training (as HF peft does)."""
     if config.is_prompt_learning and is_trainable:
         raise ValueError(
             f"is_trainable=True is not supported for {config.peft_type.value} adapter files (as in HF peft): they store "
@@ -72,7 +75,11 @@ def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
 
 class PeftModel(nn.Module):
     """A base model with adapters. `base_model` is the tuner (LoraModel, IA3Model), whose
-    `model` is the wrapped transformers model; state-dict keys start `base_model.model.`."""
+    `model` is the wrapped transformers model; state-dict keys start `base_model.model.`.
+
+    With prompt-learning adapters (prompt tuning, prefix tuning, P-tuning), as in HF peft,
+    `base_model` is the transformers model itself and the encoders are `prompt_encoder.<name>`;
+    each task wrapper's forward puts the active adapter's virtual tokens in (`_prompt_forward`)."""
 
     # Heads trained in full for this task (added to modules_to_save), by subclass.
     task_head_names: tuple[str, ...] = ()
@@ -124,7 +131,8 @@ class PeftModel(nn.Module):
     @property
     def _tuner(self) -> Any:
         """What manages the adapters: the layer tuner (`base_model`), or the prompt-learning bookkeeping."""
-        return self.__dict__.get("_prompt_adapters") or self.base_model
+        adapters = self.__dict__.get("_prompt_adapters")
+        return adapters if adapters is not None else self.base_model
 
     @property
     def _prompts_active(self) -> bool:
