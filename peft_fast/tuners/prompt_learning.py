@@ -9,6 +9,18 @@ Names follow HF peft, so that state-dict keys are the same: a PeftModel holds
 `prompt_encoder.<adapter>.embedding.weight` (and `mlp_head.*`, `lstm_head.*`, `transform.*`
 where the encoder has them), and an adapter file stores the encoder's output for the virtual
 tokens under the single key `prompt_embeddings`.
+
+Differences from HF peft 0.21.2 (deliberate):
+- Only the active adapter's encoder is trainable (HF peft leaves every added encoder trainable),
+  and an adapter loaded from a file is frozen (HF peft leaves its embedding trainable).
+- `disable_adapter()` also switches modules_to_save heads back to the original ones, so it gives
+  the base model's output for every task (HF peft keeps the trained head, or fails for SEQ_CLS).
+- Token classification and question answering return one output per input token (see the task
+  wrappers); HF peft also returns the virtual tokens' positions.
+- merge/unmerge/unload raise TypeError naming the call (HF peft: AttributeError).
+- Not supported: prefix tuning on models with per-layer attention shapes (Gemma 3/4) or needing
+  HF peft's per-architecture cache post-processing (bloom), static caches in generate, and task
+  models whose forward cannot take `past_key_values` (HF peft runs the backbone and head itself).
 """
 
 from __future__ import annotations
