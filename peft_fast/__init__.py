@@ -20,7 +20,21 @@ from .peft_model import (  # noqa: E402
     PeftModelForTokenClassification,
 )
 from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
-from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel  # noqa: E402
+from .tuners import (  # noqa: E402
+    IA3Config,
+    IA3Model,
+    LoraConfig,
+    LoraModel,
+    PrefixEncoder,
+    PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 __all__ = [
     "IA3Config",
@@ -36,6 +50,15 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "available_backends",
     "get_backend",

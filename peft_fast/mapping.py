@@ -8,8 +8,15 @@ from .config import PeftConfig, PeftType
 from .peft_model import TASK_MODELS, PeftModel
 from .tuners.ia3 import IA3Config
 from .tuners.lora import LoraConfig
+from .tuners.prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-CONFIGS: dict[PeftType, type[PeftConfig]] = {PeftType.LORA: LoraConfig, PeftType.IA3: IA3Config}
+CONFIGS: dict[PeftType, type[PeftConfig]] = {
+    PeftType.LORA: LoraConfig,
+    PeftType.IA3: IA3Config,
+    PeftType.PROMPT_TUNING: PromptTuningConfig,
+    PeftType.PREFIX_TUNING: PrefixTuningConfig,
+    PeftType.P_TUNING: PromptEncoderConfig,
+}
 
 
 def config_class_for(peft_type: str | PeftType) -> type[PeftConfig]:

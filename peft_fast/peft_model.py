@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +19,7 @@ from .save_and_load import get_peft_model_state_dict, load_peft_weights, save_ad
 from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner, set_modules_to_save
 from .tuners.ia3 import IA3Model
 from .tuners.lora import LoraModel
+from .tuners.prompt_learning import PromptLearningAdapters, prefix_cache, prepend
 
 def _checkpointing_enabled(model: nn.Module) -> bool:
     # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing.
@@ -28,9 +32,54 @@ def _checkpointing_enabled(model: nn.Module) -> bool:
 TUNERS: dict[PeftType, type[BaseTuner]] = {PeftType.LORA: LoraModel, PeftType.IA3: IA3Model}
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """The token-embedding layer prompt learning reads from (tokens' embeddings, init of prompt tuning)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, nn.Module) or not hasattr(embeddings, "weight"):
+        raise ValueError(f"prompt learning needs a model with get_input_embeddings(); {type(model).__name__} has none")
+    return embeddings
+
+
+def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
+    """The batch size of whichever input is given (ValueError when neither is)."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids or inputs_embeds")
+    return (input_ids if input_ids is not None else inputs_embeds).shape[0]
+
+
+def _check_takes_cache(model: nn.Module) -> None:
+    """Refuse prefix tuning on a model whose forward cannot receive the prefix cache."""
+    params = inspect.signature(model.forward).parameters
+    if "past_key_values" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"prefix tuning needs a model whose forward takes past_key_values; {type(model).__name__}.forward does not")
+
+
+def _span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Extractive question answering's loss, as transformers computes it: positions outside the
+    sequence are ignored, start and end cross-entropies averaged."""
+    ignored = start_logits.shape[1]
+    loss = nn.CrossEntropyLoss(ignore_index=ignored)
+    start, end = start.reshape(-1).clamp(0, ignored), end.reshape(-1).clamp(0, ignored)
+    return (loss(start_logits, start.to(start_logits.device)) + loss(end_logits, end.to(end_logits.device))) / 2
+
+
+def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
+    """Refuse loading a prompt-learning adapter file for training (as HF peft does)."""
+    if config.is_prompt_learning and is_trainable:
+        raise ValueError(
+            f"is_trainable=True is not supported for {config.peft_type.value} adapter files (as in HF peft): they store "
+            "the encoder's output for the virtual tokens, not the encoder; create a new adapter to train"
+        )
+
+
 class PeftModel(nn.Module):
     """A base model with adapters. `base_model` is the tuner (LoraModel, IA3Model), whose
-    `model` is the wrapped transformers model; state-dict keys start `base_model.model.`."""
+    `model` is the wrapped transformers model; state-dict keys start `base_model.model.`.
+
+    With prompt-learning adapters (prompt tuning, prefix tuning, P-tuning), as in HF peft,
+    `base_model` is the transformers model itself and the encoders are `prompt_encoder.<name>`;
+    each task wrapper's forward puts the active adapter's virtual tokens in (`_prompt_forward`)."""
 
     # Heads trained in full for this task (added to modules_to_save), by subclass.
     task_head_names: tuple[str, ...] = ()
@@ -49,13 +98,22 @@ class PeftModel(nn.Module):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
         tuner = TUNERS.get(peft_config.peft_type)
-        if tuner is None:
+        if tuner is None and not peft_config.is_prompt_learning:
             raise ValueError(f"peft_type {peft_config.peft_type!r} is not supported; supported: {[t.value for t in TUNERS]}")
         self._add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         self.peft_type = peft_config.peft_type
-        self.base_model = tuner(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        if peft_config.is_prompt_learning:
+            # As in HF peft: the base model itself is `base_model` (keys `base_model.<...>`), the
+            # encoders are `prompt_encoder.<adapter>`, and `word_embeddings` is registered here too.
+            self.base_model = model
+            self.prompt_encoder = nn.ModuleDict()
+            self.word_embeddings = _input_embeddings(model)
+            self._prompt_adapters = PromptLearningAdapters(model, self.prompt_encoder, self.word_embeddings)
+            self._prompt_adapters.inject_adapter(model, adapter_name, peft_config)
+        else:
+            self.base_model = tuner(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=True)
         if _checkpointing_enabled(model) and hasattr(model, "enable_input_require_grads"):
             # Checkpointed blocks need inputs that require grad for the adapters to get gradients.
@@ -70,6 +128,18 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def _tuner(self) -> Any:
+        """What manages the adapters: the layer tuner (`base_model`), or the prompt-learning bookkeeping."""
+        adapters = self.__dict__.get("_prompt_adapters")
+        return adapters if adapters is not None else self.base_model
+
+    @property
+    def _prompts_active(self) -> bool:
+        """Whether forward and generate put an adapter's virtual tokens in (prompt learning, not disabled)."""
+        adapters = self.__dict__.get("_prompt_adapters")
+        return adapters is not None and adapters.enabled
+
     def _add_task_heads(self, config: PeftConfig) -> None:
         if not self.task_head_names or not hasattr(config, "modules_to_save"):
             return
@@ -80,13 +150,10 @@ class PeftModel(nn.Module):
 
     def _finish_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool, activate: bool) -> None:
         """Wrap modules_to_save, set dtypes and trainability of a newly added adapter."""
-        model = self.base_model.model
+        model = self.get_base_model()
         if getattr(config, "modules_to_save", None):
             set_modules_to_save(model, config.modules_to_save, adapter_name, trainable=not config.inference_mode)
-        if activate:
-            self.base_model.set_adapter(adapter_name)
-        else:
-            self.base_model.set_adapter(self.base_model.active_adapter)
+        self._tuner.set_adapter(adapter_name if activate else self._tuner.active_adapter)
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
         if config.inference_mode:
@@ -102,6 +169,8 @@ class PeftModel(nn.Module):
                 continue
             if model_key in params:
                 yield params[model_key]
+        if "_prompt_adapters" in self.__dict__:
+            yield from self.prompt_encoder[adapter_name].parameters()
 
     def _cast_adapter_dtype(self, adapter_name: str) -> None:
         """HF peft's autocast_adapter_dtype: fp16/bf16 adapter-layer weights become fp32.
@@ -114,23 +183,23 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
+        return self._tuner.peft_config
 
     @property
     def active_adapter(self) -> str:
-        active = self.base_model.active_adapter
+        active = self._tuner.active_adapter
         return active if isinstance(active, str) else active[0]
 
     @property
     def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
+        return self._tuner.active_adapters
 
     @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self._tuner.model
 
     # -- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -158,12 +227,88 @@ class PeftModel(nn.Module):
             if isinstance(v, torch.Tensor):
                 device = v.device
                 break
-        with self.base_model.mixed_batch(adapter_names, device, encoder_adapter_names):
+        with self._tuner.mixed_batch(adapter_names, device, encoder_adapter_names):
             yield kwargs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._peft_forward(kwargs) as kw:
+            if self._prompts_active:
+                return self._prompt_forward(*args, **kw)
             return self.get_base_model()(*args, **kw)
+
+    # -- prompt learning ------------------------------------------------------------------------
+    # How a task treats token type ids, per-token targets and per-token outputs when virtual
+    # tokens are put in front of the input (prompt tuning, P-tuning); see _prompt_forward.
+    prompt_keeps_token_type_ids: bool = False
+    prompt_pads_labels: bool = False  # labels get -100 for the virtual tokens
+    prompt_drops_virtual_outputs: tuple[str, ...] = ()  # outputs whose virtual positions are cut off
+
+    def get_prompt(self, batch_size: int) -> Any:
+        """The active adapter's virtual tokens for a batch: embeddings (batch, n, token_dim)
+        for prompt tuning and P-tuning, a transformers cache holding the prefix for prefix tuning."""
+        config = self.active_peft_config
+        if not config.is_prompt_learning:
+            raise TypeError(f"get_prompt() needs a prompt-learning adapter; {self.active_adapter!r} is {config.peft_type.value}")
+        virtual = self.prompt_encoder[self.active_adapter].prompt_embeddings()
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            return prefix_cache(virtual.to(self.get_base_model().dtype), config, batch_size)
+        return virtual.expand(batch_size, -1, -1)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """What an adapter file stores as `prompt_embeddings`: the encoder's output for its virtual tokens."""
+        return self.prompt_encoder[adapter_name].prompt_embeddings().detach().cpu()
+
+    def _prompt_input_embeds(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings with the active adapter's (first num_virtual_tokens) virtual tokens in front."""
+        if inputs_embeds is None:
+            _batch_size(input_ids, inputs_embeds)
+            inputs_embeds = self.word_embeddings(input_ids)
+        prompts = self.get_prompt(inputs_embeds.shape[0])[:, : self.active_peft_config.num_virtual_tokens]
+        return torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+
+    def _adjust_prompt_kwargs(self, kwargs: dict[str, Any], warn: bool = True) -> None:
+        """Position ids shift past a prefix, and are dropped where embeddings are put in front
+        (the model counts positions itself); token type ids are dropped where the task ignores them."""
+        config = self.active_peft_config
+        if kwargs.get("position_ids") is not None:
+            if config.peft_type == PeftType.PREFIX_TUNING:
+                kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
+            else:
+                if warn:
+                    warnings.warn("position_ids are ignored with prompt tuning and P-tuning (as in HF peft)", stacklevel=4)
+                kwargs["position_ids"] = None
+        if not self.prompt_keeps_token_type_ids and kwargs.get("token_type_ids") is not None:
+            if warn:
+                warnings.warn(f"token_type_ids are ignored with prompt learning for {type(self).__name__} (as in HF peft)", stacklevel=4)
+            kwargs["token_type_ids"] = None
+
+    def _prompt_forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, **kwargs: Any,
+    ) -> Any:
+        """The forward of a prompt-learning adapter (HF peft's): the attention mask covers the
+        virtual tokens; prefix tuning passes them as past_key_values, the other methods as
+        input embeddings in front of the input."""
+        model = self.get_base_model()
+        config = self.active_peft_config
+        n = config.num_virtual_tokens
+        batch_size = _batch_size(input_ids, inputs_embeds)
+        attention_mask = prepend(attention_mask, n, 1)
+        self._adjust_prompt_kwargs(kwargs)
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            _check_takes_cache(model)
+            past_key_values = self.get_prompt(batch_size)
+            return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0)
+        if self.prompt_pads_labels and kwargs.get("labels") is not None:
+            kwargs["labels"] = prepend(kwargs["labels"], n, -100)
+        output = model(inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds), attention_mask=attention_mask, **kwargs)
+        for name in self.prompt_drops_virtual_outputs:
+            if not hasattr(output, "keys"):
+                raise ValueError(f"{type(self).__name__} with prompt learning needs return_dict=True outputs")
+            output[name] = output[name][:, n:]
+        return output
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
@@ -177,7 +322,7 @@ class PeftModel(nn.Module):
         self._add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = self.active_peft_config.base_model_name_or_path
-        self.base_model.inject_adapter(self.base_model.model, adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self._tuner.inject_adapter(self.get_base_model(), adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
         self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=False)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -186,36 +331,36 @@ class PeftModel(nn.Module):
             raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(self.peft_config)}")
-        self.base_model.set_adapter(adapter_name)
+        self._tuner.set_adapter(adapter_name)
         if self.peft_config[adapter_name].inference_mode:
             for p in self._adapter_parameters(adapter_name):
                 p.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
+        self._tuner.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model computes as its base model alone."""
-        self.base_model.disable_adapter_layers()
+        self._tuner.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            self._tuner.enable_adapter_layers()
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        self._tuner.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        self.base_model.unmerge_adapter()
+        self._tuner.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Merge the active adapter into the base weights; return the plain base model."""
-        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._tuner.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging; return the plain base model."""
-        return self.base_model.unload()
+        return self._tuner.unload()
 
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(
@@ -263,6 +408,7 @@ class PeftModel(nn.Module):
             raise TypeError(f"from_pretrained got unsupported arguments: {sorted(kwargs)}")
         if config is None:
             config = PeftConfig.from_pretrained(model_id)
+        _check_loadable(config, is_trainable)
         config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
@@ -293,6 +439,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
         config = PeftConfig.from_pretrained(model_id)
+        _check_loadable(config, is_trainable)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
         result = self._load_weights(model_id, adapter_name, low_cpu_mem_usage)
@@ -308,6 +455,9 @@ class _GenerativePeftModel(PeftModel):
         model = self.get_base_model()
         if not hasattr(model, "generate"):
             raise AttributeError(f"{type(model).__name__} has no generate()")
+        if self._prompts_active:
+            with self._peft_forward(kwargs) as kw, self._prompt_generation_hook(model):
+                return self._prompt_generate(model, *args, **kw)
         adapter_names = kwargs.get("adapter_names")
         encoder_adapter_names = None
         if adapter_names is not None:
@@ -322,25 +472,137 @@ class _GenerativePeftModel(PeftModel):
         with self._peft_forward(kwargs, encoder_adapter_names) as kw:
             return model.generate(*args, **kw)
 
+    # -- prompt learning ------------------------------------------------------------------------
+    @contextmanager
+    def _prompt_generation_hook(self, model: nn.Module) -> Iterator[None]:
+        """While generating, each step's inputs go through `_prepare_prompt_inputs` (as in HF peft)."""
+        original = model.prepare_inputs_for_generation
+        had_own = "prepare_inputs_for_generation" in vars(model)
+        model.prepare_inputs_for_generation = functools.partial(self._prepare_prompt_inputs, original)
+        try:
+            yield
+        finally:
+            if had_own:
+                model.prepare_inputs_for_generation = original
+            else:
+                del model.prepare_inputs_for_generation
+
+    def _prompt_generate(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return model.generate(*args, **kwargs)
+
+    def _prepare_prompt_inputs(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover - per task
+
 
 class PeftModelForCausalLM(_GenerativePeftModel):
-    pass
+    prompt_pads_labels = True
+
+    def _prepare_prompt_inputs(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One generation step's model inputs: the first step puts the virtual tokens in (as
+        embeddings, or as the prefix cache); every step's attention mask covers them."""
+        config = self.active_peft_config
+        model_kwargs = original(*args, **kwargs)
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("generate() with a prompt-learning adapter needs input_ids, not inputs_embeds")
+        cache = model_kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached >= input_ids.shape[1]:  # the cache holds the virtual tokens too: only new tokens go in
+            model_kwargs["input_ids"] = input_ids = input_ids[:, -1:]
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                raise ValueError("generate() with a prompt-learning adapter needs 2-D attention masks (a dynamic cache, not a static one)")
+            model_kwargs["attention_mask"] = prepend(mask, config.num_virtual_tokens, 1)
+        self._adjust_prompt_kwargs(model_kwargs, warn=False)
+        if cached == 0:
+            if config.peft_type == PeftType.PREFIX_TUNING:
+                model_kwargs["past_key_values"] = self.get_prompt(input_ids.shape[0])
+            else:
+                model_kwargs["inputs_embeds"] = self._prompt_input_embeds(input_ids, None)
+                model_kwargs["input_ids"] = None
+        return model_kwargs
 
 
 class PeftModelForSeq2SeqLM(_GenerativePeftModel):
-    pass
+    def _prompt_forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, **kwargs: Any,
+    ) -> Any:
+        """As HF peft: prefix tuning's virtual tokens go into the decoder's self-attention (the
+        decoder mask covers them); prompt tuning's and P-tuning's in front of the encoder input."""
+        model = self.get_base_model()
+        n = self.active_peft_config.num_virtual_tokens
+        self._adjust_prompt_kwargs(kwargs)
+        if self.active_peft_config.peft_type == PeftType.PREFIX_TUNING:
+            return model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                decoder_attention_mask=prepend(decoder_attention_mask, n, 1),
+                past_key_values=self.get_prompt(_batch_size(input_ids, inputs_embeds)), **kwargs,
+            )
+        return model(
+            inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds), attention_mask=prepend(attention_mask, n, 1),
+            decoder_attention_mask=decoder_attention_mask, **kwargs,
+        )
+
+    def _prompt_generate(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Prompt tuning and P-tuning hand generate the encoder's input embeddings with the virtual tokens in front."""
+        config = self.active_peft_config
+        if args or "input_ids" not in kwargs:
+            raise ValueError("generate() of a seq2seq model with a prompt-learning adapter needs input_ids=... as a keyword")
+        self._adjust_prompt_kwargs(kwargs)
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            return model.generate(**kwargs)
+        kwargs["inputs_embeds"] = self._prompt_input_embeds(kwargs.pop("input_ids"), None)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = prepend(kwargs["attention_mask"], config.num_virtual_tokens, 1)
+        return model.generate(**kwargs)
+
+    def _prepare_prompt_inputs(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Prefix tuning: the first generation step gets the prefix cache."""
+        model_kwargs = original(*args, **kwargs)
+        if self.active_peft_config.peft_type == PeftType.PREFIX_TUNING:
+            first = kwargs.get("is_first_iteration")
+            if first is None:
+                cache = model_kwargs.get("past_key_values")
+                first = cache is None or cache.get_seq_length() == 0
+            if first:
+                model_kwargs["past_key_values"] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
+        return model_kwargs
 
 
 class PeftModelForSequenceClassification(PeftModel):
     task_head_names = SEQ_CLS_HEAD_NAMES
+    prompt_keeps_token_type_ids = True
 
 
 class PeftModelForTokenClassification(PeftModel):
+    """With prompt tuning or P-tuning the logits keep one row per input token: the virtual
+    tokens' rows are cut off (and their labels ignored). HF peft returns them too."""
+
     task_head_names = SEQ_CLS_HEAD_NAMES
+    prompt_keeps_token_type_ids = True
+    prompt_pads_labels = True
+    prompt_drops_virtual_outputs = ("logits",)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
+    """With prompt tuning or P-tuning the start/end logits keep one entry per input token, and
+    the loss is computed on those (HF peft returns the virtual tokens' entries too, and reads
+    start/end positions as positions in the longer sequence)."""
+
     task_head_names = ("qa_outputs",)
+    prompt_keeps_token_type_ids = True
+    prompt_drops_virtual_outputs = ("start_logits", "end_logits")
+
+    def _prompt_forward(
+        self, *args: Any, start_positions: torch.Tensor | None = None, end_positions: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        output = super()._prompt_forward(*args, **kwargs)
+        if start_positions is None or end_positions is None or output.get("start_logits") is None:
+            return output
+        loss = _span_loss(output["start_logits"], output["end_logits"], start_positions, end_positions)
+        return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
 
 
 class PeftModelForFeatureExtraction(PeftModel):

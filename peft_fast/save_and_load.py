@@ -1,5 +1,8 @@
 """Adapter state dicts and files in HF peft's format.
 
+Prompt-learning adapters (prompt tuning, prefix tuning, P-tuning) store their encoder's output
+for the virtual tokens under the one key `prompt_embeddings`, as HF peft does.
+
 A model key such as `base_model.model.q_proj.lora_A.default.weight` is stored in the file
 as `base_model.model.q_proj.lora_A.weight` (the adapter name dropped), and a trained head
 `...classifier.modules_to_save.default.weight` as `...classifier.weight`. `adapter_key_map`
@@ -17,6 +20,7 @@ from torch import nn
 from .config import WEIGHTS_NAME, WEIGHTS_NAME_PT
 from .tuners.base import AdapterLayer, ModulesToSaveWrapper
 from .tuners.lora import LoraLayer
+from .tuners.prompt_learning import PROMPT_FILE_KEY
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
@@ -82,6 +86,8 @@ def get_peft_model_state_dict(
     if state_dict is None:
         state_dict = model.state_dict()
     out = {file_key: state_dict[model_key] for file_key, model_key in adapter_key_map(model, adapter_name).items()}
+    if model.peft_config[adapter_name].is_prompt_learning:
+        out[PROMPT_FILE_KEY] = model.get_prompt_embedding_to_save(adapter_name)
     for key in _extra_base_keys(model, adapter_name, save_embedding_layers):
         out[key] = state_dict[key]
     return out
@@ -107,6 +113,12 @@ def set_peft_model_state_dict(
     model_sd = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    prompt_embeddings = None
+    if model.peft_config[adapter_name].is_prompt_learning:
+        peft_model_state_dict = dict(peft_model_state_dict)
+        prompt_embeddings = peft_model_state_dict.pop(PROMPT_FILE_KEY, None)
+        if prompt_embeddings is None:
+            raise ValueError(f"adapter weights do not fit the model: {PROMPT_FILE_KEY!r} (the virtual tokens of adapter {adapter_name!r}) is missing from the file")
     for file_key, tensor in peft_model_state_dict.items():
         model_key = mapping.get(file_key)
         if model_key is None and file_key in model_sd and file_key not in mapping.values():
@@ -130,6 +142,8 @@ def set_peft_model_state_dict(
     ]
     if wrong:
         raise ValueError(f"adapter weight shapes do not fit the model (was it saved with another r or base model?): {wrong[:5]}")
+    if prompt_embeddings is not None:
+        model.prompt_encoder[adapter_name].load_prompt_embeddings(prompt_embeddings)
     # Weights still on the meta device (a model built there) are replaced, not copied into.
     assign = low_cpu_mem_usage or any(model_sd[k].is_meta for k in to_load)
     return model.load_state_dict(to_load, strict=False, assign=assign)._replace(missing_keys=[])

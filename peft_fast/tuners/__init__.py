@@ -1,6 +1,31 @@
-"""One module per method: LoRA, IA³."""
+"""One module per method: LoRA, IA³, and prompt learning (prompt tuning, prefix tuning, P-tuning)."""
 
 from .ia3 import IA3Config, IA3Model
 from .lora import LoraConfig, LoraModel
+from .prompt_learning import (
+    PrefixEncoder,
+    PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
-__all__ = ["IA3Config", "IA3Model", "LoraConfig", "LoraModel"]
+__all__ = [
+    "IA3Config",
+    "IA3Model",
+    "LoraConfig",
+    "LoraModel",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+]

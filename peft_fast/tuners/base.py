@@ -514,8 +514,7 @@ class BaseTuner(nn.Module):
             if layer.merged:
                 layer.unmerge()
             layer.set_adapter(names)
-        for w in self._wrappers():
-            w.set_adapter([n for n in names if n in w.modules_to_save][:1])
+        activate_modules_to_save(self.model, names)
         self.active_adapter = adapter_name
 
     def enable_adapter_layers(self) -> None:
@@ -638,6 +637,14 @@ def _inside_adapter_layer(key: str, model: nn.Module) -> bool:
 def _some_module_names(model: nn.Module, limit: int = 12) -> list[str]:
     leaves = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if k and not list(m.children())})
     return leaves[:limit]
+
+
+def activate_modules_to_save(model: nn.Module, adapter_names: Sequence[str]) -> None:
+    """Make each modules_to_save wrapper in `model` use the first of `adapter_names` it has
+    (trainable; its other copies frozen), or its original module where it has none."""
+    for w in model.modules():
+        if isinstance(w, ModulesToSaveWrapper):
+            w.set_adapter([n for n in adapter_names if n in w.modules_to_save][:1])
 
 
 def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, trainable: bool) -> None:
