@@ -7,7 +7,7 @@ import enum
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 CONFIG_NAME = "adapter_config.json"
@@ -151,13 +151,11 @@ def check_unsupported(config: PeftConfig, defaults: dict[str, Any]) -> None:
     """Refuse HF peft options this version does not implement, rather than ignore them.
 
     `defaults` maps a field name to the value that means "option off"."""
-    used = [name for name, off in defaults.items() if getattr(config, name) not in (off, None) and getattr(config, name) != off]
+    # None counts as "off" too: HF peft writes null for several of these in adapter files.
+    used = [name for name, off in defaults.items() if getattr(config, name) is not None and getattr(config, name) != off]
     if used:
         raise ValueError(
             f"{type(config).__name__}: {', '.join(f'{n}={getattr(config, n)!r}' for n in used)} "
             "is not supported by peft_fast; leave it at its default"
         )
 
-
-def _field(default: Any) -> Any:
-    return field(default_factory=lambda: type(default)(default)) if isinstance(default, (dict, list)) else field(default=default)
