@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testing import DEVICE, grads_of, ia3_case, ia3_check, ia3_run, leaf, randn, rel_err, require_triton
+from kernel_testing import DEVICE, ia3_case, ia3_check, ia3_run, leaf, randn, rel_err, require_triton
 
 import peft_fast
 from peft_fast.ops import reference

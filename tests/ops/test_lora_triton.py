@@ -11,7 +11,6 @@ import pytest
 import torch
 from kernel_testing import (
     DEVICE,
-    KERNEL_DTYPES,
     assert_close_to_oracle,
     grads_of,
     leaf,
