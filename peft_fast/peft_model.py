@@ -73,6 +73,34 @@ def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
         )
 
 
+class _BoundForward:
+    """A PeftModel's forward, bound to it, whose signature is the base model's forward plus
+    `adapter_names`. Tools that read `model.forward`'s arguments to pick what to pass in (the
+    HF Trainer drops dataset columns that forward does not name) see the real arguments instead
+    of `*args, **kwargs`; HF peft gets this from the Trainer recognizing its PeftModel class."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.__self__ = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.__self__
+        return type(model).forward(model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        model = self.__self__
+        try:
+            sig = inspect.signature(model.get_base_model().forward)
+        except (TypeError, ValueError):
+            return inspect.signature(functools.partial(type(model).forward, model))
+        params = list(sig.parameters.values())
+        if "adapter_names" not in sig.parameters:
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            var_kw = [p for p in params if p.kind is p.VAR_KEYWORD]
+            params = [p for p in params if p.kind is not p.VAR_KEYWORD] + [extra] + var_kw
+        return sig.replace(parameters=params)
+
+
 class PeftModel(nn.Module):
     """A base model with adapters. `base_model` is the tuner (LoraModel, IA3Model), whose
     `model` is the wrapped transformers model; state-dict keys start `base_model.model.`.
@@ -115,6 +143,8 @@ class PeftModel(nn.Module):
         else:
             self.base_model = tuner(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=True)
+        # `model.forward` shows the base model's arguments (see _BoundForward); calls are unchanged.
+        self.__dict__["forward"] = _BoundForward(self)
         if _checkpointing_enabled(model) and hasattr(model, "enable_input_require_grads"):
             # Checkpointed blocks need inputs that require grad for the adapters to get gradients.
             model.enable_input_require_grads()

@@ -1,0 +1,41 @@
+"""The HF Trainer with a peft_fast PeftModel (tiny models, CPU, no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from conftest import TASKS, make_model
+from transformers import Trainer, TrainingArguments
+
+from peft_fast import LoraConfig, get_peft_model
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_forward_signature_shows_base_model_arguments(kind):
+    """Tools that read forward's arguments (the Trainer's unused-column removal) see the base
+    model's, plus adapter_names, not `*args, **kwargs`; calls and copies still work."""
+    model = get_peft_model(make_model(kind), LoraConfig(task_type=TASKS[kind], r=2))
+    params = inspect.signature(model.forward).parameters
+    base = inspect.signature(model.get_base_model().forward).parameters
+    assert set(base) <= set(params) and "adapter_names" in params
+    ids = torch.randint(2, 97, (2, 5))
+    copied = copy.deepcopy(model)
+    assert copied.forward.__self__ is copied
+    torch.testing.assert_close(copied(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_trainer_keeps_model_inputs_and_trains(tmp_path):
+    """With the Trainer's defaults (remove_unused_columns=True) the inputs reach the model and
+    only the adapter changes."""
+    model = get_peft_model(make_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(2, 97, (4, 6), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row, "text": "unused"} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
