@@ -65,11 +65,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options of `peft-fast train` that only LoRA uses.
+LORA_ONLY_OPTIONS = ("r", "alpha", "dropout")
+
+
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run the training job; argument errors exit 2 naming the flag, a failed reload check returns 1."""
     from transformers.utils import logging as hf_logging
 
-    config = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.__dataclass_fields__})
+    given_lora_only = [f"--{name}" for name in LORA_ONLY_OPTIONS if getattr(args, name) is not None]
+    if args.method != "lora" and given_lora_only:
+        parser.error(f"argument {given_lora_only[0]}: applies to --method lora only, not --method {args.method}")
+    values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{k: v for k, v in values.items() if not (k in LORA_ONLY_OPTIONS and v is None)})
     # The job reports what matters; transformers' per-load report and bars are noise here.
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -149,11 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="JSONL or CSV file with text,label[,split] columns (default: the bundled topics set)"
     )
     train.add_argument("--method", choices=METHODS, default=defaults.method, help="adapter type (default: %(default)s)")
-    train.add_argument("--r", type=int, default=defaults.r, help="LoRA rank (default: %(default)s)")
-    train.add_argument(
-        "--alpha", type=float, default=defaults.alpha, help="LoRA alpha, scaling = alpha / r (default: %(default)s)"
-    )
-    train.add_argument("--dropout", type=float, default=defaults.dropout, help="LoRA dropout (default: %(default)s)")
+    # LoRA-only options default to None here, so that giving one with --method ia3 is refused (cmd_train).
+    train.add_argument("--r", type=int, help=f"LoRA rank (default: {defaults.r})")
+    train.add_argument("--alpha", type=float, help=f"LoRA alpha, scaling = alpha / r (default: {defaults.alpha})")
+    train.add_argument("--dropout", type=float, help=f"LoRA dropout (default: {defaults.dropout})")
     train.add_argument(
         "--target-modules",
         type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
