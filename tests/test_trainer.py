@@ -39,3 +39,20 @@ def test_trainer_keeps_model_inputs_and_trains(tmp_path):
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
+
+
+def test_checkpoints_hold_the_adapter_with_the_callback(tmp_path):
+    """Trainer checkpoints written with SaveAdapterCallback reload with PeftModel.from_pretrained."""
+    from peft_fast import PeftModel
+    from peft_fast.integrations import SaveAdapterCallback
+
+    model = get_peft_model(make_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=2, init_lora_weights=False))
+    ids = torch.randint(2, 97, (4, 6), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveAdapterCallback()]).train()
+    reloaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "checkpoint-2")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
