@@ -20,6 +20,7 @@ from torch import Tensor
 from peft_fast.kernels.ia3_scale import ia3_scaled_matmul
 
 from . import dispatch
+from .ia3_autograd import register_ia3_autograd
 from .checks import check_ia3_args, size_reason
 from .triton_support import device_reason
 
@@ -64,42 +65,7 @@ def _(dy, x, weight, scale, z, feedforward):
     return x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, feedforward, save_z = inputs
-    ctx.save_for_backward(x, weight, scale, output[1])
-    ctx.feedforward = feedforward
-    ctx.save_z = save_z
-
-
-def _backward(ctx, dy, _dz):
-    x, weight, scale, z = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if need[3] and not ctx.feedforward and not ctx.save_z:
-        raise RuntimeError("ia3_linear: the scale needs grad but its forward ran without saving x Wᵀ + b")
-    dx = dscale = None
-    if need[0] or need[3]:
-        dx, dscale = torch.ops.peft_fast.ia3_linear_bwd(dy, x, weight, scale, z, ctx.feedforward)
-    dW = db = None
-    if need[1] or need[2]:
-        if ctx.feedforward:
-            scaled_x = (x.to(scale.dtype) * scale).to(x.dtype)
-            dW = dy.t().mm(scaled_x) if need[1] else None
-            db = dy.sum(0) if need[2] else None
-        else:
-            dz = (dy * scale).to(dy.dtype)
-            dW = dz.t().mm(x) if need[1] else None
-            db = dz.sum(0) if need[2] else None
-    return (
-        dx if need[0] else None,
-        dW,
-        db,
-        dscale.to(scale.dtype) if need[3] else None,
-        None,
-        None,
-    )
-
-
-ia3_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_ia3_autograd(ia3_linear_fwd, torch.ops.peft_fast.ia3_linear_bwd)
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
