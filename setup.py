@@ -9,6 +9,7 @@ found and PEFT_FAST_BUILD_CUDA is not "0" (set PEFT_FAST_BUILD_CUDA=1 to insist:
 toolkit is then an error). Otherwise it is skipped and built on first use instead; CPU
 machines (CI) never try. Needs `--no-build-isolation` so the installed torch is the one seen.
 """
+
 import os
 
 from setuptools import find_packages, setup
@@ -55,7 +56,10 @@ if _ext is not None:
 setup(
     packages=packages + ["peft_fast.kernels", "peft_fast.data", "peft_fast.csrc"],
     package_dir={"peft_fast.kernels": "kernels", "peft_fast.csrc": "csrc"},
-    package_data={"peft_fast": ["data/*.jsonl", "ops/backend_table.json"], "peft_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
+    package_data={
+        "peft_fast": ["data/*.jsonl", "ops/backend_table.json"],
+        "peft_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"],
+    },
     include_package_data=True,
     **kwargs,
 )

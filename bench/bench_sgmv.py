@@ -19,7 +19,11 @@ from peft_fast.bench_sgmv import run_case
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (phase, K, N, tokens, ranks)
-CASES = [("decode", 4096, 4096, 64, "mixed"), ("prefill", 4096, 4096, 4096, "mixed")] if CUDA else [("decode", 64, 64, 8, "mixed"), ("prefill", 64, 64, 1024, "mixed")]
+CASES = (
+    [("decode", 4096, 4096, 64, "mixed"), ("prefill", 4096, 4096, 4096, "mixed")]
+    if CUDA
+    else [("decode", 64, 64, 8, "mixed"), ("prefill", 64, 64, 1024, "mixed")]
+)
 
 
 @pytest.mark.parametrize("popularity", ["distinct", "zipf"])
@@ -27,6 +31,8 @@ CASES = [("decode", 4096, 4096, 64, "mixed"), ("prefill", 4096, 4096, 4096, "mix
 def test_mixed_adapter_layer(benchmark, case, popularity):
     phase, K, N, tokens, ranks = case
     benchmark.group = f"{phase} {K}→{N} tok{tokens} {popularity}"
-    rows = benchmark.pedantic(run_case, args=(phase, K, N, tokens, ranks, popularity, DEVICE, float("nan")), rounds=1, iterations=1)
+    rows = benchmark.pedantic(
+        run_case, args=(phase, K, N, tokens, ranks, popularity, DEVICE, float("nan")), rounds=1, iterations=1
+    )
     benchmark.extra_info.update({r.variant: r.fwd_ms for r in rows})
     assert rows[0].variant == "linear"

@@ -85,4 +85,3 @@ def bgmv_shrink(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return h
-

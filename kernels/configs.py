@@ -44,7 +44,7 @@ _MATMUL: dict[tuple[str, bool], MatmulConfig] = {
 
 
 def gpu_family(device: torch.device) -> str:
-    """"sm90", "sm80", "default" for a CUDA device; "interpreter" for a CPU tensor."""
+    """ "sm90", "sm80", "default" for a CUDA device; "interpreter" for a CPU tensor."""
     if device.type != "cuda":
         return "interpreter"
     major, _ = torch.cuda.get_device_capability(device)

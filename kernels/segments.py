@@ -122,7 +122,10 @@ def check_expand_args(out: torch.Tensor, h: torch.Tensor, b_stacked: torch.Tenso
         raise ValueError(f"h must be ({M}, >= {max_rank}) on {out.device}, got {tuple(h.shape)} on {h.device}")
     return M, N
 
-def check_dropout_ps(dropout_ps: torch.Tensor | None, seed: torch.Tensor | None, n: int, device: torch.device, M: int, K: int) -> bool:
+
+def check_dropout_ps(
+    dropout_ps: torch.Tensor | None, seed: torch.Tensor | None, n: int, device: torch.device, M: int, K: int
+) -> bool:
     """Whether a launcher applies per-adapter dropout; ValueError when the probabilities,
     seed or the int32 mask numbering of an M × K tensor do not fit."""
     if dropout_ps is None:

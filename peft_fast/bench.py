@@ -77,6 +77,7 @@ def _median_ms(fn: Callable[[], object], grads: list[torch.Tensor], cuda: bool) 
         from triton.testing import do_bench
 
         return float(do_bench(fn, grad_to_none=grads, return_mode="median"))
+
     def once() -> float:
         for g in grads:
             g.grad = None
@@ -107,9 +108,9 @@ def _peft_layer(K: int, N: int, r: int, p: float, weight: torch.Tensor, adapter_
 def _time_variant(fwd, x, dy, params, cuda) -> tuple[float, float, float, float]:
     grads = [x] + params
     fwd_ms = _median_ms(fwd, grads, cuda)
-    y = fwd()
-    bwd_ms = _median_ms(lambda: y.backward(dy, retain_graph=True), grads, cuda)
-    del y
+    out = [fwd()]
+    bwd_ms = _median_ms(lambda: out[0].backward(dy, retain_graph=True), grads, cuda)
+    out.clear()
     tot_ms = _median_ms(lambda: fwd().backward(dy), grads, cuda)
     peak = float("nan")
     if cuda:
@@ -195,10 +196,7 @@ def backend_table(rows: list[Row], source: str, device: str) -> dict:
             continue
         cls = dispatch.shape_class(torch.empty(row.M, 1, device="meta"))
         by_class.setdefault(cls, {}).setdefault(backend, []).append(row.fwd_bwd_ms)
-    entries = {
-        cls: sorted(times, key=lambda b: statistics.median(times[b]))
-        for cls, times in sorted(by_class.items())
-    }
+    entries = {cls: sorted(times, key=lambda b: statistics.median(times[b])) for cls, times in sorted(by_class.items())}
     return {
         "about": "Backend order 'auto' uses per op and shape class, fastest first, from the bench run in "
         "'source' (median forward+backward ms, bf16 adapters). Regenerate with `peft-fast bench --write-table`.",
@@ -222,7 +220,7 @@ def _versions() -> dict[str, str]:
 
 
 def _table(rows: list[Row]) -> str:
-    head = f"{'K→N':>12} {'M':>6} {'r':>3} {'p':>4} {'variant':<12} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'f+b/lin':>7} {'peak MiB':>9}"
+    head = f"{'K→N':>12} {'M':>6} {'r':>3} {'p':>4} {'variant':<12} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'f+b/lin':>7} {'peak MiB':>9}"  # noqa: E501
     lines = [head, "-" * len(head)]
     for w in rows:
         lines.append(
@@ -264,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few-minute subset of the GPU shapes")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<device>-<date>.json)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
-    parser.add_argument("--suite", choices=("lora", "sgmv"), default="lora",
-                        help="lora: one adapter per layer (default); sgmv: many adapters in one batch (bench_sgmv.py)")
+    parser.add_argument(
+        "--suite",
+        choices=("lora", "sgmv"),
+        default="lora",
+        help="lora: one adapter per layer (default); sgmv: many adapters in one batch (bench_sgmv.py)",
+    )
     parser.add_argument(
         "--write-table", action="store_true", help="GPU only: rewrite peft_fast/ops/backend_table.json from this run"
     )
@@ -278,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--write-table needs a CUDA GPU: the table orders GPU backends by measured time")
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        preset = QUICK if args.quick else {"shapes": GPU_SHAPES, "tokens": GPU_TOKENS, "ranks": GPU_RANKS, "dropouts": DROPOUTS}
+        preset = (
+            QUICK
+            if args.quick
+            else {"shapes": GPU_SHAPES, "tokens": GPU_TOKENS, "ranks": GPU_RANKS, "dropouts": DROPOUTS}
+        )
         device_name = torch.cuda.get_device_name(device)
     else:
         preset = CPU
@@ -305,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         "versions": _versions(),
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["peft-fast bench"] + (sys.argv[1:] if argv is None else list(argv))),
-        "timer": "triton.testing.do_bench median (CUDA events)" if cuda else "time.perf_counter median of 21, 1 CPU thread",
+        "timer": "triton.testing.do_bench median (CUDA events)"
+        if cuda
+        else "time.perf_counter median of 21, 1 CPU thread",
         "dtype": "bf16 base" if cuda else "fp32",
         "rows": [asdict(r) for r in rows],
     }

@@ -39,7 +39,13 @@ PREFILL_TOKENS_PER_REQUEST = 512
 N_ADAPTERS = 64
 FULL = {"shapes": [(4096, 4096), (4096, 14336)], "decode": [1, 16, 64, 256], "prefill": [512, 2048, 16384],
         "ranks": list(RANKS), "pops": list(POPULARITIES)}  # fmt: skip
-QUICK = {"shapes": [(4096, 4096)], "decode": [1, 64, 256], "prefill": [4096], "ranks": ["16", "mixed"], "pops": ["distinct", "zipf"]}
+QUICK = {
+    "shapes": [(4096, 4096)],
+    "decode": [1, 64, 256],
+    "prefill": [4096],
+    "ranks": ["16", "mixed"],
+    "pops": ["distinct", "zipf"],
+}
 CPU = {"shapes": [(128, 128)], "decode": [8], "prefill": [1024], "ranks": ["mixed"], "pops": ["uniform"]}
 
 
@@ -105,7 +111,9 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def run_case(phase: str, K: int, N: int, tokens: int, ranks_name: str, popularity: str, device: torch.device, copy_gbps: float) -> list[SgmvRow]:
+def run_case(
+    phase: str, K: int, N: int, tokens: int, ranks_name: str, popularity: str, device: torch.device, copy_gbps: float
+) -> list[SgmvRow]:
     """Time every variant of one case; ratios over bare `linear`."""
     import peft_fast
     from peft_fast.ops import reference
@@ -157,7 +165,9 @@ def run_case(phase: str, K: int, N: int, tokens: int, ranks_name: str, popularit
     rows = []
     with torch.no_grad():
         for name, fn in variants.items():
-            rows.append(SgmvRow(phase, K, N, tokens, requests, ranks_name, popularity, n, name, _median_ms(fn, [], cuda)))
+            rows.append(
+                SgmvRow(phase, K, N, tokens, requests, ranks_name, popularity, n, name, _median_ms(fn, [], cuda))
+            )
     used = set(row)
     bytes_ = 2 * (x.numel() + requests * T * N + W.numel() + sum(ranks[a] * (K + N) for a in used))
     for r in rows:
@@ -190,13 +200,13 @@ def sweep(quick: bool, device: torch.device) -> tuple[list[SgmvRow], dict]:
 
 
 def table(rows: list[SgmvRow]) -> str:
-    head = f"{'phase':<8} {'K→N':>11} {'tok':>6} {'req':>4} {'ranks':>5} {'pop':<8} {'variant':<10} {'ms':>8} {'/lin':>6} {'GB/s':>7} {'%copy':>6}"
+    head = f"{'phase':<8} {'K→N':>11} {'tok':>6} {'req':>4} {'ranks':>5} {'pop':<8} {'variant':<10} {'ms':>8} {'/lin':>6} {'GB/s':>7} {'%copy':>6}"  # noqa: E501
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = "" if math.isnan(r.frac_of_copy_bw) else f"{100 * r.frac_of_copy_bw:.0f}"
         gbps = "" if math.isnan(r.achieved_gbps) else f"{r.achieved_gbps:.0f}"
         lines.append(
-            f"{r.phase:<8} {f'{r.K}→{r.N}':>11} {r.tokens:>6} {r.requests:>4} {r.ranks:>5} {r.popularity:<8} {r.variant:<10} "
+            f"{r.phase:<8} {f'{r.K}→{r.N}':>11} {r.tokens:>6} {r.requests:>4} {r.ranks:>5} {r.popularity:<8} {r.variant:<10} "  # noqa: E501
             f"{r.fwd_ms:>8.3f} {r.ratio_to_linear:>6.2f} {gbps:>7} {pct:>6}"
         )
     return "\n".join(lines)

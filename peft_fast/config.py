@@ -73,7 +73,9 @@ class PeftConfig:
         if self.PEFT_TYPE is not None:
             given = _enum_value(self.peft_type, PeftType, "peft_type")
             if given is not None and given != self.PEFT_TYPE:
-                raise ValueError(f"peft_type must be {self.PEFT_TYPE.value!r} for {type(self).__name__}, got {given.value!r}")
+                raise ValueError(
+                    f"peft_type must be {self.PEFT_TYPE.value!r} for {type(self).__name__}, got {given.value!r}"
+                )
             self.peft_type = self.PEFT_TYPE
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
@@ -131,13 +133,19 @@ class PeftConfig:
             return cls.from_dict(json.load(f))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> PeftConfig:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
         """Read adapter_config.json from a local adapter folder (no hub downloads)."""
-        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
+        folder = (
+            os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
+        )
         path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(path):
             if not os.path.isdir(folder):
-                raise ValueError(f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)")
+                raise ValueError(
+                    f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)"
+                )
             raise ValueError(f"no {CONFIG_NAME} in adapter folder {folder!r}")
         config = cls.from_json_file(path)
         for k, v in kwargs.items():
@@ -152,10 +160,11 @@ def check_unsupported(config: PeftConfig, defaults: dict[str, Any]) -> None:
 
     `defaults` maps a field name to the value that means "option off"."""
     # None counts as "off" too: HF peft writes null for several of these in adapter files.
-    used = [name for name, off in defaults.items() if getattr(config, name) is not None and getattr(config, name) != off]
+    used = [
+        name for name, off in defaults.items() if getattr(config, name) is not None and getattr(config, name) != off
+    ]
     if used:
         raise ValueError(
             f"{type(config).__name__}: {', '.join(f'{n}={getattr(config, n)!r}' for n in used)} "
             "is not supported by peft_fast; leave it at its default"
         )
-

@@ -24,7 +24,9 @@ def config_class_for(peft_type: str | PeftType) -> type[PeftConfig]:
     try:
         return CONFIGS[PeftType(peft_type)]
     except (ValueError, KeyError):
-        raise ValueError(f"peft_type {peft_type!r} is not supported by peft_fast; supported: {[t.value for t in CONFIGS]}") from None
+        raise ValueError(
+            f"peft_type {peft_type!r} is not supported by peft_fast; supported: {[t.value for t in CONFIGS]}"
+        ) from None
 
 
 def get_peft_model(
@@ -42,12 +44,22 @@ def get_peft_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}")
+        raise TypeError(
+            f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}"
+        )
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel) is not supported by peft_fast")
     if isinstance(getattr(model, "peft_config", None), dict):
-        raise ValueError("this model already has adapters; use add_adapter() on its PeftModel instead of get_peft_model() again")
+        raise ValueError(
+            "this model already has adapters; use add_adapter() on its PeftModel instead of get_peft_model() again"
+        )
     if revision is not None:
         peft_config.revision = revision
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel) if peft_config.task_type is not None else PeftModel
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+    return cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

@@ -21,6 +21,7 @@ from .tuners.ia3 import IA3Model
 from .tuners.lora import LoraModel
 from .tuners.prompt_learning import PromptLearningAdapters, prefix_cache, prepend
 
+
 def _checkpointing_enabled(model: nn.Module) -> bool:
     # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing.
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
@@ -52,10 +53,14 @@ def _check_takes_cache(model: nn.Module) -> None:
     """Refuse prefix tuning on a model whose forward cannot receive the prefix cache."""
     params = inspect.signature(model.forward).parameters
     if "past_key_values" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        raise ValueError(f"prefix tuning needs a model whose forward takes past_key_values; {type(model).__name__}.forward does not")
+        raise ValueError(
+            f"prefix tuning needs a model whose forward takes past_key_values; {type(model).__name__}.forward does not"
+        )
 
 
-def _span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+def _span_loss(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
     """Extractive question answering's loss, as transformers computes it: positions outside the
     sequence are ignored, start and end cross-entropies averaged."""
     ignored = start_logits.shape[1]
@@ -68,7 +73,8 @@ def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
     """Refuse loading a prompt-learning adapter file for training (as HF peft does)."""
     if config.is_prompt_learning and is_trainable:
         raise ValueError(
-            f"is_trainable=True is not supported for {config.peft_type.value} adapter files (as in HF peft): they store "
+            f"is_trainable=True is not supported for {config.peft_type.value} adapter files (as in HF peft):"
+            f" they store "
             "the encoder's output for the virtual tokens, not the encoder; create a new adapter to train"
         )
 
@@ -122,12 +128,16 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(peft_config, PeftConfig):
-            raise TypeError(f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}")
+            raise TypeError(
+                f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}"
+            )
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
         tuner = TUNERS.get(peft_config.peft_type)
         if tuner is None and not peft_config.is_prompt_learning:
-            raise ValueError(f"peft_type {peft_config.peft_type!r} is not supported; supported: {[t.value for t in TUNERS]}")
+            raise ValueError(
+                f"peft_type {peft_config.peft_type!r} is not supported; supported: {[t.value for t in TUNERS]}"
+            )
         self._add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -141,7 +151,9 @@ class PeftModel(nn.Module):
             self._prompt_adapters = PromptLearningAdapters(model, self.prompt_encoder, self.word_embeddings)
             self._prompt_adapters.inject_adapter(model, adapter_name, peft_config)
         else:
-            self.base_model = tuner(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            self.base_model = tuner(
+                model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
         self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=True)
         # `model.forward` shows the base model's arguments (see _BoundForward); calls are unchanged.
         self.__dict__["forward"] = _BoundForward(self)
@@ -176,9 +188,13 @@ class PeftModel(nn.Module):
         if config.modules_to_save is None:
             config.modules_to_save = list(self.task_head_names)
         else:
-            config.modules_to_save = list(config.modules_to_save) + [n for n in self.task_head_names if n not in config.modules_to_save]
+            config.modules_to_save = list(config.modules_to_save) + [
+                n for n in self.task_head_names if n not in config.modules_to_save
+            ]
 
-    def _finish_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool, activate: bool) -> None:
+    def _finish_adapter(
+        self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool, activate: bool
+    ) -> None:
         """Wrap modules_to_save, set dtypes and trainability of a newly added adapter."""
         model = self.get_base_model()
         if getattr(config, "modules_to_save", None):
@@ -244,7 +260,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- forward ------------------------------------------------------------------------------
     @contextmanager
@@ -278,7 +296,9 @@ class PeftModel(nn.Module):
         for prompt tuning and P-tuning, a transformers cache holding the prefix for prefix tuning."""
         config = self.active_peft_config
         if not config.is_prompt_learning:
-            raise TypeError(f"get_prompt() needs a prompt-learning adapter; {self.active_adapter!r} is {config.peft_type.value}")
+            raise TypeError(
+                f"get_prompt() needs a prompt-learning adapter; {self.active_adapter!r} is {config.peft_type.value}"
+            )
         virtual = self.prompt_encoder[self.active_adapter].prompt_embeddings()
         if config.peft_type == PeftType.PREFIX_TUNING:
             return prefix_cache(virtual.to(self.get_base_model().dtype), config, batch_size)
@@ -305,16 +325,24 @@ class PeftModel(nn.Module):
                 kwargs["position_ids"] = kwargs["position_ids"] + config.num_virtual_tokens
             else:
                 if warn:
-                    warnings.warn("position_ids are ignored with prompt tuning and P-tuning (as in HF peft)", stacklevel=4)
+                    warnings.warn(
+                        "position_ids are ignored with prompt tuning and P-tuning (as in HF peft)", stacklevel=4
+                    )
                 kwargs["position_ids"] = None
         if not self.prompt_keeps_token_type_ids and kwargs.get("token_type_ids") is not None:
             if warn:
-                warnings.warn(f"token_type_ids are ignored with prompt learning for {type(self).__name__} (as in HF peft)", stacklevel=4)
+                warnings.warn(
+                    f"token_type_ids are ignored with prompt learning for {type(self).__name__} (as in HF peft)",
+                    stacklevel=4,
+                )
             kwargs["token_type_ids"] = None
 
     def _prompt_forward(
-        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None, **kwargs: Any,
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Any:
         """The forward of a prompt-learning adapter (HF peft's): the attention mask covers the
         virtual tokens; prefix tuning passes them as past_key_values, the other methods as
@@ -328,12 +356,20 @@ class PeftModel(nn.Module):
         if config.peft_type == PeftType.PREFIX_TUNING:
             _check_takes_cache(model)
             past_key_values = self.get_prompt(batch_size)
-            return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+            return model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0)
         if self.prompt_pads_labels and kwargs.get("labels") is not None:
             kwargs["labels"] = prepend(kwargs["labels"], n, -100)
-        output = model(inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds), attention_mask=attention_mask, **kwargs)
+        output = model(
+            inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds), attention_mask=attention_mask, **kwargs
+        )
         for name in self.prompt_drops_virtual_outputs:
             if not hasattr(output, "keys"):
                 raise ValueError(f"{type(self).__name__} with prompt learning needs return_dict=True outputs")
@@ -341,18 +377,26 @@ class PeftModel(nn.Module):
         return output
 
     # -- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add a new (inactive) adapter; `set_adapter` activates it."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
-                f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters; one method per model"
+                f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters; one method per model"  # noqa: E501
             )
         self._add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = self.active_peft_config.base_model_name_or_path
-        self._tuner.inject_adapter(self.get_base_model(), adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        self._tuner.inject_adapter(
+            self.get_base_model(), adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage
+        )
         self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=False)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -384,7 +428,9 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self._tuner.unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
         """Merge the active adapter into the base weights; return the plain base model."""
         return self._tuner.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -443,7 +489,13 @@ class PeftModel(nn.Module):
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_MODELS.get(config.task_type, PeftModel)
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+        peft_model = target_cls(
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         peft_model._load_weights(model_id, adapter_name, low_cpu_mem_usage)
         if not is_trainable:
             peft_model.eval()
@@ -471,7 +523,9 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id)
         _check_loadable(config, is_trainable)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.add_adapter(
+            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+        )
         result = self._load_weights(model_id, adapter_name, low_cpu_mem_usage)
         if not is_trainable:
             self.eval()
@@ -542,7 +596,9 @@ class PeftModelForCausalLM(_GenerativePeftModel):
         mask = model_kwargs.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                raise ValueError("generate() with a prompt-learning adapter needs 2-D attention masks (a dynamic cache, not a static one)")
+                raise ValueError(
+                    "generate() with a prompt-learning adapter needs 2-D attention masks (a dynamic cache, not a static one)"  # noqa: E501
+                )
             model_kwargs["attention_mask"] = prepend(mask, config.num_virtual_tokens, 1)
         self._adjust_prompt_kwargs(model_kwargs, warn=False)
         if cached == 0:
@@ -556,8 +612,12 @@ class PeftModelForCausalLM(_GenerativePeftModel):
 
 class PeftModelForSeq2SeqLM(_GenerativePeftModel):
     def _prompt_forward(
-        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, **kwargs: Any,
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Any:
         """As HF peft: prefix tuning's virtual tokens go into the decoder's self-attention (the
         decoder mask covers them); prompt tuning's and P-tuning's in front of the encoder input."""
@@ -566,20 +626,27 @@ class PeftModelForSeq2SeqLM(_GenerativePeftModel):
         self._adjust_prompt_kwargs(kwargs)
         if self.active_peft_config.peft_type == PeftType.PREFIX_TUNING:
             return model(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
                 decoder_attention_mask=prepend(decoder_attention_mask, n, 1),
-                past_key_values=self.get_prompt(_batch_size(input_ids, inputs_embeds)), **kwargs,
+                past_key_values=self.get_prompt(_batch_size(input_ids, inputs_embeds)),
+                **kwargs,
             )
         return model(
-            inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds), attention_mask=prepend(attention_mask, n, 1),
-            decoder_attention_mask=decoder_attention_mask, **kwargs,
+            inputs_embeds=self._prompt_input_embeds(input_ids, inputs_embeds),
+            attention_mask=prepend(attention_mask, n, 1),
+            decoder_attention_mask=decoder_attention_mask,
+            **kwargs,
         )
 
     def _prompt_generate(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Prompt tuning and P-tuning hand generate the encoder's input embeddings with the virtual tokens in front."""
         config = self.active_peft_config
         if args or "input_ids" not in kwargs:
-            raise ValueError("generate() of a seq2seq model with a prompt-learning adapter needs input_ids=... as a keyword")
+            raise ValueError(
+                "generate() of a seq2seq model with a prompt-learning adapter needs input_ids=... as a keyword"
+            )
         self._adjust_prompt_kwargs(kwargs)
         if config.peft_type == PeftType.PREFIX_TUNING:
             return model.generate(**kwargs)
@@ -626,7 +693,11 @@ class PeftModelForQuestionAnswering(PeftModel):
     prompt_drops_virtual_outputs = ("start_logits", "end_logits")
 
     def _prompt_forward(
-        self, *args: Any, start_positions: torch.Tensor | None = None, end_positions: torch.Tensor | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Any:
         output = super()._prompt_forward(*args, **kwargs)
         if start_positions is None or end_positions is None or output.get("start_logits") is None:

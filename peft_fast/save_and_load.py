@@ -40,7 +40,9 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
                     mapping[f"{prefix}{container_name}"] = f"{prefix}{container_name}.{adapter_name}"
                 else:
                     for pname in item.state_dict():
-                        mapping[f"{prefix}{container_name}.{pname}"] = f"{prefix}{container_name}.{adapter_name}.{pname}"
+                        mapping[f"{prefix}{container_name}.{pname}"] = (
+                            f"{prefix}{container_name}.{adapter_name}.{pname}"
+                        )
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for pname in module.modules_to_save[adapter_name].state_dict():
                 mapping[f"{prefix}{pname}"] = f"{prefix}modules_to_save.{adapter_name}.{pname}"
@@ -55,17 +57,26 @@ def _extra_base_keys(model: nn.Module, adapter_name: str, save_embedding_layers:
     bias = getattr(config, "bias", "none")
     adapter_keys = set(adapter_key_map(model, adapter_name).values())
     if bias == "all":
-        keys += [k for k, _ in model.named_parameters() if "bias" in k and k not in adapter_keys and ".original_module." not in k]
+        keys += [
+            k
+            for k, _ in model.named_parameters()
+            if "bias" in k and k not in adapter_keys and ".original_module." not in k
+        ]
     elif bias == "lora_only":
         for path, module in model.named_modules():
-            if isinstance(module, LoraLayer) and adapter_name in module.r and getattr(module.base_layer, "bias", None) is not None:
+            if (
+                isinstance(module, LoraLayer)
+                and adapter_name in module.r
+                and getattr(module.base_layer, "bias", None) is not None
+            ):
                 keys.append(f"{path}.base_layer.bias")
     if save_embedding_layers == "auto":
         targets = getattr(config, "target_modules", None)
         save_embedding_layers = isinstance(targets, (set, list)) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers:
         keys += [
-            k for k, _ in model.named_parameters()
+            k
+            for k, _ in model.named_parameters()
             if any(f".{n}." in k for n in EMBEDDING_LAYER_NAMES) and k not in adapter_keys and "lora_" not in k
         ]
     return keys
@@ -118,7 +129,10 @@ def set_peft_model_state_dict(
         peft_model_state_dict = dict(peft_model_state_dict)
         prompt_embeddings = peft_model_state_dict.pop(PROMPT_FILE_KEY, None)
         if prompt_embeddings is None:
-            raise ValueError(f"adapter weights do not fit the model: {PROMPT_FILE_KEY!r} (the virtual tokens of adapter {adapter_name!r}) is missing from the file")
+            raise ValueError(
+                f"adapter weights do not fit the model: {PROMPT_FILE_KEY!r} (the virtual tokens of adapter"
+                f" {adapter_name!r}) is missing from the file"
+            )
     for file_key, tensor in peft_model_state_dict.items():
         model_key = mapping.get(file_key)
         if model_key is None and file_key in model_sd and file_key not in mapping.values():
@@ -133,7 +147,9 @@ def set_peft_model_state_dict(
         if unexpected:
             parts.append(f"{len(unexpected)} keys the model has no place for, e.g. {sorted(unexpected)[:5]}")
         if missing:
-            parts.append(f"{len(missing)} weights of adapter {adapter_name!r} missing from the file, e.g. {missing[:5]}")
+            parts.append(
+                f"{len(missing)} weights of adapter {adapter_name!r} missing from the file, e.g. {missing[:5]}"
+            )
         raise ValueError(f"adapter weights do not fit the model: {'; '.join(parts)}")
     wrong = [
         f"{k}: file {tuple(t.shape)} vs model {tuple(model_sd[k].shape)}"
@@ -141,7 +157,9 @@ def set_peft_model_state_dict(
         if tuple(t.shape) != tuple(model_sd[k].shape)
     ]
     if wrong:
-        raise ValueError(f"adapter weight shapes do not fit the model (was it saved with another r or base model?): {wrong[:5]}")
+        raise ValueError(
+            f"adapter weight shapes do not fit the model (was it saved with another r or base model?): {wrong[:5]}"
+        )
     if prompt_embeddings is not None:
         model.prompt_encoder[adapter_name].load_prompt_embeddings(prompt_embeddings)
     # Weights still on the meta device (a model built there) are replaced, not copied into.
@@ -162,10 +180,14 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | 
     pt = os.path.join(folder, WEIGHTS_NAME_PT)
     if os.path.isfile(pt):
         return torch.load(pt, map_location=device or "cpu", weights_only=True)
-    raise ValueError(f"no {WEIGHTS_NAME} or {WEIGHTS_NAME_PT} in adapter folder {folder!r} (it has {sorted(os.listdir(folder))})")
+    raise ValueError(
+        f"no {WEIGHTS_NAME} or {WEIGHTS_NAME_PT} in adapter folder {folder!r} (it has {sorted(os.listdir(folder))})"
+    )
 
 
-def save_adapter_folder(folder: str, state_dict: dict[str, torch.Tensor], config: Any, safe_serialization: bool = True) -> None:
+def save_adapter_folder(
+    folder: str, state_dict: dict[str, torch.Tensor], config: Any, safe_serialization: bool = True
+) -> None:
     """Write one adapter: its weights and adapter_config.json."""
     os.makedirs(folder, exist_ok=True)
     # safetensors refuses tensors that share memory: give each its own contiguous copy.

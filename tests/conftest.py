@@ -28,37 +28,78 @@ warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def _opt():
     from transformers import OPTConfig, OPTForCausalLM
 
-    return OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=2,
-                                    max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0,
-                                    pad_token_id=1))
+    return OPTForCausalLM(
+        OPTConfig(
+            vocab_size=97,
+            hidden_size=32,
+            ffn_dim=40,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+    )
 
 
 def _bert_cls():
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=37, max_position_embeddings=64, num_labels=3))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
+    )
 
 
 def _t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
-                                               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=97,
+            d_model=32,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 BUILDERS = {"llama": _llama, "gpt2": _gpt2, "opt": _opt, "bert": _bert_cls, "t5": _t5}

@@ -70,8 +70,14 @@ def test_bad_init_lora_weights():
 
 @pytest.mark.parametrize(
     "option",
-    [{"use_dora": True}, {"lora_bias": True}, {"use_qalora": True}, {"layer_replication": [[0, 1]]},
-     {"loftq_config": {"loftq_bits": 4}}, {"trainable_token_indices": [1, 2]}],
+    [
+        {"use_dora": True},
+        {"lora_bias": True},
+        {"use_qalora": True},
+        {"layer_replication": [[0, 1]]},
+        {"loftq_config": {"loftq_bits": 4}},
+        {"trainable_token_indices": [1, 2]},
+    ],
     ids=lambda o: next(iter(o)),
 )
 def test_unsupported_hf_options_refused(option):
@@ -241,8 +247,17 @@ def test_shapes_that_do_not_fit(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=44, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=48,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(ValueError, match="shapes do not fit"):
         PeftModel.from_pretrained(wider, tmp_path)
 

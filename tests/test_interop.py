@@ -8,10 +8,10 @@ import json
 import peft
 import pytest
 import torch
+from conftest import TASKS, make_inputs, make_model, output_of
 from safetensors.torch import load_file
 
 import peft_fast
-from conftest import TASKS, make_inputs, make_model, output_of
 
 KINDS = ["llama", "gpt2", "opt", "bert", "t5"]
 
@@ -20,8 +20,9 @@ def _configs(lib, kind):
     task = TASKS[kind]
     return {
         "lora": lib.LoraConfig(task_type=task, r=4, lora_alpha=8, init_lora_weights=False),
-        "lora_all_linear_rslora": lib.LoraConfig(task_type=task, r=3, lora_alpha=5, use_rslora=True,
-                                                 target_modules="all-linear", init_lora_weights=False),
+        "lora_all_linear_rslora": lib.LoraConfig(
+            task_type=task, r=3, lora_alpha=5, use_rslora=True, target_modules="all-linear", init_lora_weights=False
+        ),
         "ia3": lib.IA3Config(task_type=task, init_ia3_weights=False),
     }
 
@@ -32,7 +33,11 @@ def _wrap(lib, kind, name, seed=0):
 
 
 def _adapter_shapes(model):
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if "lora_" in k or "ia3_" in k or "modules_to_save" in k}
+    return {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if "lora_" in k or "ia3_" in k or "modules_to_save" in k
+    }
 
 
 @pytest.mark.parametrize("name", ["lora", "lora_all_linear_rslora", "ia3"])
@@ -77,8 +82,18 @@ def test_peft_fast_files_load_into_hf_peft(kind, name, tmp_path):
     ours_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     hf_cfg = json.loads((hf_dir / "adapter_config.json").read_text())
     assert set(ours_cfg) == set(hf_cfg)
-    for key in ("r", "lora_alpha", "target_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
-                "task_type", "peft_type", "use_rslora", "inference_mode"):
+    for key in (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "feedforward_modules",
+        "modules_to_save",
+        "fan_in_fan_out",
+        "task_type",
+        "peft_type",
+        "use_rslora",
+        "inference_mode",
+    ):
         if key in hf_cfg:
             normalize = lambda v: sorted(v) if isinstance(v, list) else v  # noqa: E731
             assert normalize(ours_cfg[key]) == normalize(hf_cfg[key]), key
@@ -87,8 +102,14 @@ def test_peft_fast_files_load_into_hf_peft(kind, name, tmp_path):
 def test_named_adapters_and_embedding_lora_both_ways(tmp_path):
     """A second adapter in a sub-folder, LoRA on an embedding, rank/alpha patterns."""
     inputs = make_inputs("llama")
-    cfg = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "embed_tokens"],
-               rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3})
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3},
+    )
     torch.manual_seed(5)
     theirs = peft.get_peft_model(make_model("llama"), peft.LoraConfig(**cfg))
     theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))

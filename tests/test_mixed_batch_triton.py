@@ -7,9 +7,9 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from conftest import make_inputs, make_model, output_of
 
 import peft_fast
-from conftest import make_inputs, make_model, output_of
 from peft_fast.ops import dispatch
 
 
@@ -25,10 +25,14 @@ def _three_adapters(lib, kind="llama", dropout=0.0):
     a rank pattern (1 on one module). Random (non-identity) weights, fixed seed."""
     torch.manual_seed(9)
     kv = ["c_attn"] if kind == "gpt2" else ["k_proj", "v_proj"]
-    m = lib.get_peft_model(make_model(kind), lib.LoraConfig(r=4, init_lora_weights=False, lora_dropout=dropout), adapter_name="first")
+    m = lib.get_peft_model(
+        make_model(kind), lib.LoraConfig(r=4, init_lora_weights=False, lora_dropout=dropout), adapter_name="first"
+    )
     m.add_adapter("second", lib.LoraConfig(r=2, target_modules=kv, init_lora_weights=False))
     pattern = {kv[-1]: 1}
-    m.add_adapter("third", lib.LoraConfig(r=8, lora_alpha=4, rank_pattern=pattern, init_lora_weights=False, lora_dropout=dropout))
+    m.add_adapter(
+        "third", lib.LoraConfig(r=8, lora_alpha=4, rank_pattern=pattern, init_lora_weights=False, lora_dropout=dropout)
+    )
     return m
 
 

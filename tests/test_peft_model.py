@@ -450,8 +450,9 @@ def test_mixed_batch_training_with_gradients(kind):
 
 
 def test_mixed_batch_with_embedding_lora():
-    model = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
-                                                           init_lora_weights=False)).eval()
+    model = get_peft_model(
+        make_model("llama"), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    ).eval()
     torch.manual_seed(3)
     model.add_adapter("other", LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
     inputs = make_inputs("llama", batch=len(MIXED_NAMES))
@@ -629,8 +630,15 @@ def _bert_head(cls_name, **kw):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=37, max_position_embeddings=64, **kw)
+    cfg = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        **kw,
+    )
     return getattr(transformers, cls_name)(cfg).eval()
 
 
@@ -638,20 +646,40 @@ def _llama_seq_cls():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    return LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0)).eval()
+    return LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            num_labels=3,
+            pad_token_id=0,
+        )
+    ).eval()
 
 
 TASK_CASES = {
     "CAUSAL_LM": (lambda: make_model("llama"), peft_fast.PeftModelForCausalLM, None),
     "SEQ_2_SEQ_LM": (lambda: make_model("t5"), peft_fast.PeftModelForSeq2SeqLM, None),
-    "SEQ_CLS": (lambda: _bert_head("BertForSequenceClassification", num_labels=3),
-                peft_fast.PeftModelForSequenceClassification, "classifier"),
+    "SEQ_CLS": (
+        lambda: _bert_head("BertForSequenceClassification", num_labels=3),
+        peft_fast.PeftModelForSequenceClassification,
+        "classifier",
+    ),
     "SEQ_CLS_llama": (_llama_seq_cls, peft_fast.PeftModelForSequenceClassification, "score"),
-    "TOKEN_CLS": (lambda: _bert_head("BertForTokenClassification", num_labels=5),
-                  peft_fast.PeftModelForTokenClassification, "classifier"),
-    "QUESTION_ANS": (lambda: _bert_head("BertForQuestionAnswering"), peft_fast.PeftModelForQuestionAnswering, "qa_outputs"),
+    "TOKEN_CLS": (
+        lambda: _bert_head("BertForTokenClassification", num_labels=5),
+        peft_fast.PeftModelForTokenClassification,
+        "classifier",
+    ),
+    "QUESTION_ANS": (
+        lambda: _bert_head("BertForQuestionAnswering"),
+        peft_fast.PeftModelForQuestionAnswering,
+        "qa_outputs",
+    ),
     "FEATURE_EXTRACTION": (lambda: _bert_head("BertModel"), peft_fast.PeftModelForFeatureExtraction, None),
     None: (lambda: make_model("llama"), PeftModel, None),
 }
@@ -669,8 +697,9 @@ def _first_output(out):
 def test_task_wrappers(case, tmp_path):
     build, expected_cls, head = TASK_CASES[case]
     task = case.split("_llama")[0] if case else None
-    config = LoraConfig(task_type=task, r=4, target_modules=["q_proj", "v_proj", "query", "value", "q", "v"],
-                        init_lora_weights=False)
+    config = LoraConfig(
+        task_type=task, r=4, target_modules=["q_proj", "v_proj", "query", "value", "q", "v"], init_lora_weights=False
+    )
     model = get_peft_model(build(), config)
     assert type(model) is expected_cls
     hf_config = peft.LoraConfig(task_type=task, r=4, target_modules=["q_proj", "v_proj", "query", "value", "q", "v"])
@@ -713,7 +742,7 @@ def _lora_layers(model, lib):
     layer_cls = peft.tuners.lora.LoraLayer if lib is peft else LoraLayer
     prefix = "base_model.model."
     return {
-        n[len(prefix):]: (dict(m.r), {k: round(float(v), 6) for k, v in m.scaling.items()})
+        n[len(prefix) :]: (dict(m.r), {k: round(float(v), 6) for k, v in m.scaling.items()})
         for n, m in model.named_modules()
         if isinstance(m, layer_cls)
     }
@@ -737,13 +766,27 @@ LORA_OPTION_CASES = {
     "all_linear_t5": ("t5", {"target_modules": "all-linear"}),
     "exclude_list": ("llama", {"target_modules": "all-linear", "exclude_modules": ["down_proj", "k_proj"]}),
     "exclude_regex": ("llama", {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*layers\.0\..*"}),
-    "layers_pattern": ("llama", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
+    "layers_pattern": (
+        "llama",
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    ),
     "layers_int": ("llama", {"target_modules": ["q_proj"], "layers_to_transform": 0}),
     "layers_gpt2": ("gpt2", {"target_modules": ["c_attn", "c_fc"], "layers_to_transform": [1]}),
-    "layers_bert": ("bert", {"target_modules": ["query", "dense"], "layers_to_transform": [0], "layers_pattern": "layer"}),
+    "layers_bert": (
+        "bert",
+        {"target_modules": ["query", "dense"], "layers_to_transform": [0], "layers_pattern": "layer"},
+    ),
     "regex_bert": ("bert", {"target_modules": r".*encoder\.layer\.\d\.(attention\.self\.key|output\.dense)"}),
-    "patterns": ("llama", {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2},
-                                "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 3}}),
+    "patterns": (
+        "llama",
+        {
+            "target_modules": ["q_proj", "v_proj"],
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {"v_proj": 2},
+            "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 3},
+        },
+    ),
     "rslora": ("llama", {"target_modules": ["q_proj"], "r": 4, "lora_alpha": 6, "use_rslora": True}),
     "embedding": ("llama", {"target_modules": ["embed_tokens", "q_proj"]}),
     "default_llama": ("llama", {}),
@@ -784,8 +827,8 @@ def test_ia3_targets_match_hf_peft(case):
     ours, theirs = _both(kind, method="ia3", **kw)
     hf_layer = peft.tuners.ia3.IA3Layer
     prefix = "base_model.model."
-    ours_layers = {n[len(prefix):]: m.is_feedforward for n, m in ours.named_modules() if isinstance(m, IA3Linear)}
-    theirs_layers = {n[len(prefix):]: m.is_feedforward for n, m in theirs.named_modules() if isinstance(m, hf_layer)}
+    ours_layers = {n[len(prefix) :]: m.is_feedforward for n, m in ours.named_modules() if isinstance(m, IA3Linear)}
+    theirs_layers = {n[len(prefix) :]: m.is_feedforward for n, m in theirs.named_modules() if isinstance(m, hf_layer)}
     assert ours_layers and ours_layers == theirs_layers
     assert any(ours_layers.values()) and not all(ours_layers.values())
 
@@ -795,8 +838,10 @@ def test_init_lora_weights_options():
     base = output_of(make_model("llama"), inputs)
     for init in (True, "gaussian", False):
         torch.manual_seed(0)
-        model = get_peft_model(make_model("llama"), LoraConfig(r=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                                                               init_lora_weights=init)).eval()
+        model = get_peft_model(
+            make_model("llama"),
+            LoraConfig(r=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=init),
+        ).eval()
         linear = [m for m in model.modules() if isinstance(m, LoraLayer) and m.lora_A]
         emb = [m for m in model.modules() if isinstance(m, LoraLayer) and m.lora_embedding_A]
         assert linear and emb
@@ -835,7 +880,9 @@ def test_lora_bias_trainable_and_saved(bias, tmp_path):
     for n in biases:
         assert not torch.equal(dict(ours.named_parameters())[n], before[n]), n
     sd = get_peft_model_state_dict(ours)
-    assert {n.replace("base_model.model.", "", 1) for n in biases} <= {k.replace("base_model.model.", "", 1) for k in sd}
+    assert {n.replace("base_model.model.", "", 1) for n in biases} <= {
+        k.replace("base_model.model.", "", 1) for k in sd
+    }
     ours.eval()
     ours.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(make_model("gpt2"), tmp_path)

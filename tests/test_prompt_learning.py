@@ -38,12 +38,15 @@ def _config(lib, method, task, **kw):
     if method == "prefix":
         return lib.PrefixTuningConfig(task_type=task, num_virtual_tokens=N, **kw)
     if method == "prefix_proj":
-        return lib.PrefixTuningConfig(task_type=task, num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=8, **kw)
+        return lib.PrefixTuningConfig(
+            task_type=task, num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=8, **kw
+        )
     if method == "ptune":
         return lib.PromptEncoderConfig(task_type=task, num_virtual_tokens=N, encoder_hidden_size=8, **kw)
     if method == "ptune_lstm":
-        return lib.PromptEncoderConfig(task_type=task, num_virtual_tokens=N, encoder_hidden_size=8,
-                                       encoder_reparameterization_type="LSTM", **kw)
+        return lib.PromptEncoderConfig(
+            task_type=task, num_virtual_tokens=N, encoder_hidden_size=8, encoder_reparameterization_type="LSTM", **kw
+        )
     raise AssertionError(method)
 
 
@@ -161,13 +164,26 @@ def test_peft_fast_files_load_into_hf(kind, method, tmp_path):
     _close(output_of(theirs, inputs), expected)
     # the same file layout and config keys as HF peft writes
     _wrap(peft, kind, method).save_pretrained(tmp_path / "hf")
-    ours_file, hf_file = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "hf" / "adapter_model.safetensors")
+    ours_file, hf_file = (
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+        load_file(tmp_path / "hf" / "adapter_model.safetensors"),
+    )
     assert {k: v.shape for k, v in ours_file.items()} == {k: v.shape for k, v in hf_file.items()}
     ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     hf_cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert set(ours_cfg) == set(hf_cfg)
-    for key in ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
-                "peft_type", "task_type", "inference_mode", "encoder_hidden_size", "encoder_reparameterization_type"):
+    for key in (
+        "num_virtual_tokens",
+        "token_dim",
+        "num_layers",
+        "num_attention_heads",
+        "num_transformer_submodules",
+        "peft_type",
+        "task_type",
+        "inference_mode",
+        "encoder_hidden_size",
+        "encoder_reparameterization_type",
+    ):
         assert ours_cfg.get(key) == hf_cfg.get(key), key
     assert set(ours_cfg.get("modules_to_save") or []) == set(hf_cfg.get("modules_to_save") or [])
     # and back into peft_fast
@@ -221,7 +237,9 @@ def test_training_reduces_loss_and_changes_only_prompt_parameters(kind, method):
     model.train()
     trainable = set(_trainable(model))
     allowed = ("prompt_encoder.default.", "classifier.modules_to_save.default.")
-    assert trainable and all(n.startswith("prompt_encoder.default.") or "classifier.modules_to_save.default." in n for n in trainable)
+    assert trainable and all(
+        n.startswith("prompt_encoder.default.") or "classifier.modules_to_save.default." in n for n in trainable
+    )
     if kind == "bert":
         assert any("classifier.modules_to_save.default" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -252,8 +270,15 @@ def _bert_task(cls_name, num_labels=3):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=37, max_position_embeddings=64, num_labels=num_labels)
+    config = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
     return getattr(transformers, cls_name)(config).eval()
 
 
@@ -269,7 +294,7 @@ def test_token_classification_keeps_one_row_per_input_token(method):
         got = ours(**inputs, labels=labels)
         expected = theirs(**inputs).logits
     assert got.logits.shape == (*inputs["input_ids"].shape, 3)
-    _close(got.logits, expected[:, -inputs["input_ids"].shape[1]:])  # HF peft also returns the virtual tokens' rows
+    _close(got.logits, expected[:, -inputs["input_ids"].shape[1] :])  # HF peft also returns the virtual tokens' rows
     _close(got.loss, torch.nn.functional.cross_entropy(got.logits.reshape(-1, 3), labels.reshape(-1)))
 
 
@@ -277,7 +302,9 @@ def test_token_classification_keeps_one_row_per_input_token(method):
 def test_question_answering_and_feature_extraction(method):
     inputs = make_inputs("bert")
     seq = inputs["input_ids"].shape[1]
-    theirs = peft.get_peft_model(_bert_task("BertForQuestionAnswering", 2), _config(peft, method, "QUESTION_ANS")).eval()
+    theirs = peft.get_peft_model(
+        _bert_task("BertForQuestionAnswering", 2), _config(peft, method, "QUESTION_ANS")
+    ).eval()
     ours = get_peft_model(_bert_task("BertForQuestionAnswering", 2), _config(peft_fast, method, "QUESTION_ANS")).eval()
     ours.load_state_dict(theirs.state_dict())
     start, end = torch.tensor([1, 2, 6]), torch.tensor([3, 2, 6])
@@ -366,8 +393,13 @@ def test_text_and_sample_vocab_init(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(tmp_path)
-    kw = dict(task_type="CAUSAL_LM", num_virtual_tokens=5, prompt_tuning_init="TEXT",
-              prompt_tuning_init_text="classify the topic", tokenizer_name_or_path=str(tmp_path))
+    kw = dict(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=5,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the topic",
+        tokenizer_name_or_path=str(tmp_path),
+    )
     ours = get_peft_model(make_model("llama"), peft_fast.PromptTuningConfig(**kw))
     theirs = peft.get_peft_model(make_model("llama"), peft.PromptTuningConfig(**kw))
     words = make_model("llama").get_input_embeddings().weight

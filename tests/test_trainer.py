@@ -30,12 +30,22 @@ def test_forward_signature_shows_base_model_arguments(kind):
 def test_trainer_keeps_model_inputs_and_trains(tmp_path):
     """With the Trainer's defaults (remove_unused_columns=True) the inputs reach the model and
     only the adapter changes."""
-    model = get_peft_model(make_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        make_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"])
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(2, 97, (4, 6), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row, "text": "unused"} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
@@ -49,8 +59,17 @@ def test_checkpoints_hold_the_adapter_with_the_callback(tmp_path):
     model = get_peft_model(make_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=2, init_lora_weights=False))
     ids = torch.randint(2, 97, (4, 6), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveAdapterCallback()]).train()
     reloaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "checkpoint-2")
     model.eval()

@@ -61,7 +61,9 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return in_f, out_f
 
 
-def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, names: tuple[str, str] = ("lora_A", "lora_B")) -> int:
+def check_lora_args(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, names: tuple[str, str] = ("lora_A", "lora_B")
+) -> int:
     """The rank r of one adapter; ValueError/TypeError naming the argument when the linear
     arguments, lora_A (r, in), lora_B (out, r), scaling or dropout_p do not fit."""
     a_name, b_name = names
@@ -80,18 +82,26 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, names: 
     return r
 
 
-def check_ia3_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor, feedforward: bool) -> None:
+def check_ia3_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor, feedforward: bool
+) -> None:
     """ValueError naming the argument when the linear arguments or ia3_l ((1, in) for a
     feed-forward layer, (out, 1) otherwise) do not fit."""
     in_f, out_f = check_linear_args(x, weight, bias)
     expected = (1, in_f) if feedforward else (out_f, 1)
     if not isinstance(ia3_l, torch.Tensor) or tuple(ia3_l.shape) != expected:
         kind = "feed-forward" if feedforward else "non-feed-forward"
-        raise ValueError(f"ia3_l must have shape {expected} for a {kind} layer, got {tuple(getattr(ia3_l, 'shape', ()))}")
+        raise ValueError(
+            f"ia3_l must have shape {expected} for a {kind} layer, got {tuple(getattr(ia3_l, 'shape', ()))}"
+        )
 
 
 def mixed_adapter_reason(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor | None], str | None]:
     """For a mixed-adapter call: every tensor by argument name (for a backend's device
     check), and why stacked-adapter kernels cannot take the adapters (None if they can):
@@ -104,4 +114,3 @@ def mixed_adapter_reason(
     if len({t.dtype for t in (*lora_As, *lora_Bs)}) != 1:
         return named, "the adapters do not share one dtype (kernels stack their weights)"
     return named, None
-

@@ -89,7 +89,16 @@ def cuda_lora_fwd(
     y = torch.nn.functional.linear(x, weight, bias).contiguous()
     rescale = [1.0 / (1.0 - p) for p in dropout_ps]
     h = torch.ops.peft_fast.cuda_sgmv_shrink(
-        inner_contiguous(x), lora_A.contiguous(), rows, seg_starts, rank_offsets, ranks, rescale, dropout_ps, seed, max_rank
+        inner_contiguous(x),
+        lora_A.contiguous(),
+        rows,
+        seg_starts,
+        rank_offsets,
+        ranks,
+        rescale,
+        dropout_ps,
+        seed,
+        max_rank,
     )
     no_dropout = [0.0] * len(ranks)
     torch.ops.peft_fast.cuda_sgmv_expand_(
@@ -129,7 +138,9 @@ def cuda_lora_bwd(
     no_dropout = [0.0] * len(ranks)
     rescale = [1.0 / (1.0 - p) for p in dropout_ps]
     segs = (rows, seg_starts, rank_offsets, ranks)
-    dh = torch.ops.peft_fast.cuda_sgmv_shrink(dy, lora_B.t().contiguous(), *segs, scalings, no_dropout, None, h.shape[1])
+    dh = torch.ops.peft_fast.cuda_sgmv_shrink(
+        dy, lora_B.t().contiguous(), *segs, scalings, no_dropout, None, h.shape[1]
+    )
     dBt = torch.ops.peft_fast.cuda_sgmv_adapter_grad(h, dy, *segs, scalings, no_dropout, None, total_rank, lora_B.dtype)
     dA = torch.ops.peft_fast.cuda_sgmv_adapter_grad(dh, x, *segs, rescale, dropout_ps, seed, total_rank, lora_A.dtype)
     if need_dx:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .ia3_autograd import register_ia3_autograd
 from .checks import check_ia3_args
 from .cuda_ops import adapter_dtype_reason, cuda_reason, inner_contiguous
+from .ia3_autograd import register_ia3_autograd
 
 
 @torch.library.custom_op("peft_fast::cuda_ia3_linear_fwd", mutates_args=())
@@ -45,7 +45,9 @@ def _(x, weight, bias, scale, feedforward, save_z):
 
 
 @torch.library.custom_op("peft_fast::cuda_ia3_linear_bwd", mutates_args=())
-def cuda_ia3_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor, feedforward: bool) -> tuple[Tensor, Tensor]:
+def cuda_ia3_linear_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor, feedforward: bool
+) -> tuple[Tensor, Tensor]:
     """(dx, dscale) of cuda_ia3_linear_fwd's y; dscale is fp32 with scale's shape (zeros for
     an attention-style layer whose forward saved no z)."""
     dy = inner_contiguous(dy)

@@ -20,8 +20,8 @@ from torch import Tensor
 from peft_fast.kernels.ia3_scale import ia3_scaled_matmul
 
 from . import dispatch
-from .ia3_autograd import register_ia3_autograd
 from .checks import check_ia3_args, size_reason
+from .ia3_autograd import register_ia3_autograd
 from .triton_support import device_reason
 
 

@@ -74,5 +74,7 @@ def lora_linear_mixed(
     `stack` (a per-layer cache of the stacked adapter weights) are optional hints that kernel
     backends use to avoid per-call work; they never change the result."""
     hints = {"plan": plan, "stack": stack}
-    fn = dispatch.select("lora_linear_mixed", x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training, **hints)
+    fn = dispatch.select(
+        "lora_linear_mixed", x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training, **hints
+    )
     return fn(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training, **hints)

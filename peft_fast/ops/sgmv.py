@@ -64,7 +64,9 @@ def plan_mixed_batch(row_adapter: Tensor, device: torch.device | str | None = No
     device sync only when row_adapter lives on a GPU (layers pass a plan built from the
     host-side names instead)."""
     if not isinstance(row_adapter, Tensor) or row_adapter.dim() != 1:
-        raise ValueError(f"row_adapter must be a 1-D tensor (one adapter index per row), got {getattr(row_adapter, 'shape', row_adapter)!r}")
+        raise ValueError(
+            f"row_adapter must be a 1-D tensor (one adapter index per row), got {getattr(row_adapter, 'shape', row_adapter)!r}"  # noqa: E501
+        )
     if row_adapter.is_floating_point() or row_adapter.is_complex() or row_adapter.dtype == torch.bool:
         raise TypeError(f"row_adapter must hold integers, got {row_adapter.dtype}")
     device = torch.device(device) if device is not None else row_adapter.device
@@ -117,7 +119,9 @@ def check_mixed_args(
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"dropout_ps[{k}] must be in [0, 1), got {p!r}")
     if not isinstance(row_adapter, Tensor) or row_adapter.shape != (batch,):
-        raise ValueError(f"row_adapter must have shape ({batch},) (one entry per row of x), got {getattr(row_adapter, 'shape', row_adapter)!r}")
+        raise ValueError(
+            f"row_adapter must have shape ({batch},) (one entry per row of x), got {getattr(row_adapter, 'shape', row_adapter)!r}"  # noqa: E501
+        )
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,9 @@ class LoraStackCache:
             return _stack(lora_As, lora_Bs, scalings, dropout_ps, idx)
         key = (tuple(idx), _weights_key(lora_As), _weights_key(lora_Bs), tuple(scalings), tuple(dropout_ps))
         if key != self._key:
-            self._stack = _stack([a.detach() for a in lora_As], [b.detach() for b in lora_Bs], scalings, dropout_ps, idx)
+            self._stack = _stack(
+                [a.detach() for a in lora_As], [b.detach() for b in lora_Bs], scalings, dropout_ps, idx
+            )
             self._key = key
         assert self._stack is not None
         return self._stack
@@ -192,6 +198,15 @@ def _stack(lora_As, lora_Bs, scalings, dropout_ps, idx: list[int]) -> StackedLor
     B = torch.cat([lora_Bs[a] for a in idx], 1) if idx else torch.empty(0)
     ints = torch.tensor(ranks + offsets, dtype=torch.int32).to(device)
     p = torch.tensor([float(x) for x in dropout_ps], dtype=torch.float64)
-    floats = torch.cat([torch.tensor([float(s) for s in scalings], dtype=torch.float64), p, 1.0 / (1.0 - p), torch.ones(n, dtype=torch.float64)])
+    floats = torch.cat(
+        [
+            torch.tensor([float(s) for s in scalings], dtype=torch.float64),
+            p,
+            1.0 / (1.0 - p),
+            torch.ones(n, dtype=torch.float64),
+        ]
+    )
     floats = floats.to(torch.float32).to(device)
-    return StackedLora(A, B, ints[:n], ints[n:], tuple(ranks), floats[:n], floats[n : 2 * n], floats[2 * n : 3 * n], floats[3 * n :])
+    return StackedLora(
+        A, B, ints[:n], ints[n:], tuple(ranks), floats[:n], floats[n : 2 * n], floats[2 * n : 3 * n], floats[3 * n :]
+    )

@@ -49,7 +49,7 @@ def segments_of(row_adapter: Tensor, ranks: Sequence[int], n_rows: int) -> Segme
         if lo < -1 or hi >= n:
             raise ValueError(f"row_adapter entries must be in [-1, {n}), got min {lo}, max {hi}")
     counts = torch.bincount(ids + 1, minlength=n + 1).tolist()
-    order = torch.argsort(ids, stable=True)[counts[0]:].to(torch.int32)
+    order = torch.argsort(ids, stable=True)[counts[0] :].to(torch.int32)
     starts = [0]
     for c in counts[1:]:
         starts.append(starts[-1] + c)
@@ -63,7 +63,9 @@ def _per_row(row_adapter: Tensor, x: Tensor) -> Tensor:
     """row_adapter indexes dim 0 of x; for x of more than 2 dims every token of a batch row
     gets that row's adapter."""
     if row_adapter.dim() != 1 or row_adapter.shape[0] != x.shape[0]:
-        raise ValueError(f"row_adapter must be 1-D with x.shape[0] = {x.shape[0]} entries, got {tuple(row_adapter.shape)}")
+        raise ValueError(
+            f"row_adapter must be 1-D with x.shape[0] = {x.shape[0]} entries, got {tuple(row_adapter.shape)}"
+        )
     tokens = x.numel() // max(1, x.shape[0] * x.shape[-1]) if x.dim() > 2 else 1
     return row_adapter.repeat_interleave(tokens) if tokens != 1 else row_adapter
 

@@ -42,8 +42,8 @@ from peft_fast.kernels.sgmv_expand import sgmv_expand
 from peft_fast.kernels.sgmv_shrink import sgmv_shrink
 
 from . import dispatch
-from .sgmv import LoraStackCache, MixedPlan, StackedLora, check_mixed_args, plan_mixed_batch
 from .checks import mixed_adapter_reason
+from .sgmv import LoraStackCache, MixedPlan, StackedLora, check_mixed_args, plan_mixed_batch
 from .triton_support import check_linear_args, device_reason, size_reason
 
 PATHS = ("sgmv", "bgmv")
@@ -52,7 +52,7 @@ BGMV_MAX_MEAN_SEGMENT = 16
 
 
 def choose_path(plan: MixedPlan, tokens_per_row: int) -> str:
-    """"bgmv" for decode-shaped batches (one token per row, segments averaging fewer than
+    """ "bgmv" for decode-shaped batches (one token per row, segments averaging fewer than
     BGMV_MAX_MEAN_SEGMENT rows), "sgmv" otherwise. Depends on the batch only."""
     if tokens_per_row == 1 and plan.num_adapted_rows < BGMV_MAX_MEAN_SEGMENT * plan.num_segments:
         return "bgmv"
@@ -106,7 +106,9 @@ class _MixedLora(torch.autograd.Function):
         if need[4]:
             dB = sgmv_adapter_grad(h, dy, r_total, launch.segs, launch.ranks, st.scaling, B.dtype).t()
         if need[3]:
-            dA = sgmv_adapter_grad(dh, x, r_total, launch.segs, launch.ranks, launch.keep_scale, A.dtype, launch.ps, launch.seed)
+            dA = sgmv_adapter_grad(
+                dh, x, r_total, launch.segs, launch.ranks, launch.keep_scale, A.dtype, launch.ps, launch.seed
+            )
         if need[0]:
             dx = launch.expand(dy.mm(weight), dh, A.t(), launch.keep_scale, dropout=True)
         dW = dy.t().mm(x) if need[1] else None

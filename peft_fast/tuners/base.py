@@ -44,7 +44,10 @@ def fan_in_fan_out_for(target: nn.Module, config: PeftConfig, key: str) -> bool:
         config.fan_in_fan_out = True
         return True
     if getattr(config, "fan_in_fan_out", False):
-        warnings.warn(f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight stored (out, in)); using False for it", stacklevel=3)
+        warnings.warn(
+            f"fan_in_fan_out=True but {key!r} is an nn.Linear (weight stored (out, in)); using False for it",
+            stacklevel=3,
+        )
     return False
 
 
@@ -103,7 +106,7 @@ MIN_TARGETS_TO_SHORTEN = 20
 
 
 def _suffixes(name: str) -> list[str]:
-    """"a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    """ "a.b.c" -> ["c", "b.c", "a.b.c"]."""
     parts = name.split(".")
     return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
 
@@ -278,7 +281,9 @@ class MixedBatch:
         """The rows grouped by their adapter's index in `layer_adapters` (see MixedPlan)."""
         key = (tuple(layer_adapters), device)
         if key not in self._plans:
-            lut = torch.tensor([layer_adapters.index(n) if n in layer_adapters else -1 for n in self.names], dtype=torch.long)
+            lut = torch.tensor(
+                [layer_adapters.index(n) if n in layer_adapters else -1 for n in self.names], dtype=torch.long
+            )
             self._plans[key] = plan_mixed_batch(lut[self._row_slot_host], device)
         return self._plans[key]
 
@@ -377,7 +382,9 @@ class BaseTuner(nn.Module):
     layer_cls: type[AdapterLayer] = AdapterLayer
     mapping_name: str = ""
 
-    def __init__(self, model: nn.Module, peft_config: dict[str, PeftConfig], adapter_name: str, low_cpu_mem_usage: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, peft_config: dict[str, PeftConfig], adapter_name: str, low_cpu_mem_usage: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
@@ -420,7 +427,9 @@ class BaseTuner(nn.Module):
 
     @staticmethod
     def _all_linear_names(model: nn.Module, config: PeftConfig) -> set[str]:
-        names = {name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES) or isinstance(m, AdapterLayer)}
+        names = {
+            name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES) or isinstance(m, AdapterLayer)
+        }
         exclude: set[str] = set()
         get_out = getattr(model, "get_output_embeddings", None)
         out_emb = get_out() if callable(get_out) else None
@@ -437,7 +446,9 @@ class BaseTuner(nn.Module):
                 exclude |= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
         return names - exclude
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
         """Wrap every target module of `model` with an adapter layer carrying `adapter_name`."""
         config = self._prepare_config(config, model)
         self._check_new_adapter_config(config)
@@ -458,7 +469,9 @@ class BaseTuner(nn.Module):
             parent, child_name = _parent_of(model, key)
             if isinstance(module, AdapterLayer):
                 if not isinstance(module, self.layer_cls):
-                    raise ValueError(f"module {key!r} already carries an adapter of another method ({type(module).__name__})")
+                    raise ValueError(
+                        f"module {key!r} already carries an adapter of another method ({type(module).__name__})"
+                    )
                 self._update_layer(module, adapter_name, config, key)
             else:
                 new = self._create_layer(module, adapter_name, config, key)
@@ -481,7 +494,10 @@ class BaseTuner(nn.Module):
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         bias = getattr(config, "bias", "none")
         if len(self.peft_config) > 0 and bias != "none":
-            raise ValueError(f"{type(self).__name__} supports only one adapter with bias != 'none'; got bias={bias!r} for a second adapter")
+            raise ValueError(
+                f"{type(self).__name__} supports only one adapter with bias != 'none'; got bias={bias!r} for a"
+                f" second adapter"
+            )
 
     def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -572,7 +588,9 @@ class BaseTuner(nn.Module):
             del self.model.peft_config
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
         """Merge the active adapters into the base weights and return the plain base model."""
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -596,10 +614,14 @@ class BaseTuner(nn.Module):
             yield
             return
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-            raise TypeError(f"adapter_names must be a list with one adapter name per batch row, got {type(adapter_names).__name__}")
+            raise TypeError(
+                f"adapter_names must be a list with one adapter name per batch row, got {type(adapter_names).__name__}"
+            )
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"adapter_names contains unknown adapters {unknown}; known: {list(self.peft_config)} and {BASE_ADAPTER!r}")
+            raise ValueError(
+                f"adapter_names contains unknown adapters {unknown}; known: {list(self.peft_config)} and {BASE_ADAPTER!r}"  # noqa: E501
+            )
         layers = list(self.adapter_layers()) + list(self._wrappers())
         for layer in layers:
             if isinstance(layer, AdapterLayer):

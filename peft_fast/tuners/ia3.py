@@ -139,7 +139,9 @@ class IA3Model(BaseTuner):
     def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
         assert isinstance(config, IA3Config)
         if not isinstance(target, LINEAR_TYPES):
-            raise ValueError(f"target module {key!r} is a {type(target).__name__}; IA³ supports nn.Linear and transformers' Conv1D")
+            raise ValueError(
+                f"target module {key!r} is a {type(target).__name__}; IA³ supports nn.Linear and transformers' Conv1D"
+            )
         layer = IA3Linear(target, fan_in_fan_out_for(target, config, key), _is_feedforward(config, key))
         layer.update_layer(adapter_name, config.init_ia3_weights)
         return layer
@@ -147,5 +149,7 @@ class IA3Model(BaseTuner):
     def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
         assert isinstance(config, IA3Config) and isinstance(layer, IA3Linear)
         if _is_feedforward(config, key) != layer.is_feedforward:
-            raise ValueError(f"{key!r} is a feed-forward module in one IA³ adapter and not in another; they cannot share the layer")
+            raise ValueError(
+                f"{key!r} is a feed-forward module in one IA³ adapter and not in another; they cannot share the layer"
+            )
         layer.update_layer(adapter_name, config.init_ia3_weights)

@@ -18,10 +18,23 @@ from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, MixedBatch, fan_in_fan_
 
 # HF peft fields this version accepts in files but does not implement: their "off" values.
 _LORA_UNSUPPORTED = {
-    "use_dora": False, "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
-    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
-    "layer_replication": None, "lora_bias": False, "target_parameters": None, "use_bdlora": None,
-    "arrow_config": None, "kasa_config": None, "trainable_token_indices": None, "megatron_config": None,
+    "use_dora": False,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "trainable_token_indices": None,
+    "megatron_config": None,
 }
 
 
@@ -84,7 +97,9 @@ class LoraConfig(PeftConfig):
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                raise TypeError(f"{name} must be a dict of {{module name pattern: value}}, got {type(pattern).__name__}")
+                raise TypeError(
+                    f"{name} must be a dict of {{module name pattern: value}}, got {type(pattern).__name__}"
+                )
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
@@ -201,7 +216,13 @@ class LoraLinear(LoraLayer):
         self._lora_stack = LoraStackCache()
 
     def update_layer(
-        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool,
     ) -> None:
         self._set_numbers(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         w = self.base_layer.weight
@@ -258,7 +279,13 @@ class LoraEmbedding(LoraLayer):
     adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
 
     def update_layer(
-        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool,
     ) -> None:
         self._set_numbers(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         w = self.base_layer.weight
@@ -282,7 +309,16 @@ class LoraEmbedding(LoraLayer):
     def _embed(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
         base = self.base_layer
         return ops.lora_embedding(
-            x, base.weight, A, B, scaling, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            x,
+            base.weight,
+            A,
+            B,
+            scaling,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
         )
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:

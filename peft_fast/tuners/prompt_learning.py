@@ -92,7 +92,9 @@ class PromptTuningConfig(PromptLearningConfig):
         self.prompt_tuning_init = _enum_value(self.prompt_tuning_init, PromptTuningInit, "prompt_tuning_init")
         text_init = self.prompt_tuning_init == PromptTuningInit.TEXT
         if text_init and not self.tokenizer_name_or_path:
-            raise ValueError(f"prompt_tuning_init='TEXT' needs tokenizer_name_or_path, got {self.tokenizer_name_or_path!r}")
+            raise ValueError(
+                f"prompt_tuning_init='TEXT' needs tokenizer_name_or_path, got {self.tokenizer_name_or_path!r}"
+            )
         if text_init and self.prompt_tuning_init_text is None:
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got None")
         if self.tokenizer_kwargs and not text_init:
@@ -140,7 +142,10 @@ def _first_key(config: dict[str, Any], names: Sequence[str], field_name: str) ->
     for name in names:
         if config.get(name) is not None:
             return config[name]
-    raise ValueError(f"cannot read {field_name} from the base model's config (none of {list(names)}); set {field_name} in the peft config")
+    raise ValueError(
+        f"cannot read {field_name} from the base model's config (none of {list(names)}); set {field_name} in"
+        f" the peft config"
+    )
 
 
 def prepare_prompt_learning_config(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
@@ -167,7 +172,9 @@ def prepare_prompt_learning_config(config: PromptLearningConfig, model: nn.Modul
         )
     if config.peft_type == PeftType.PREFIX_TUNING and "num_key_value_heads" in values:
         if values.get("global_head_dim") is not None or values.get("per_layer_config") is not None:
-            raise ValueError("prefix tuning on models with per-layer attention shapes (global_head_dim, per_layer_config) is not supported")
+            raise ValueError(
+                "prefix tuning on models with per-layer attention shapes (global_head_dim, per_layer_config) is not supported"  # noqa: E501
+            )
         kv_heads = values["num_key_value_heads"]
         head_dim = values.get("head_dim") or config.token_dim // config.num_attention_heads
         config.token_dim = head_dim * kv_heads
@@ -209,7 +216,7 @@ class PromptEncoderBase(nn.Module):
             )
         if tuple(tensor.shape) != tuple(self.embedding.weight.shape):
             raise ValueError(
-                f"prompt_embeddings has shape {tuple(tensor.shape)} but the adapter expects {tuple(self.embedding.weight.shape)} "
+                f"prompt_embeddings has shape {tuple(tensor.shape)} but the adapter expects {tuple(self.embedding.weight.shape)} "  # noqa: E501
                 "(was it saved with another num_virtual_tokens or base model?)"
             )
         weight = self.embedding.weight
@@ -262,7 +269,9 @@ class PrefixEncoder(PromptEncoderBase):
         if self.prefix_projection and not config.inference_mode:
             self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)
             self.transform = nn.Sequential(
-                nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, width)
+                nn.Linear(config.token_dim, config.encoder_hidden_size),
+                nn.Tanh(),
+                nn.Linear(config.encoder_hidden_size, width),
             )
             if config.init_weights == "zero":
                 nn.init.zeros_(self.transform[-1].weight)
@@ -297,15 +306,28 @@ class PromptEncoder(PromptEncoderBase):
         hidden = self.hidden_size
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             self.lstm_head = nn.LSTM(
-                input_size=self.token_dim, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                dropout=config.encoder_dropout, bidirectional=True, batch_first=True,
+                input_size=self.token_dim,
+                hidden_size=hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
             )
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, self.token_dim))
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, self.token_dim)
+            )
         else:
             if config.encoder_num_layers != 2:
-                warnings.warn("encoder_num_layers is ignored for the MLP prompt encoder: it always has 2 hidden layers", stacklevel=3)
+                warnings.warn(
+                    "encoder_num_layers is ignored for the MLP prompt encoder: it always has 2 hidden layers",
+                    stacklevel=3,
+                )
             self.mlp_head = nn.Sequential(
-                nn.Linear(self.token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, self.token_dim)
+                nn.Linear(self.token_dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, self.token_dim),
             )
 
     def has_head(self) -> bool:
@@ -386,12 +408,16 @@ class PromptLearningAdapters:
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if self.active_adapter else []
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
         """Create the encoder of a new adapter (active if it is the first one)."""
         if not isinstance(config, PromptLearningConfig):
             raise TypeError(f"a prompt-learning model takes only prompt-learning configs, got {type(config).__name__}")
         prepare_prompt_learning_config(config, model)
-        if config.peft_type == PeftType.PREFIX_TUNING and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        if config.peft_type == PeftType.PREFIX_TUNING and any(
+            getattr(m, "gradient_checkpointing", False) for m in model.modules()
+        ):
             raise ValueError("prefix tuning does not work with gradient checkpointing; disable it on the base model")
         for p in model.parameters():
             p.requires_grad_(False)
@@ -452,14 +478,18 @@ class PromptLearningAdapters:
     def unmerge_adapter(self) -> None:
         raise self._unsupported("unmerge_adapter")
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
         raise self._unsupported("merge_and_unload")
 
     def unload(self) -> nn.Module:
         raise self._unsupported("unload")
 
     @contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str] | None, device: torch.device | None = None, encoder_adapter_names: Any = None) -> Iterator[None]:
+    def mixed_batch(
+        self, adapter_names: Sequence[str] | None, device: torch.device | None = None, encoder_adapter_names: Any = None
+    ) -> Iterator[None]:
         """Mixed-adapter batches need layer adapters; prompt learning refuses `adapter_names`."""
         if adapter_names is not None:
             raise ValueError("adapter_names (mixed adapter batches) is not supported for prompt-learning adapters")

@@ -86,9 +86,14 @@ def test_set_and_get_backend():
 def test_unavailable_backend_raises_with_reason(monkeypatch):
     _pretend_unavailable(monkeypatch, "cuda", "no CUDA device (faked by the test)")
     peft_fast.set_backend("torch")
-    with pytest.raises(RuntimeError, match=re.escape("backend 'cuda' is not available: no CUDA device (faked by the test)")):
+    with pytest.raises(
+        RuntimeError, match=re.escape("backend 'cuda' is not available: no CUDA device (faked by the test)")
+    ):
         peft_fast.set_backend("cuda")
-    with pytest.raises(RuntimeError, match=re.escape("no CUDA device (faked by the test)")), peft_fast.use_backend("cuda"):
+    with (
+        pytest.raises(RuntimeError, match=re.escape("no CUDA device (faked by the test)")),
+        peft_fast.use_backend("cuda"),
+    ):
         pass
     assert peft_fast.get_backend() == "torch"
 
@@ -149,7 +154,10 @@ def _lora_args(device_tensor=None):
 def test_auto_uses_torch_on_cpu_tensors():
     with peft_fast.use_backend("auto"):
         assert dispatch.select("lora_linear", *_lora_args()) is reference.lora_linear
-        assert dispatch.select("ia3_linear", torch.randn(2, 8), torch.randn(4, 8), None, torch.ones(4, 1), False) is reference.ia3_linear
+        assert (
+            dispatch.select("ia3_linear", torch.randn(2, 8), torch.randn(4, 8), None, torch.ones(4, 1), False)
+            is reference.ia3_linear
+        )
     with peft_fast.use_backend("torch"):
         assert dispatch.select("lora_linear", *_lora_args()) is reference.lora_linear
 

@@ -94,7 +94,9 @@ def test_torch_compile_fullgraph_and_opcheck():
     for ff, save_z in ((False, True), (False, False), (True, False)):
         # an attention-style scale can only get a gradient when its forward saved z
         scale = randn(16 if ff else 12, dtype=torch.float32).requires_grad_(ff or save_z)
-        torch.library.opcheck(torch.ops.peft_fast.ia3_linear_fwd.default, (args[0].detach(), args[1].detach(), None, scale, ff, save_z))
+        torch.library.opcheck(
+            torch.ops.peft_fast.ia3_linear_fwd.default, (args[0].detach(), args[1].detach(), None, scale, ff, save_z)
+        )
 
     def f(x, W, b, l):
         return peft_fast.ops.ia3_linear(x, W, b, l, False)
@@ -104,7 +106,9 @@ def test_torch_compile_fullgraph_and_opcheck():
         torch._dynamo.reset()
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(torch.autograd.grad(compiled, args[3], dy.float())[0], torch.autograd.grad(eager, args[3], dy.float())[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled, args[3], dy.float())[0], torch.autograd.grad(eager, args[3], dy.float())[0]
+    )
 
 
 @pytest.mark.gpu

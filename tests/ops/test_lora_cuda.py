@@ -23,7 +23,9 @@ def _cuda():
 def _run(backend, x, W, b, A, B, dy, dtype, adapter_dtype, scaling=0.5, p=0.0, training=True):
     xs, As, Bs = leaf(x, dtype), leaf(A, adapter_dtype), leaf(B, adapter_dtype)
     with peft_fast.use_backend(backend):
-        y = peft_fast.ops.lora_linear(xs, W.to(dtype), b.to(dtype) if b is not None else None, As, Bs, scaling, p, training)
+        y = peft_fast.ops.lora_linear(
+            xs, W.to(dtype), b.to(dtype) if b is not None else None, As, Bs, scaling, p, training
+        )
     return y, grads_of(y, dy, [xs, As, Bs])
 
 
@@ -142,7 +144,9 @@ def test_dropout_backward_regenerates_forward_mask(dtype):
     keep = _mask_of(seed, M, K, p).double()
     assert 0.6 < keep.mean().item() < 0.8
     xs, As, Bs = leaf(x, dtype), leaf(A, dtype), leaf(B, dtype)
-    y, _ = torch.ops.peft_fast.cuda_lora_fwd(xs, W.to(dtype), b.to(dtype), As, Bs, None, [0, M], [0], [r], [s], [p], seed, r)
+    y, _ = torch.ops.peft_fast.cuda_lora_fwd(
+        xs, W.to(dtype), b.to(dtype), As, Bs, None, [0, M], [0], [r], [s], [p], seed, r
+    )
     got = [y] + grads_of(y, dy, [xs, As, Bs])
     x64, A64, B64 = (leaf(t.to(dtype), torch.float64) for t in (x, A, B))
     y64 = x64 @ W.to(dtype).double().t() + b.to(dtype).double() + s * ((x64 * keep / (1 - p)) @ A64.t()) @ B64.t()
@@ -194,7 +198,9 @@ def test_opcheck_and_compile():
     A, B = leaf(A, torch.float32), leaf(B, torch.float32)
     seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
     for p, sd in ((0.0, None), (0.2, seed)):
-        torch.library.opcheck(torch.ops.peft_fast.cuda_lora_fwd.default, (x, W, b, A, B, None, [0, 9], [0], [3], [0.5], [p], sd, 3))
+        torch.library.opcheck(
+            torch.ops.peft_fast.cuda_lora_fwd.default, (x, W, b, A, B, None, [0, 9], [0], [3], [0.5], [p], sd, 3)
+        )
 
     def f(x, W, b, A, B):
         return peft_fast.ops.lora_linear(x, W, b, A, B, 0.5)

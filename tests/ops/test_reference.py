@@ -32,8 +32,9 @@ def _assert_same(actual, expected, dtype):
 
 
 def _hf_lora_linear(base, r, alpha, dropout=0.0, rslora=False, adapter_dtype=torch.float32, conv1d=False):
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=False,
-                          fan_in_fan_out=conv1d)
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=False, fan_in_fan_out=conv1d
+    )
     layer = HFLoraLinear(base, "default", config=cfg, r=r, lora_alpha=alpha, is_target_conv_1d_layer=conv1d)
     layer.lora_A["default"].to(adapter_dtype)
     layer.lora_B["default"].to(adapter_dtype)
@@ -71,7 +72,12 @@ def test_lora_linear_matches_hf(dtype, bias, rslora):
     g = torch.randn(out_hf.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     out_hf.backward(g)
 
-    x_ours, w, A, B = _leaf(x), _leaf(base.weight), _leaf(layer.lora_A["default"].weight), _leaf(layer.lora_B["default"].weight)
+    x_ours, w, A, B = (
+        _leaf(x),
+        _leaf(base.weight),
+        _leaf(layer.lora_A["default"].weight),
+        _leaf(layer.lora_B["default"].weight),
+    )
     b = _leaf(base.bias) if bias else None
     out = reference.lora_linear(x_ours, w, b, A, B, scaling, 0.0, True)
     out.backward(g)
@@ -201,9 +207,15 @@ def test_lora_linear_mixed_matches_hf(dtype):
         order = ["default", "other"]
         rows = torch.tensor([order.index(n) if n in order else -1 for n in names])
         out = reference.lora_linear_mixed(
-            x, base.weight, base.bias,
-            [layer.lora_A[n].weight for n in order], [layer.lora_B[n].weight for n in order],
-            [layer.scaling[n] for n in order], [0.0, 0.0], rows, False,
+            x,
+            base.weight,
+            base.bias,
+            [layer.lora_A[n].weight for n in order],
+            [layer.lora_B[n].weight for n in order],
+            [layer.scaling[n] for n in order],
+            [0.0, 0.0],
+            rows,
+            False,
         )
     _assert_same(out, expected, dtype)
     # rows without an adapter are the base layer's output

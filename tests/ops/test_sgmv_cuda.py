@@ -118,4 +118,6 @@ def test_segments_and_errors():
         segments_of(torch.tensor([0, 2], device=DEVICE), [2, 3], 2)
     x, W, b, As, Bs, ra, _ = _mixed_case(4, 8, 6, [2])
     with peft_fast.use_backend("cuda"), pytest.raises(ValueError, match=r"lora_Bs\[0\]"):
-        peft_fast.ops.lora_linear_mixed(x.float(), W.float(), b.float(), [As[0].float()], [Bs[0][:5].float()], [1.0], [0.0], ra)
+        peft_fast.ops.lora_linear_mixed(
+            x.float(), W.float(), b.float(), [As[0].float()], [Bs[0][:5].float()], [1.0], [0.0], ra
+        )

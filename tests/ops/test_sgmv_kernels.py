@@ -50,8 +50,10 @@ def test_shrink_launchers_match_per_adapter_loop(T):
     for m, a in enumerate(token_adapter.tolist()):
         if a >= 0:
             want[m, : RANKS[a]] = scal[a] * (x[m].double() @ As[a].double().T)
-    for got in (sgmv_shrink(x, st.A, segs, ranks, st.scaling),
-                bgmv_shrink(x, st.A, plan.row_adapter, T, ranks, st.scaling)):
+    for got in (
+        sgmv_shrink(x, st.A, segs, ranks, st.scaling),
+        bgmv_shrink(x, st.A, plan.row_adapter, T, ranks, st.scaling),
+    ):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert rel_err(got.cpu(), want) < 1e-5
 
@@ -69,8 +71,10 @@ def test_expand_launchers_add_into_out(T):
     for m, a in enumerate(token_adapter.tolist()):
         if a >= 0:
             want[m] += scal[a] * (h[m, : RANKS[a]].double() @ Bs[a].double().T)
-    for launch in (lambda out: sgmv_expand(out, h, st.B, segs, ranks, st.scaling),
-                   lambda out: bgmv_expand(out, h, st.B, plan.row_adapter, T, ranks, st.scaling)):
+    for launch in (
+        lambda out: sgmv_expand(out, h, st.B, segs, ranks, st.scaling),
+        lambda out: bgmv_expand(out, h, st.B, plan.row_adapter, T, ranks, st.scaling),
+    ):
         out = base.clone()
         got = launch(out)
         assert got is out  # in place

@@ -141,7 +141,9 @@ def test_strided_input_view():
     wide = randn(5, 3, 2 * 40, seed=99)
     wide[..., ::2] = x
     view = wide[..., ::2]  # last-dim stride 2: reshaped by a copy inside the op
-    y = _sgmv().lora_linear_mixed(view.float(), W.float(), b.float(), [a.float() for a in As], [q.float() for q in Bs], sc, [0, 0], ra)
+    y = _sgmv().lora_linear_mixed(
+        view.float(), W.float(), b.float(), [a.float() for a in As], [q.float() for q in Bs], sc, [0, 0], ra
+    )
     want = reference.lora_linear_mixed(x, W, b, As, Bs, sc, [0, 0], ra)
     assert rel_err(y, want) < 1e-5
 
@@ -241,7 +243,16 @@ def test_dispatch_selects_triton_and_falls_back():
     args = (x.float(), W.float(), b.float(), [As[0].float()], [Bs[0].float()], sc, [0.0], ra)
     with peft_fast.use_backend("triton"):
         assert dispatch.select("lora_linear_mixed", *args) is _sgmv().lora_linear_mixed
-        mixed = (x.float(), W.float(), b.float(), [As[0].float(), As[0].double()], [Bs[0].float(), Bs[0].double()], sc * 2, [0.0, 0.0], ra)
+        mixed = (
+            x.float(),
+            W.float(),
+            b.float(),
+            [As[0].float(), As[0].double()],
+            [Bs[0].float(), Bs[0].double()],
+            sc * 2,
+            [0.0, 0.0],
+            ra,
+        )
         assert dispatch.select("lora_linear_mixed", *mixed) is reference.lora_linear_mixed
         y = peft_fast.ops.lora_linear_mixed(*args)
     assert rel_err(y, reference.lora_linear_mixed(x, W, b, As, Bs, sc, [0.0], ra)) < 1e-5
