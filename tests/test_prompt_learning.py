@@ -64,6 +64,46 @@ def _trainable(model):
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
+# HF peft 0.21.2 under transformers >= 5.24 refuses prefix tuning on BERT at forward time: BERT's
+# forward no longer lists past_key_values, and HF's task wrappers inspect the signature. Where it
+# refuses, the oracle is HF's own parts: its prompt encoder's cache (get_prompt) and mask fed to the
+# base model, which is what HF's forward does for models that take past_key_values. The test still
+# checks peft_fast against that, then skips the end-to-end comparison with HF's reason.
+HF_PREFIX_REFUSAL = "does not support past key values"
+
+
+def hf_forward(theirs, inputs, **kw):
+    """(HF peft's forward output, None), or where HF refuses prefix tuning on this model,
+    (the same computation from HF's prompt encoder and the base model, HF's reason)."""
+    try:
+        with torch.no_grad():
+            return theirs(**inputs, **kw), None
+    except ValueError as e:
+        if HF_PREFIX_REFUSAL not in str(e):
+            raise
+        reason = f"HF peft {peft.__version__} refuses this forward ({e})"
+    batch = inputs["input_ids"].shape[0]
+    n_virtual = theirs.peft_config[theirs.active_adapter].num_virtual_tokens
+    mask = inputs["attention_mask"]
+    mask = torch.cat([torch.ones(batch, n_virtual, dtype=mask.dtype), mask], 1)
+    with torch.no_grad():
+        out = theirs.base_model(**{**inputs, "attention_mask": mask}, past_key_values=theirs.get_prompt(batch), **kw)
+    return out, reason
+
+
+def hf_logits(theirs, inputs, **kw):
+    """`hf_forward`'s logits and HF's refusal reason (None where HF ran)."""
+    out, reason = hf_forward(theirs, inputs, **kw)
+    return out.logits, reason
+
+
+def skip_if_refused(*reasons):
+    """After peft_fast's checks passed: report the HF end-to-end comparison as skipped, with HF's reason."""
+    refused = [r for r in reasons if r]
+    if refused:
+        pytest.skip(refused[0] + "; peft_fast was checked against HF's prompt encoder + base model instead")
+
+
 # -- configs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"])
 def test_config_keys_and_defaults_match_hf(name):
@@ -107,11 +147,12 @@ def test_same_structure_counts_and_outputs_as_hf(kind, method):
         assert ours_cfg.get(key) == hf_cfg.get(key), key
     ours.load_state_dict(theirs.state_dict())
     inputs = make_inputs(kind)
-    expected = output_of(theirs, inputs)
+    expected, refused = hf_logits(theirs, inputs)
     _close(output_of(ours, inputs), expected)
     base = output_of(make_model(kind), inputs)
     if expected.shape == base.shape:  # non-trivial: the virtual tokens change the output
         assert not torch.allclose(base, expected, atol=1e-4)
+    skip_if_refused(refused)
 
 
 def test_causal_lm_labels_loss_matches_hf():
@@ -134,10 +175,14 @@ def test_prefix_position_ids_and_bert_token_type_ids_match_hf():
     _close(output_of(ours, inputs, position_ids=positions), output_of(theirs, inputs, position_ids=positions))
     inputs = make_inputs("bert")
     types = torch.randint(0, 2, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(3))
+    refusals = []
     for method in ("prompt", "prefix"):
         theirs, ours = _wrap(peft, "bert", method), _wrap(peft_fast, "bert", method)
         ours.load_state_dict(theirs.state_dict())
-        _close(output_of(ours, inputs, token_type_ids=types), output_of(theirs, inputs, token_type_ids=types))
+        expected, refused = hf_logits(theirs, inputs, token_type_ids=types)
+        _close(output_of(ours, inputs, token_type_ids=types), expected)
+        refusals.append(refused)
+    skip_if_refused(*refusals)
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -146,11 +191,12 @@ def test_prefix_position_ids_and_bert_token_type_ids_match_hf():
 def test_hf_files_load_into_peft_fast(kind, method, tmp_path):
     theirs = _wrap(peft, kind, method)
     inputs = make_inputs(kind)
-    expected = output_of(theirs, inputs)
+    expected, refused = hf_logits(theirs, inputs)
     theirs.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(make_model(kind), tmp_path)
     assert not ours.training and ours.peft_config["default"].inference_mode
     _close(output_of(ours, inputs), expected)
+    skip_if_refused(refused)
 
 
 @pytest.mark.parametrize("method", METHODS + ["ptune_lstm"])
@@ -161,7 +207,8 @@ def test_peft_fast_files_load_into_hf(kind, method, tmp_path):
     expected = output_of(ours, inputs)
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(make_model(kind), tmp_path / "ours")
-    _close(output_of(theirs, inputs), expected)
+    loaded_by_hf, refused = hf_logits(theirs, inputs)
+    _close(loaded_by_hf, expected)
     # the same file layout and config keys as HF peft writes
     _wrap(peft, kind, method).save_pretrained(tmp_path / "hf")
     ours_file, hf_file = (
@@ -188,6 +235,7 @@ def test_peft_fast_files_load_into_hf(kind, method, tmp_path):
     assert set(ours_cfg.get("modules_to_save") or []) == set(hf_cfg.get("modules_to_save") or [])
     # and back into peft_fast
     _close(output_of(PeftModel.from_pretrained(make_model(kind), tmp_path / "ours"), inputs), expected)
+    skip_if_refused(refused)
 
 
 def test_loaded_prompt_adapters_are_inference_only(tmp_path):
@@ -292,10 +340,11 @@ def test_token_classification_keeps_one_row_per_input_token(method):
     labels = torch.randint(0, 3, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = ours(**inputs, labels=labels)
-        expected = theirs(**inputs).logits
+    expected, refused = hf_logits(theirs, inputs)
     assert got.logits.shape == (*inputs["input_ids"].shape, 3)
     _close(got.logits, expected[:, -inputs["input_ids"].shape[1] :])  # HF peft also returns the virtual tokens' rows
     _close(got.loss, torch.nn.functional.cross_entropy(got.logits.reshape(-1, 3), labels.reshape(-1)))
+    skip_if_refused(refused)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -309,7 +358,8 @@ def test_question_answering_and_feature_extraction(method):
     ours.load_state_dict(theirs.state_dict())
     start, end = torch.tensor([1, 2, 6]), torch.tensor([3, 2, 6])
     with torch.no_grad():
-        got, expected = ours(**inputs, start_positions=start, end_positions=end), theirs(**inputs)
+        got = ours(**inputs, start_positions=start, end_positions=end)
+    expected, refused_qa = hf_forward(theirs, inputs)
     assert got.start_logits.shape == got.end_logits.shape == (3, seq)
     _close(got.start_logits, expected.start_logits[:, -seq:])
     _close(got.end_logits, expected.end_logits[:, -seq:])
@@ -320,8 +370,10 @@ def test_question_answering_and_feature_extraction(method):
     ours = get_peft_model(_bert_task("BertModel"), _config(peft_fast, method, "FEATURE_EXTRACTION")).eval()
     assert isinstance(ours, peft_fast.PeftModelForFeatureExtraction)
     ours.load_state_dict(theirs.state_dict())
+    expected, refused_fe = hf_forward(theirs, inputs)
     with torch.no_grad():
-        _close(ours(**inputs).last_hidden_state, theirs(**inputs).last_hidden_state)
+        _close(ours(**inputs).last_hidden_state, expected.last_hidden_state)
+    skip_if_refused(refused_qa, refused_fe)
 
 
 # -- several adapters, disabling, refused calls --------------------------------------------------
