@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import bgmv_config, rank_block, tl_dtype
+from .configs import bgmv_config, rank_block, rank_cap, tl_dtype
 from .dropout import dropout_keep
 from .segments import StackedRanks, check_dropout_ps, check_expand_args, check_per_adapter, check_rows
 from .tiles import load_tile, store_tile
@@ -68,7 +68,7 @@ def bgmv_expand(
     if M == 0 or N == 0 or ranks.max_rank == 0:
         return out
     cfg = bgmv_config(out.device)
-    block_r = rank_block(ranks.max_rank, cap=16 if out.device.type != "cuda" else 64)
+    block_r = rank_block(ranks.max_rank, cap=rank_cap(out.device))
     _bgmv_expand_kernel[(M, triton.cdiv(N, cfg.block_n))](
         out, h, b_stacked, scales, dropout_ps if dropout else scales, seed if dropout else scales,
         row_adapter, ranks.rank, ranks.offset,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import bgmv_config, rank_block, tl_dtype
+from .configs import bgmv_config, rank_block, rank_cap, tl_dtype
 from .dropout import dropout_keep
 from .segments import StackedRanks, check_dropout_ps, check_per_adapter, check_rows, check_shrink_args
 from .tiles import load_tile, store_tile
@@ -75,7 +75,7 @@ def bgmv_shrink(
     if M == 0 or K == 0 or ranks.max_rank == 0:
         return h
     cfg = bgmv_config(x.device)
-    block_r = rank_block(ranks.max_rank, cap=16 if x.device.type != "cuda" else 64)
+    block_r = rank_block(ranks.max_rank, cap=rank_cap(x.device))
     _bgmv_shrink_kernel[(M, triton.cdiv(ranks.max_rank, block_r))](
         x, a_stacked, h, scales, dropout_ps if dropout else scales, seed if dropout else scales,
         row_adapter, ranks.rank, ranks.offset,

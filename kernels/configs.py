@@ -55,6 +55,17 @@ def gpu_family(device: torch.device) -> str:
     return "default"
 
 
+def on_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` use a GPU family's blocks (False: the interpreter's).
+    Launchers ask this, never `device.type`, so the static audit can compile GPU variants."""
+    return gpu_family(device) != "interpreter"
+
+
+def rank_cap(device: torch.device) -> int:
+    """The largest rank block a launcher uses on `device`: 64 on GPUs, 16 under the interpreter."""
+    return 64 if on_gpu(device) else 16
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 for a CPU tensor (the interpreter)."""
     if device.type == "cuda":

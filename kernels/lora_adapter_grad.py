@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, num_sms, skinny_config, tl_dtype
+from .configs import dot_precision, num_sms, on_gpu, skinny_config, tl_dtype
 from .dropout import check_dropout, dropout_keep
 from .tiles import load_tile, store_tile
 
@@ -79,7 +79,7 @@ def lora_adapter_grad(
         return torch.zeros((N, R) if transpose else (R, N), dtype=dtype, device=Q.device)
     cfg = skinny_config(Q.device, R)
     block_r = cfg.block_n
-    block_n = 32 if Q.device.type != "cuda" else 128
+    block_n = 128 if on_gpu(Q.device) else 32
     block_m = cfg.block_k
     tiles = triton.cdiv(R, block_r) * triton.cdiv(N, block_n)
     # Enough programs for about two waves, each with at least a few BLOCK_M steps.

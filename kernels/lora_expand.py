@@ -4,10 +4,9 @@
 
 x: M × K, W: N × K (nn.Linear's (out, in) layout, any strides), h: M × r (fp32),
 B: N × r, bias: N. The M × N LoRA product is never written: each program accumulates its
-BLOCK_M × BLOCK_N tile in fp32 registers, first the base product over K (operands in the
-base dtype), then the expand over r as extra K steps (alpha · h cast to B's dtype, the
-adapter dtype). When a dropout mask gates the expand (backward's dx), the expand gets a
-second fp32 accumulator that is masked and added once.
+BLOCK_M × BLOCK_N tile in one fp32 accumulator: first the expand over r (h cast to B's
+dtype, the adapter dtype), scaled by alpha in fp32 and, in backward's dx, gated by the
+dropout mask; then the base product over K (operands in the base dtype) on top of it.
 
 Forward: `y = lora_expand(x, W, bias, h, B, alpha=s)` with h = dropout(x)Aᵀ/(1-p).
 Backward: `dx = lora_expand(dy, Wᵀ, None, dh, Aᵀ, alpha=1/(1-p), mask)` with dh = s·dy·B:
@@ -48,33 +47,27 @@ def _lora_expand_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
+    # The adapter term first, in the one fp32 accumulator: alpha and the dropout mask apply to the
+    # product (never to h before the cast to the adapter dtype, where fp16 could overflow), and the
+    # base product then accumulates on top. One accumulator, with the mask's Philox work done
+    # before the main loop, keeps the dropout variant free of register spills.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, M, R)
+            b = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N)
+            acc = tl.dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), acc, input_precision=LORA_PRECISION)
+        acc = acc * alpha
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+            acc = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), acc, 0.0)
+
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
         w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)
         acc = tl.dot(x.to(BASE_DTYPE), w.to(BASE_DTYPE), acc, input_precision=BASE_PRECISION)
-
-    if HAS_LORA:
-        # Without dropout the expand accumulates straight into the base accumulator (alpha is
-        # folded into h); with dropout it needs its own accumulator to be masked.
-        if DROPOUT:
-            acc_lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            acc_lora = acc
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, M, R)
-            if not DROPOUT:
-                h = h.to(tl.float32) * alpha
-            b = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, R, N)
-            acc_lora = tl.dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), acc_lora, input_precision=LORA_PRECISION)
-        if DROPOUT:
-            seed = tl.load(seed_ptr)
-            acc_lora = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), acc_lora, 0.0)
-            acc += alpha * acc_lora
-        else:
-            acc = acc_lora
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, num_sms, rank_block, sgmv_config, tl_dtype
+from .configs import dot_precision, num_sms, on_gpu, rank_block, rank_cap, sgmv_config, tl_dtype
 from .dropout import dropout_keep
 from .segments import (
     Segments,
@@ -105,9 +105,9 @@ def sgmv_adapter_grad(
     if M == 0 or N == 0 or ranks.max_rank == 0 or segs.num_segments == 0:
         return torch.zeros((r_total, N), dtype=dtype, device=Q.device)
     cfg = sgmv_config(Q.device, segs.max_seg_tokens, ranks.max_rank)
-    block_r = rank_block(ranks.max_rank, cap=16 if Q.device.type != "cuda" else 64)
+    block_r = rank_block(ranks.max_rank, cap=rank_cap(Q.device))
     block_n = cfg.block_n
-    block_m = max(cfg.block_k, 16) if Q.device.type == "cuda" else 16
+    block_m = max(cfg.block_k, 16) if on_gpu(Q.device) else 16
     tiles = triton.cdiv(ranks.max_rank, block_r) * triton.cdiv(N, block_n) * segs.num_segments
     max_tokens = segs.max_seg_tokens
     # About two waves of programs, each with at least a few BLOCK_M steps.

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, rank_block, sgmv_config, tl_dtype
+from .configs import dot_precision, rank_block, rank_cap, sgmv_config, tl_dtype
 from .dropout import dropout_keep
 from .segments import (
     Segments,
@@ -96,7 +96,7 @@ def sgmv_expand(
     if M == 0 or N == 0 or ranks.max_rank == 0 or segs.num_segments == 0:
         return out
     cfg = sgmv_config(out.device, segs.max_seg_tokens, ranks.max_rank)
-    block_r = rank_block(ranks.max_rank, cap=16 if out.device.type != "cuda" else 64)
+    block_r = rank_block(ranks.max_rank, cap=rank_cap(out.device))
     grid = (triton.cdiv(segs.max_seg_tokens, cfg.block_m), triton.cdiv(N, cfg.block_n), segs.num_segments)
     _sgmv_expand_kernel[grid](
         out, h, b_stacked, scales, dropout_ps if dropout else scales, seed if dropout else scales,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, rank_block, sgmv_config, tl_dtype
+from .configs import dot_precision, rank_block, rank_cap, sgmv_config, tl_dtype
 from .dropout import dropout_keep
 from .segments import (
     Segments,
@@ -99,7 +99,7 @@ def sgmv_shrink(
     if M == 0 or ranks.max_rank == 0 or K == 0 or segs.num_segments == 0:
         return h
     cfg = sgmv_config(x.device, segs.max_seg_tokens, ranks.max_rank)
-    block_r = rank_block(ranks.max_rank, cap=16 if x.device.type != "cuda" else 64)
+    block_r = rank_block(ranks.max_rank, cap=rank_cap(x.device))
     grid = (triton.cdiv(segs.max_seg_tokens, cfg.block_m), triton.cdiv(ranks.max_rank, block_r), segs.num_segments)
     _sgmv_shrink_kernel[grid](
         x, a_stacked, h, scales, dropout_ps if dropout else scales, seed if dropout else scales,

@@ -3,6 +3,7 @@
 peft-fast train [--method lora|ia3] [--model DIR] [--data FILE] ...
 peft-fast info
 peft-fast bench [ARGS...]     (arguments go to peft_fast.bench.main)
+peft-fast audit [ARGS...]     (static audit of every kernel variant for sm_90a / sm_80, no GPU needed)
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="benchmarks (arguments go to peft_fast.bench; see `peft-fast bench --help`)", add_help=False
     )
+    sub.add_parser(
+        "audit",
+        help="compile every kernel variant for sm_90a/sm_80 and report registers, spills, smem, HGMMA (no GPU)",
+        add_help=False,
+    )
     return parser
 
 
@@ -217,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         # Everything after `bench` belongs to the benchmark's own parser, options included.
         return cmd_bench(argv[1:])
+    if argv[:1] == ["audit"]:
+        from .kernels import audit  # imports Triton: only for this command
+
+        return audit.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

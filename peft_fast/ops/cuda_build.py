@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -224,15 +226,42 @@ def compile_flags(archs: list[str], std: str = "c++17") -> list[str]:
     return flags
 
 
-def compile_check(jobs: int = 2, archs: list[str] | None = None, std: str = "c++17") -> int:
-    """nvcc -c every file of csrc/ (at most `jobs` at once), print each file's time and any
-    compiler output; 0 when all compile, 1 when one fails, 2 when there is no nvcc."""
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def parse_ptxas(output: str) -> list[dict[str, object]]:
+    """One dict per kernel entry in `nvcc -Xptxas -v` output: function, arch, registers, stack
+    bytes, spill store/load bytes and static shared memory bytes."""
+    rows: list[dict[str, object]] = []
+    current: dict[str, object] | None = None
+    for line in output.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = {"function": m.group(1), "arch": m.group(2), "registers": None, "stack_bytes": 0}
+            current.update({"spill_store_bytes": 0, "spill_load_bytes": 0, "smem_bytes": 0})
+            rows.append(current)
+        elif current is not None and (m := _PTXAS_STACK.search(line)):
+            current["stack_bytes"], current["spill_store_bytes"], current["spill_load_bytes"] = map(int, m.groups())
+        elif current is not None and (m := _PTXAS_USED.search(line)):
+            current["registers"] = int(m.group(1))
+            current["smem_bytes"] = int(m.group(2) or 0)
+    return rows
+
+
+def compile_check(
+    jobs: int = 2, archs: list[str] | None = None, std: str = "c++17", stats_json: str | None = None
+) -> int:
+    """nvcc -c every file of csrc/ (at most `jobs` at once) with ptxas' resource report, print each
+    file's time, compiler warnings and each kernel's registers / stack / spills / smem; 0 when all
+    compile without spills, 1 when one fails or spills, 2 when there is no nvcc. `stats_json`
+    writes the per-kernel report there."""
     nvcc = nvcc_path()
     if nvcc is None:
         print("compile check: no nvcc found (set CUDA_HOME or put nvcc on PATH)", file=sys.stderr)
         return 2
     archs = archs or ["sm_90"]
-    flags = compile_flags(archs, std)
+    flags = compile_flags(archs, std) + ["-Xptxas=-v"]
     files = sources()
     print(f"compile check: {len(files)} files, {nvcc}, {' '.join(archs)}, -std={std}, {jobs} jobs", flush=True)
 
@@ -247,16 +276,32 @@ def compile_check(jobs: int = 2, archs: list[str] | None = None, std: str = "c++
             return path, time.perf_counter() - t0, proc.returncode, (proc.stdout + proc.stderr).strip()
 
     started = time.perf_counter()
-    failed = 0
+    failed = spilled = 0
+    stats: list[dict[str, object]] = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for path, seconds, rc, output in pool.map(one, files):
             status = "ok" if rc == 0 else f"FAILED (exit {rc})"
             print(f"  {path.name:<24} {seconds:6.1f} s  {status}", flush=True)
-            if output:
-                print("\n".join("    " + line for line in output.splitlines()), flush=True)
+            kernels = parse_ptxas(output)
+            other = [ln for ln in output.splitlines() if "ptxas info" not in ln and not ln.startswith("    ")]
+            if other or rc != 0:
+                print("\n".join("    " + line for line in (output.splitlines() if rc else other)), flush=True)
+            for k in kernels:
+                k["file"] = path.name
+                spill = int(k["spill_store_bytes"]) + int(k["spill_load_bytes"])  # type: ignore[call-overload]
+                spilled += spill > 0
+                print(
+                    f"    {k['arch']:<6} regs {k['registers']!s:>3}  stack {k['stack_bytes']!s:>4}  "
+                    f"spill {spill:>4}  smem {k['smem_bytes']!s:>6}  {str(k['function'])[:70]}"
+                )
+            stats += kernels
             failed += rc != 0
     print(f"compile check: {len(files) - failed}/{len(files)} compiled in {time.perf_counter() - started:.1f} s")
-    return 1 if failed else 0
+    if stats_json:
+        Path(stats_json).write_text(json.dumps(stats, indent=1))
+    if spilled:
+        print(f"compile check: {spilled} kernel(s) spill registers (see 'spill' above)")
+    return 1 if failed or spilled else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=2, help="files compiled at once (default 2)")
     parser.add_argument("--arch", action="append", help="sm_XX target, repeatable (default sm_90)")
     parser.add_argument("--std", default="c++17", help="C++ standard (default c++17, torch 2.11's)")
+    parser.add_argument("--stats-json", help="with --check: write each kernel's ptxas resource report here")
     args = parser.parse_args(argv)
     if args.check:
-        return compile_check(args.jobs, args.arch, args.std)
+        return compile_check(args.jobs, args.arch, args.std, args.stats_json)
     try:
         load()
     except CudaBuildError as e:
