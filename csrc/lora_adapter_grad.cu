@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         float q = round_to<TA>(qr[l][v]);
-        if (p > 0.f && !dropout_keep(seed, q_g[l] * N + n0 + q_n[l] + v, p)) q = 0.f;
+        if (p > 0.f && !dropout_keep(seed, q_g[l], n0 + q_n[l] + v, N, p)) q = 0.f;
         qs[q_k[l]][q_n[l] + v] = q;
       }
     }

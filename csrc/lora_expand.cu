@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       float d = alpha * acc[i][v];
-      if (p > 0.f && !dropout_keep(seed, grow[i] * N + n + v, p)) d = 0.f;
+      if (p > 0.f && !dropout_keep(seed, grow[i], n + v, N, p)) d = 0.f;
       res[v] = cur[i][v] + d;
     }
     dev_t<TO>* dst = out + grow[i] * stride_om + n;

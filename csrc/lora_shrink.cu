@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         float v = round_to<TW>(xr[l][i]);
-        if (p > 0.f && !dropout_keep(seed, st_grow[l] * K + k0 + st_k[l] + i, p)) v = 0.f;
+        if (p > 0.f && !dropout_keep(seed, st_grow[l], k0 + st_k[l] + i, K, p)) v = 0.f;
         xs[st_k[l] + i][st_row[l]] = v;
       }
     }

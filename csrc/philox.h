@@ -1,8 +1,9 @@
-// Philox-4x32-10 dropout mask, bit-identical to Triton's `tl.rand(seed, offset)` for int32
-// offsets, i.e. to kernels/dropout.py's `dropout_keep`: element (m, k) of an M x K input is
-// kept when rand(seed, m * K + k) >= p. Every kernel (forward shrink, backward dx and dA)
-// calls `dropout_keep` with the same seed and numbering, so backward regenerates the
-// forward's mask; the mask is never stored.
+// Philox-4x32-10 dropout mask, bit-identical to kernels/dropout.py's `dropout_keep` (Triton's
+// `tl.randint4x(seed, counter)`): element (m, k) of an M x K input takes 16 bits of the Philox
+// output for counter m * ceil(K / 8) + k / 8 -- word (k % 8) / 2, its low half for even k and
+// its high half for odd k -- and is kept when those bits u satisfy u >= p * 65536. Every
+// kernel (forward shrink, backward dx and dA) calls `dropout_keep` with the same seed and
+// numbering, so backward regenerates the forward's mask; the mask is never stored.
 //
 // Plain C++ when not compiled by nvcc, so tests can check it on a CPU against Triton.
 #pragma once
@@ -25,9 +26,9 @@ PF_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox-4x32 with 10 rounds on counter (c0, 0, 0, 0) and the 64-bit
-// key `seed`, as triton.language.random.randint.
-PF_HD uint32_t philox_first(uint64_t seed, uint32_t c0) {
+// The four output words of Philox-4x32 with 10 rounds on counter (c0, 0, 0, 0) and the 64-bit
+// key `seed`, as triton.language.random.randint4x.
+PF_HD void philox4(uint64_t seed, uint32_t c0, uint32_t out[4]) {
   uint32_t c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
@@ -41,19 +42,19 @@ PF_HD uint32_t philox_first(uint64_t seed, uint32_t c0) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
-// Uniform float in [0, 1) from 32 random bits, as triton.language.random.uint_to_uniform_float.
-PF_HD float uint_to_uniform(uint32_t bits) {
-  int32_t x = static_cast<int32_t>(bits);
-  if (x < 0) x = ~x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
-}
-
-// True when element `index` (row-major m * K + k over the logical input) is kept.
-PF_HD bool dropout_keep(uint64_t seed, int64_t index, float p) {
-  return uint_to_uniform(philox_first(seed, static_cast<uint32_t>(index))) >= p;
+// True when element (m, k) of an M x `cols` input is kept (see the top of this file).
+PF_HD bool dropout_keep(uint64_t seed, int64_t m, int64_t k, int64_t cols, float p) {
+  uint32_t words[4];
+  philox4(seed, static_cast<uint32_t>(m * ((cols + 7) / 8) + k / 8), words);
+  const uint32_t w = words[(k % 8) / 2];
+  const uint32_t bits = (k % 2) ? (w >> 16) : (w & 0xffffu);
+  return static_cast<float>(bits) >= p * 65536.f;
 }
 
 }  // namespace peft_fast

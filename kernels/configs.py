@@ -34,7 +34,9 @@ _MATMUL: dict[tuple[str, bool], MatmulConfig] = {
     # 128 × 128, not the tutorial's 128 × 256: the dropout variant holds two fp32 accumulators.
     ("sm90", False): MatmulConfig(128, 128, 64, 8, num_warps=8, num_stages=4),
     ("sm90", True): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
-    ("sm80", False): MatmulConfig(128, 128, 32, 8, num_warps=4, num_stages=4),
+    # 8 warps, not 4: with 4 the 128 × 128 fp32 accumulator alone takes 128 registers a thread,
+    # and the dropout-masked dx variant spilled (static audit, kernels/audit.py).
+    ("sm80", False): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=4),
     ("sm80", True): MatmulConfig(64, 128, 32, 8, num_warps=4, num_stages=3),
     ("default", False): MatmulConfig(64, 64, 32, 8, num_warps=4, num_stages=2),
     ("default", True): MatmulConfig(64, 64, 32, 8, num_warps=4, num_stages=2),
@@ -87,15 +89,18 @@ def rank_block(r: int, cap: int = 64) -> int:
     return b
 
 
-def skinny_config(device: torch.device, r: int) -> MatmulConfig:
-    """Blocks for the rank-sized products (shrink, adapter gradients): block_n is along r."""
+def skinny_config(device: torch.device, r: int, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
+    """Blocks for the rank-sized products (shrink, adapter gradients): block_n is along r.
+    fp32 operands take half the K block: twice the bytes per element would otherwise put the
+    adapter gradient's pipelined tiles over sm_90's shared memory and make it spill."""
     fam = gpu_family(device)
     br = rank_block(r, cap=16 if fam == "interpreter" else 64)
     if fam == "interpreter":
         return MatmulConfig(32, br, 32, 1, num_warps=1, num_stages=1)
+    wide = dtype != torch.float32
     if fam == "sm90":
-        return MatmulConfig(64, br, 128, 1, num_warps=4, num_stages=4)
-    return MatmulConfig(64, br, 64, 1, num_warps=4, num_stages=3)
+        return MatmulConfig(64, br, 128 if wide else 32, 1, num_warps=4, num_stages=4 if wide else 3)
+    return MatmulConfig(64, br, 64 if wide else 32, 1, num_warps=4, num_stages=3)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

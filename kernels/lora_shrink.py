@@ -76,7 +76,7 @@ def lora_shrink(
         return h
     if K == 0:
         return h.zero_()
-    cfg = skinny_config(x.device, R)
+    cfg = skinny_config(x.device, R, lora_A.dtype)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(R, cfg.block_n))
     _lora_shrink_kernel[grid](
         x, lora_A, h, seed if dropout else h,

@@ -62,7 +62,7 @@ def test_shipped_table_is_unmeasured_and_prefers_triton():
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
 def test_philox_matches_triton_dropout_mask(tmp_path):
     """csrc/philox.h (compiled for the host) draws the same keep-mask as kernels/dropout.py's
-    tl.rand for the same seed and numbering, so the CUDA and Triton backends agree."""
+    dropout_keep for the same seed and numbering, so the CUDA and Triton backends agree."""
     pytest.importorskip("triton")
     if dispatch.unavailable_reason("triton") is not None:
         pytest.skip(f"triton backend unavailable: {dispatch.unavailable_reason('triton')}")
@@ -74,7 +74,8 @@ def test_philox_matches_triton_dropout_mask(tmp_path):
         '#include "philox.h"\n#include <cstdio>\n#include <cstdlib>\n'
         "int main(int argc, char** argv) {\n"
         "  unsigned long long seed = std::strtoull(argv[1], nullptr, 10);\n"
-        f"  for (long i = 0; i < {M * K}; ++i) std::putchar(peft_fast::dropout_keep(seed, i, {p}f) ? '1' : '0');\n"
+        f"  for (long i = 0; i < {M * K}; ++i)\n"
+        f"    std::putchar(peft_fast::dropout_keep(seed, i / {K}, i % {K}, {K}, {p}f) ? '1' : '0');\n"
         "}\n"
     )
     exe = tmp_path / "mask"
