@@ -65,7 +65,7 @@ def hf_ia3_layer(weight: torch.Tensor, feedforward: bool) -> nn.Module | None:
 
 
 def run_case(
-    K: int, N: int, M: int, feedforward: bool, device: torch.device, rounds: int, said: set[str]
+    K: int, N: int, M: int, feedforward: bool, device: torch.device, rounds: int, left_out: dict[str, str]
 ) -> list[Ia3Row]:
     """Time every variant of one case; ratios are over bare `linear` of the same phase."""
     import peft_fast
@@ -84,7 +84,7 @@ def run_case(
     if layer is not None:
         fwds["peft"] = lambda: layer(x)
         params["peft"] = [x, layer.ia3_l["default"]]
-    for backend in ["torch"] + (kernel_backends(said) if cuda else []):
+    for backend in ["torch"] + (kernel_backends(left_out) if cuda else []):
 
         def ours(backend=backend):
             with peft_fast.use_backend(backend):
@@ -115,14 +115,14 @@ def run_case(
 def run(preset: dict, device: torch.device, rounds: int) -> tuple[list[Ia3Row], dict]:
     """Every case of `preset` (see PRESETS) on `device`: (rows, facts for the record)."""
     rows: list[Ia3Row] = []
-    said: set[str] = set()
+    left_out: dict[str, str] = {}
     for K, N in preset["shapes"]:
         for M in preset["tokens"]:
             for ff in preset["feedforward"]:
-                rows.extend(run_case(K, N, M, ff, device, rounds, said))
+                rows.extend(run_case(K, N, M, ff, device, rounds, left_out))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    return rows, {"dtype": "bf16 base and scale" if device.type == "cuda" else "fp32"}
+    return rows, {"dtype": "bf16 base and scale" if device.type == "cuda" else "fp32", "backends_left_out": left_out}
 
 
 def table(rows: list[Ia3Row]) -> str:

@@ -59,9 +59,9 @@ class Row:
     fwd_bwd_ratio: float = float("nan")
 
 
-def kernel_backends(said: set[str]) -> list[str]:
-    """The kernel backends that can run here ("triton", "cuda"); each one that cannot is
-    printed once (tracked in `said`) with the reason."""
+def kernel_backends(left_out: dict[str, str]) -> list[str]:
+    """The kernel backends that can run here ("triton", "cuda"); each one that cannot goes
+    into `left_out` (backend -> reason) and is printed once."""
     from peft_fast.ops import dispatch
 
     out = []
@@ -69,8 +69,8 @@ def kernel_backends(said: set[str]) -> list[str]:
         why = dispatch.unavailable_reason(b)
         if why is None:
             out.append(b)
-        elif b not in said:
-            said.add(b)
+        elif b not in left_out:
+            left_out[b] = why
             print(f"bench: backend {b!r} left out: {why}")
     return out
 
@@ -101,7 +101,9 @@ def _peak_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run_case(K: int, N: int, M: int, r: int, p: float, device: torch.device, rounds: int, said: set[str]) -> list[Row]:
+def run_case(
+    K: int, N: int, M: int, r: int, p: float, device: torch.device, rounds: int, left_out: dict[str, str]
+) -> list[Row]:
     """Time every variant of one case; ratios are over bare `linear` of the same phase."""
     import peft_fast
 
@@ -113,7 +115,7 @@ def run_case(K: int, N: int, M: int, r: int, p: float, device: torch.device, rou
     W = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
     fwds: dict[str, Callable[[], torch.Tensor]] = {"linear": lambda: F.linear(x, W)}
     params: dict[str, list[torch.Tensor]] = {"linear": [x]}
-    backends = ["torch"] + (kernel_backends(said) if cuda else [])
+    backends = ["torch"] + (kernel_backends(left_out) if cuda else [])
     for ad in (torch.bfloat16, torch.float32) if cuda else (torch.float32,):
         tag = "bf16" if ad == torch.bfloat16 else "fp32"
         layer = hf_lora_layer(W, r, p, ad)
@@ -158,15 +160,16 @@ def run(preset: dict, device: torch.device, rounds: int) -> tuple[list[Row], dic
     """Every case of `preset` (see PRESETS) on `device`: (rows, facts for the record)."""
     cuda = device.type == "cuda"
     rows: list[Row] = []
-    said: set[str] = set()
+    left_out: dict[str, str] = {}
     for K, N in preset["shapes"]:
         for M in preset["tokens"]:
             for r in preset["ranks"]:
                 for p in preset["dropouts"]:
-                    rows.extend(run_case(K, N, M, r, p, device, rounds, said))
+                    rows.extend(run_case(K, N, M, r, p, device, rounds, left_out))
                     if cuda:
                         torch.cuda.empty_cache()
-    return rows, {"dtype": "bf16 base" if cuda else "fp32", "scaling": 2.0, "phases": "fwd, bwd, fwd+bwd"}
+    extra = {"dtype": "bf16 base" if cuda else "fp32", "scaling": 2.0, "phases": "fwd, bwd, fwd+bwd"}
+    return rows, {**extra, "backends_left_out": left_out}
 
 
 def table(rows: list[Row]) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import ia3, lora, sgmv
+from . import e2e, ia3, lora, sgmv
 from .plot import plot_ratios
 from .timing import CPU_ROUNDS, device_name, make_record, write_record
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Suites: lora, ia3, sgmv (many adapters per batch), quick (lora + ia3 + sgmv, one record), "
         "e2e (training step of a Llama-shaped model).",
     )
-    parser.add_argument("--suite", choices=(*SUITES, "quick"), default="lora", help="default: %(default)s")
+    parser.add_argument("--suite", choices=(*SUITES, "quick", "e2e"), default="lora", help="default: %(default)s")
     parser.add_argument(
         "--preset",
         choices=PRESETS,
@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"argument --ingest: cannot be combined with {given[0]}")
         from .ingest import ingest
 
-        ingest(args.ingest, repo=args.repo, allow_cpu=args.allow_cpu)
+        try:
+            ingest(args.ingest, repo=args.repo, allow_cpu=args.allow_cpu)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"peft-fast bench --ingest: error: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.repo is not None or args.allow_cpu:
         parser.error("arguments --repo and --allow-cpu go with --ingest only")
@@ -108,7 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         print(f"No CUDA GPU: {preset!r} sizes on CPU, the harness only. GPU numbers are not measured here.")
         torch.set_num_threads(1)  # one thread: stabler medians on shared CPU machines
-    record, figure = _run_op_suites(args.suite, preset, device, args.rounds, argv)
+    if args.suite == "e2e":
+        rows, extra = e2e.run(e2e.PRESETS[preset], device)
+        print(f"\n[e2e] {preset} preset on {device_name(device)}")
+        print(e2e.table(rows))
+        if not cuda:
+            print(f"(CPU: a harness check. GPU numbers: {e2e.GPU_NUMBERS})")
+        record = make_record("e2e", device, rows, argv=argv, extra={"preset": preset, **extra})
+        figure, ylabel = e2e.ratios(record["rows"]), e2e.YLABEL
+    else:
+        record, figure = _run_op_suites(args.suite, preset, device, args.rounds, argv)
+        ylabel = "time / bare frozen linear (lower is better)"
     source = "(record not kept: no --out)"
     if args.out is None:
         print("\nno --out given: nothing written")
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         source = str(path)
         print(f"\nwrote {path}")
         png = path.with_suffix(".png")
-        if not args.no_plot and plot_ratios(figure, png, "time / bare frozen linear (lower is better)"):
+        if not args.no_plot and plot_ratios(figure, png, ylabel):
             print(f"wrote {png}")
     if args.write_table is not None:
         _write_table(args.write_table, record, source)

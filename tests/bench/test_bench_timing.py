@@ -47,6 +47,16 @@ def test_grads_are_reset_before_every_call():
     assert timing.median_ms(lambda: None, cuda=False, rounds=1) >= 0.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_medians_rank_known_work():
+    """On CUDA the medians come from do_bench (events): 8x the matmul work takes longer."""
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(2048, 8 * 2048, device="cuda", dtype=torch.bfloat16)
+    times = timing.median_times_ms({"small": lambda: a @ a, "big": lambda: a @ b}, cuda=True)
+    assert 0 < times["small"] < times["big"]
+
+
 def test_rounds_must_be_positive():
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         timing.median_times_ms({"f": lambda: None}, cuda=False, rounds=0)
