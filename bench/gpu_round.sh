@@ -93,8 +93,9 @@ raise SystemExit(1 if torch.cuda.is_available() and missing else 0)
 "
 [ "$DRY" = 1 ] || stage nvidia-smi 20 "$LOG" nvidia-smi
 
-stage gpu-tests 60 "$TESTLOG" "$PY" -m pytest -q -p no:cacheprovider -rfE "${PER_TEST[@]}" "${GPU_TESTS[@]}"
-stage kernel-tests 80 "$TESTLOG" "$PY" -m pytest -q -p no:cacheprovider -rfE "${PER_TEST[@]}" "${KERNEL_TESTS[@]}"
+# -v: one line per test as it ends, so a stage stopped at its limit still says what passed.
+stage gpu-tests 60 "$TESTLOG" "$PY" -m pytest -v -p no:cacheprovider -rfE "${PER_TEST[@]}" "${GPU_TESTS[@]}"
+stage kernel-tests 100 "$TESTLOG" "$PY" -m pytest -v -p no:cacheprovider -rfE "${PER_TEST[@]}" "${KERNEL_TESTS[@]}"
 
 # The static audit (another issue) runs once `peft-fast audit` exists; until then it is skipped.
 if "$PY" -m peft_fast.cli audit --help >/dev/null 2>&1; then
@@ -103,8 +104,8 @@ else
     skip audit "this peft_fast has no \`peft-fast audit\` command yet"
 fi
 
-stage bench 120 "$LOG" "$PY" -m peft_fast_bench --suite quick --preset "$PRESET" "${ROUNDS[@]}" --out "$OUT_DIR"
-stage e2e 90 "$LOG" "$PY" -m peft_fast_bench --suite e2e --preset "$PRESET" --out "$OUT_DIR"
+stage bench 110 "$LOG" "$PY" -m peft_fast_bench --suite quick --preset "$PRESET" "${ROUNDS[@]}" --out "$OUT_DIR"
+stage e2e 80 "$LOG" "$PY" -m peft_fast_bench --suite e2e --preset "$PRESET" --out "$OUT_DIR"
 
 # The transfer back takes at most 8 files of 16 MiB: keep a log's end if it grew past that.
 for f in "$OUT_DIR"/*; do
