@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import kernel_backends
-from .timing import median_times_ms
+from .plot import ratio_groups
+from .timing import phase_times_ms
 
 PRESETS = {
     "full": {"shapes": [(4096, 4096), (4096, 14336), (14336, 4096)], "tokens": [2048, 8192, 16384],
@@ -92,19 +93,8 @@ def run_case(
 
         fwds[backend] = ours
         params[backend] = [x, scale]
-    fwd = median_times_ms(fwds, cuda=cuda, grads=params, rounds=rounds)
-    outs = {name: f() for name, f in fwds.items()}
-    bwd = median_times_ms(
-        {name: (lambda o=outs[name]: o.backward(dy, retain_graph=True)) for name in fwds},
-        cuda=cuda,
-        grads=params,
-        rounds=rounds,
-    )
-    outs.clear()
-    both = median_times_ms(
-        {name: (lambda f=f: f().backward(dy)) for name, f in fwds.items()}, cuda=cuda, grads=params, rounds=rounds
-    )
-    rows = [Ia3Row(K, N, M, feedforward, name, fwd[name], bwd[name], both[name]) for name in fwds]
+    times = phase_times_ms(fwds, dy, cuda=cuda, grads=params, rounds=rounds)
+    rows = [Ia3Row(K, N, M, feedforward, name, *times[name]) for name in fwds]
     for row in rows:
         row.fwd_ratio = row.fwd_ms / rows[0].fwd_ms
         row.bwd_ratio = row.bwd_ms / rows[0].bwd_ms
@@ -139,9 +129,6 @@ def table(rows: list[Ia3Row]) -> str:
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per case label, each variant's forward+backward time over bare linear (for plots)."""
-    out: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["variant"] != "linear":
-            label = f"ia3 {r['K']}→{r['N']} M={r['M']} {'ff' if r['feedforward'] else 'attn'}"
-            out.setdefault(label, {})[r["variant"]] = r["fwd_bwd_ratio"]
-    return out
+    return ratio_groups(
+        rows, lambda r: f"ia3 {r['K']}→{r['N']} M={r['M']} {'ff' if r['feedforward'] else 'attn'}", "fwd_bwd_ratio"
+    )

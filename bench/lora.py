@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import median_times_ms
+from .plot import ratio_groups
+from .timing import phase_times_ms
 
 PRESETS = {
     "full": {"shapes": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)], "tokens": [2048, 8192, 16384],
@@ -132,22 +133,11 @@ def run_case(
 
             fwds[f"{backend}_{tag}"] = ours
             params[f"{backend}_{tag}"] = [x, A, B]
-    fwd = median_times_ms(fwds, cuda=cuda, grads=params, rounds=rounds)
-    outs = {name: f() for name, f in fwds.items()}
-    bwd = median_times_ms(
-        {name: (lambda o=outs[name]: o.backward(dy, retain_graph=True)) for name in fwds},
-        cuda=cuda,
-        grads=params,
-        rounds=rounds,
-    )
-    outs.clear()
-    both = median_times_ms(
-        {name: (lambda f=f: f().backward(dy)) for name, f in fwds.items()}, cuda=cuda, grads=params, rounds=rounds
-    )
+    times = phase_times_ms(fwds, dy, cuda=cuda, grads=params, rounds=rounds)
     rows = []
     for name, f in fwds.items():
         peak = _peak_mib(lambda f=f: f().backward(dy)) if cuda else float("nan")
-        rows.append(Row(K, N, M, r, p, name, fwd[name], bwd[name], both[name], peak))
+        rows.append(Row(K, N, M, r, p, name, *times[name], peak))
     base = rows[0]
     for row in rows:
         row.fwd_ratio = row.fwd_ms / base.fwd_ms
@@ -186,12 +176,9 @@ def table(rows: list[Row]) -> str:
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per case label, each variant's forward+backward time over bare linear (for plots)."""
-    out: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["variant"] != "linear":
-            label = f"lora {r['K']}→{r['N']} M={r['M']} r={r['r']} p={r['dropout']}"
-            out.setdefault(label, {})[r["variant"]] = r["fwd_bwd_ratio"]
-    return out
+    return ratio_groups(
+        rows, lambda r: f"lora {r['K']}→{r['N']} M={r['M']} r={r['r']} p={r['dropout']}", "fwd_bwd_ratio"
+    )
 
 
 def backend_table_from_rows(rows: list[Row] | list[dict], source: str, device: str) -> dict:

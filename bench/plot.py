@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+
+def ratio_groups(rows: Sequence[Mapping], label: Callable[[Mapping], str], field: str) -> dict[str, dict[str, float]]:
+    """`{case label: {variant: row[field]}}` over every row but bare `linear`'s: plot_ratios' input."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["variant"] != "linear":
+            out.setdefault(label(r), {})[r["variant"]] = r[field]
+    return out
 
 
 def plot_ratios(groups: Mapping[str, Mapping[str, float]], path: Path, ylabel: str) -> bool:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .plot import ratio_groups
 from .timing import median_times_ms
 
 POPULARITIES = ("same", "distinct", "uniform", "zipf")
@@ -216,9 +217,8 @@ def table(rows: list[SgmvRow]) -> str:
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per case label, each variant's forward time over bare linear (for plots)."""
-    out: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["variant"] != "linear":
-            label = f"mixed {r['phase']} {r['K']}→{r['N']} tok={r['tokens']} r={r['ranks']} {r['popularity']}"
-            out.setdefault(label, {})[r["variant"]] = r["ratio_to_linear"]
-    return out
+    return ratio_groups(
+        rows,
+        lambda r: f"mixed {r['phase']} {r['K']}→{r['N']} tok={r['tokens']} r={r['ranks']} {r['popularity']}",
+        "ratio_to_linear",
+    )

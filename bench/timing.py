@@ -73,6 +73,32 @@ def median_times_ms(
     return {name: statistics.median(samples[name]) for name in names}
 
 
+def phase_times_ms(
+    fwds: Mapping[str, Callable[[], torch.Tensor]],
+    dy: torch.Tensor,
+    *,
+    cuda: bool,
+    grads: Mapping[str, Sequence[torch.Tensor]],
+    rounds: int = CPU_ROUNDS,
+) -> dict[str, tuple[float, float, float]]:
+    """Per variant of `fwds` (each returns an output of dy's shape): the median forward,
+    backward (of one retained graph, output gradient `dy`) and forward+backward milliseconds,
+    each phase timed across all variants as `median_times_ms` does."""
+    fwd = median_times_ms(fwds, cuda=cuda, grads=grads, rounds=rounds)
+    outs = {name: f() for name, f in fwds.items()}
+    bwd = median_times_ms(
+        {name: (lambda o=outs[name]: o.backward(dy, retain_graph=True)) for name in fwds},
+        cuda=cuda,
+        grads=grads,
+        rounds=rounds,
+    )
+    outs.clear()
+    both = median_times_ms(
+        {name: (lambda f=f: f().backward(dy)) for name, f in fwds.items()}, cuda=cuda, grads=grads, rounds=rounds
+    )
+    return {name: (fwd[name], bwd[name], both[name]) for name in fwds}
+
+
 def median_ms(
     fn: Callable[[], object], *, cuda: bool, grads: Sequence[torch.Tensor] = (), rounds: int = CPU_ROUNDS
 ) -> float:
