@@ -3,8 +3,8 @@ the misses. `gpu_round.sh` calls `python -m peft_fast_bench.report OUT` last (wr
 OUT/summary.json, prints the short table); the ingester uses the same reading.
 
 A round folder holds: stages.tsv (stage, exit status, seconds; written by gpu_round.sh),
-tests.log and round.log, the JSON records of `--suite quick` and `--suite e2e` (with their
-PNGs), and summary.json once this module has run.
+tests.log and round.log, the JSON records of `--suite quick` and `--suite e2e` (PNGs beside
+them), audit.json (`peft-fast audit --json`), and summary.json once this module has run.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Round:
     record_files: dict[str, str] = field(default_factory=dict)  # suite -> file name
     figures: dict[str, str] = field(default_factory=dict)  # suite -> PNG file name
     tests: list[str] = field(default_factory=list)  # pytest's result lines
+    audit: dict[str, Any] | None = None  # audit.json: its rows and findings
 
     @property
     def device(self) -> str:
@@ -69,8 +70,10 @@ def load_round(folder: Path) -> Round:
             rnd.stages.append({"stage": name, "rc": int(rc), "seconds": int(seconds)})
     elif summary.is_file():
         rnd.stages = json.loads(summary.read_text()).get("stages", [])
+    if (folder / "audit.json").is_file():
+        rnd.audit = json.loads((folder / "audit.json").read_text())
     for path in sorted(folder.glob("*.json")):
-        if path.name == "summary.json":
+        if path.name in ("summary.json", "audit.json"):
             continue
         record = json.loads(path.read_text())
         if isinstance(record, dict) and "suite" in record and "device" in record:
@@ -160,6 +163,10 @@ def short_table(rnd: Round) -> str:
     lines = [f"GPU round on {rnd.device}, {rnd.date or 'no records'}", ""]
     lines += [f"  {s['stage']:<14} {stage_status(s):<24} {s['seconds']:>4} s" for s in rnd.stages]
     lines += [f"  tests: {t}" for t in rnd.tests]
+    if rnd.audit is not None:
+        lines.append(
+            f"  audit: {len(rnd.audit.get('rows', []))} variants, {len(rnd.audit.get('findings', []))} findings"
+        )
     for suite in OP_TABLES:
         rows = op_rows(rnd, suite)
         if not rows:
@@ -223,10 +230,11 @@ def headline_markdown(rnd: Round, link_prefix: str) -> str:
 
 
 def misses(rnd: Round) -> list[str]:
-    """What the round shows falling short: failed or timed-out stages, kernel backends left
-    out or slower than the unfused torch composition or than HF peft, e2e variants that fail,
+    """What the round shows falling short: failed or timed-out stages, the audit's findings,
+    kernel backends left out or slower than the unfused torch composition or than HF peft, e2e variants that fail,
     train a different model (first loss) or run slower than HF peft."""
     found = [f"stage {s['stage']} {stage_status(s)}" for s in rnd.stages if s["rc"] not in (0, STAGE_SKIPPED)]
+    found += [f"audit: {f}" for f in (rnd.audit or {}).get("findings", [])]
     for suite in ("lora", "ia3", "sgmv"):
         part = rnd.part(suite)
         if part is None:
