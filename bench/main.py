@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("arguments --repo and --allow-cpu go with --ingest only")
     if args.rounds < 1:
         parser.error(f"argument --rounds: must be >= 1, got {args.rounds}")
+    if args.suite == "e2e" and _given(argv, "--rounds"):
+        parser.error("argument --rounds: the e2e suite times whole training steps (its preset sets the steps)")
+    if args.quick and args.preset is not None:
+        parser.error(f"argument --quick: give either --quick or --preset {args.preset}, not both")
+    if args.no_plot and args.out is None:
+        parser.error("argument --no-plot: goes with --out (nothing is written without it)")
     cuda = torch.cuda.is_available()
     if args.write_table is not None:
         if not cuda:

@@ -59,6 +59,9 @@ def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys):
         (["--ingest", "x", "--suite", "lora"], "--ingest: cannot be combined with --suite"),
         (["--repo", "."], "--repo and --allow-cpu go with --ingest only"),
         (["--rounds", "0"], "--rounds: must be >= 1"),
+        (["--suite", "e2e", "--rounds", "3"], "--rounds: the e2e suite times whole training steps"),
+        (["--quick", "--preset", "tiny"], "--quick: give either --quick or --preset tiny"),
+        (["--no-plot"], "--no-plot: goes with --out"),
     ],
 )
 def test_refusals_name_the_argument(argv, message, capsys):
