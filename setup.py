@@ -1,8 +1,12 @@
-"""Packaging: `kernels/` (repo root) installs as `peft_fast.kernels`, `csrc/` as `peft_fast.csrc`.
+"""Packaging: `kernels/` (repo root) installs as `peft_fast.kernels`, `csrc/` as `peft_fast.csrc`,
+`bench/` (the benchmark suites) as `peft_fast_bench`.
 
 A top-level `kernels` module would shadow Hugging Face's own `kernels` package, which
 transformers probes for, so the folder is mapped under our namespace here. csrc/ ships as
 package data so an installed peft_fast can JIT-build its CUDA kernels (peft_fast/ops/cuda_build.py).
+bench/ stays at the repo root beside its results and notes; it installs as its own top-level
+package so `peft-fast bench` works from an install while the library never imports it
+(its modules only; results/, NOTES.md and the scripts are not shipped).
 
 The CUDA extension `peft_fast._C` is built here only when torch is a CUDA build, nvcc is
 found and PEFT_FAST_BUILD_CUDA is not "0" (set PEFT_FAST_BUILD_CUDA=1 to insist: a missing
@@ -54,8 +58,8 @@ if _ext is not None:
     kwargs["ext_modules"], kwargs["cmdclass"] = _ext
 
 setup(
-    packages=packages + ["peft_fast.kernels", "peft_fast.data", "peft_fast.csrc"],
-    package_dir={"peft_fast.kernels": "kernels", "peft_fast.csrc": "csrc"},
+    packages=packages + ["peft_fast.kernels", "peft_fast.data", "peft_fast.csrc", "peft_fast_bench"],
+    package_dir={"peft_fast.kernels": "kernels", "peft_fast.csrc": "csrc", "peft_fast_bench": "bench"},
     package_data={
         "peft_fast": ["data/*.jsonl", "ops/backend_table.json"],
         "peft_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"],

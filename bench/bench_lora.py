@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 pytest bench/bench_lora.py ...       # CPU: tiny shapes, harness check
 
 Every case also times the bare frozen `F.linear` of the same shape so results read as
-ratios. `peft-fast bench` (peft_fast/bench.py) is the full sweep with CUDA-event medians,
+ratios. `peft-fast bench` (bench/lora.py, bench/ia3.py) is the full sweep with CUDA-event medians,
 peak memory and HF peft side by side; this file is for quick A/B runs of one op.
 """
 

@@ -4,7 +4,7 @@ per (phase, popularity, variant):
     pytest bench/bench_sgmv.py --benchmark-only        # GPU: bf16, 4096 → 4096, 64 adapters
     pytest bench/bench_sgmv.py --benchmark-only        # CPU: tiny shapes, harness check only
 
-Variants as in `peft-fast bench --suite sgmv` (peft_fast/bench_sgmv.py, the full sweep with
+Variants as in `peft-fast bench --suite sgmv` (bench/sgmv.py, the full sweep with
 CUDA-event medians and bandwidth): bare linear, HF peft's mixed batch, a per-adapter loop,
 gather+bmm, and the "triton" backend (GPU only: on CPU it would time Triton's interpreter).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_fast.bench_sgmv import run_case
+from peft_fast_bench.sgmv import run_case
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -2,7 +2,7 @@
 
 peft-fast train [--method lora|ia3] [--model DIR] [--data FILE] ...
 peft-fast info
-peft-fast bench [ARGS...]     (arguments go to peft_fast.bench.main)
+peft-fast bench [ARGS...]     (arguments go to peft_fast_bench.main: the suites under bench/)
 peft-fast audit [ARGS...]     (static audit of every kernel variant for sm_90a / sm_80, no GPU needed)
 """
 
@@ -126,13 +126,21 @@ def format_result(result: TrainResult) -> str:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """Hand `argv` to `peft_fast.bench.main`; return 1 with a message when that module is missing."""
+    """Hand `argv` to the benchmark suites' front end (`peft_fast_bench.main`, bench/ in the
+    repository); return 1 with a message when that package is not installed.
+
+    Imported here, on demand: the suites need optional packages (peft, matplotlib) and the
+    library itself never depends on them."""
     try:
-        bench = importlib.import_module("peft_fast.bench")
+        bench = importlib.import_module("peft_fast_bench.main")
     except ModuleNotFoundError as e:
-        if e.name != "peft_fast.bench":
+        if e.name not in ("peft_fast_bench", "peft_fast_bench.main"):
             raise
-        print("peft-fast bench: the benchmarks (peft_fast.bench) are not part of this install", file=sys.stderr)
+        print(
+            "peft-fast bench: the benchmark suites (package peft_fast_bench, bench/ in the repository) "
+            "are not installed; reinstall peft_fast from its repository (pip install -e .)",
+            file=sys.stderr,
+        )
         return 1
     return int(bench.main(argv) or 0)
 
@@ -206,9 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, CUDA devices and which kernel backends are available (and why not)")
     info.set_defaults(handler=cmd_info)
-    sub.add_parser(
-        "bench", help="benchmarks (arguments go to peft_fast.bench; see `peft-fast bench --help`)", add_help=False
-    )
+    sub.add_parser("bench", help="benchmark suites of bench/ (see `peft-fast bench --help`)", add_help=False)
     sub.add_parser(
         "audit",
         help="compile every kernel variant for sm_90a/sm_80 and report registers, spills, smem, HGMMA (no GPU)",

@@ -92,17 +92,26 @@ def test_no_subcommand_is_an_error(capsys):
 
 def test_bench_passes_every_argument_to_the_bench_module(monkeypatch):
     seen = []
-    fake = types.ModuleType("peft_fast.bench")
+    fake = types.ModuleType("peft_fast_bench.main")
     fake.main = lambda argv: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "peft_fast.bench", fake)
+    monkeypatch.setitem(sys.modules, "peft_fast_bench.main", fake)
     assert main(["bench", "--op", "lora", "-h"]) == 7
     assert seen == [["--op", "lora", "-h"]]
 
 
-def test_bench_without_the_bench_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "peft_fast.bench", None)  # makes the import fail
+def test_bench_without_the_bench_package_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft_fast_bench.main", None)  # makes the import fail
     assert main(["bench"]) == 1
-    assert "peft_fast.bench" in capsys.readouterr().err
+    assert "peft_fast_bench" in capsys.readouterr().err
+
+
+def test_the_library_never_imports_the_bench_suites():
+    """peft_fast_bench imports peft_fast, never the reverse (cli imports it on demand only)."""
+    import subprocess
+
+    code = "import sys, peft_fast, peft_fast.cli, peft_fast.ops; print('peft_fast_bench' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_train_returns_1_when_the_reload_check_fails(monkeypatch, capsys):

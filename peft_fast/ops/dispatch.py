@@ -10,8 +10,10 @@ setting and the op's tensors:
   debug level;
 * "auto" tries the fastest backends first and ends on "torch", which takes anything;
   on CPU tensors it uses "torch" (Triton's interpreter is a test vehicle, not a fast path).
-  "Fastest" comes from backend_table.json (per op and shape class, measured on a GPU by
-  `peft-fast bench --write-table`); where it has no entry, FALLBACK_ORDER (triton first).
+  "Fastest" comes from the backend table (per op and shape class, measured on a GPU by
+  `peft-fast bench --write-table PATH`): the file named by $PEFT_FAST_BACKEND_TABLE, else the
+  shipped default backend_table.json, or whatever `load_backend_table(path)` last loaded;
+  where it has no entry, FALLBACK_ORDER (triton first).
 
 Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
 """
@@ -35,7 +37,10 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 # The order "auto" tries on CUDA tensors when the backend table (below) has no measurement
 # for the op and shape class; an explicit backend that cannot take an input falls back along it.
 FALLBACK_ORDER = ("triton", "cuda", "torch")
+# The backend table shipped with the package (read-only: nothing writes into an install).
 BACKEND_TABLE = Path(__file__).with_name("backend_table.json")
+# Environment variable naming a user's measured table, read instead of the shipped one.
+BACKEND_TABLE_ENV = "PEFT_FAST_BACKEND_TABLE"
 
 
 @dataclass(frozen=True)
@@ -199,16 +204,52 @@ def shape_class(x: Any) -> str:
 _table_cache: dict[str, Any] | None = None
 
 
-def backend_table() -> dict[str, Any]:
-    """The measured backend order per op and shape class (backend_table.json, written by
-    `peft-fast bench --write-table` on a GPU); `{"entries": {}}` when missing or unreadable."""
+def _validated_table(table: Any, source: str) -> dict[str, Any]:
+    """`table` if it has the backend table's shape, else ValueError naming `source`."""
+    if not isinstance(table, dict) or not isinstance(table.get("entries"), dict):
+        raise ValueError(f"backend table {source}: expected a JSON object with an 'entries' object")
+    for op, classes in table["entries"].items():
+        if not isinstance(classes, dict):
+            raise ValueError(f"backend table {source}: entries[{op!r}] must map shape classes to backend lists")
+        for cls, order in classes.items():
+            if not isinstance(order, list) or not all(b in FALLBACK_ORDER for b in order):
+                raise ValueError(
+                    f"backend table {source}: entries[{op!r}][{cls!r}] must be a list of backends "
+                    f"from {list(FALLBACK_ORDER)}, got {order!r}"
+                )
+    return table
+
+
+def load_backend_table(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Read a backend table and make it the one "auto" follows in this process; return it.
+
+    `path` None means $PEFT_FAST_BACKEND_TABLE when set, else the shipped default (empty
+    until measured). Raises FileNotFoundError for a missing file and ValueError for one that
+    is not a backend table (JSON object with `entries`: op -> shape class -> backends)."""
     global _table_cache
-    if _table_cache is None:
-        try:
-            _table_cache = json.loads(BACKEND_TABLE.read_text())
-        except (OSError, ValueError):
-            _table_cache = {"entries": {}}
+    if path is None:
+        env = os.environ.get(BACKEND_TABLE_ENV)
+        source = Path(env) if env else BACKEND_TABLE
+        label = f"{source} (from ${BACKEND_TABLE_ENV})" if env else str(source)
+    else:
+        source = Path(path)
+        label = str(source)
+    try:
+        text = source.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"backend table {label} does not exist") from None
+    try:
+        table = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"backend table {label} is not valid JSON ({e})") from None
+    _table_cache = _validated_table(table, label)
     return _table_cache
+
+
+def backend_table() -> dict[str, Any]:
+    """The backend table in force: the last `load_backend_table` result, loaded on first use
+    from $PEFT_FAST_BACKEND_TABLE or the shipped default."""
+    return _table_cache if _table_cache is not None else load_backend_table()
 
 
 def auto_order(op: str, x: Any) -> tuple[str, ...]:

@@ -86,26 +86,3 @@ def test_philox_matches_triton_dropout_mask(tmp_path):
         ours = torch.tensor([c == "1" for c in out]).reshape(M, K)
         theirs = dropout_mask(torch.tensor([seed], device=device), M, K, p, device).cpu()
         assert torch.equal(ours, theirs), seed
-
-
-def test_bench_table_orders_backends_by_measured_time():
-    """`peft-fast bench --write-table` turns a run's rows into backend_table.json's content
-    (synthetic rows here: the function's logic, not a measurement)."""
-    from peft_fast.bench import Row, backend_table
-
-    def row(M, variant, ms):
-        return Row(64, 64, M, 8, 0.0, variant, ms, ms, ms, 0.0)
-
-    rows = [row(128, "linear", 1.0), row(128, "triton_bf16", 3.0), row(128, "cuda_bf16", 2.0),
-            row(128, "cuda_fp32", 0.5), row(8192, "triton_bf16", 1.0), row(8192, "cuda_bf16", 4.0)]  # fmt: skip
-    table = backend_table(rows, "bench/results/x.json", "GPU")
-    assert table["entries"]["lora_linear"] == {"tokens<=256": ["cuda", "triton"], "tokens>4096": ["triton", "cuda"]}
-    assert table["source"] == "bench/results/x.json"
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_bench_write_table_needs_a_gpu():
-    from peft_fast.bench import main
-
-    with pytest.raises(SystemExit):
-        main(["--write-table"])

@@ -1,4 +1,4 @@
-"""`peft-fast bench --suite sgmv`: one linear layer serving many LoRA adapters in one batch.
+"""Mixed-batch suite (`--suite sgmv`): one linear layer serving many LoRA adapters in one batch.
 
 On a CUDA GPU (bf16 base and adapters, inference forward) it times, in the same run, with
 `triton.testing.do_bench` medians:
@@ -23,7 +23,6 @@ and says that GPU numbers are not measured.
 from __future__ import annotations
 
 import math
-import platform
 import warnings
 from dataclasses import dataclass
 
@@ -31,22 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import _median_ms
+from .plot import ratio_groups
+from .timing import median_times_ms
 
 POPULARITIES = ("same", "distinct", "uniform", "zipf")
 RANKS: dict[str, list[int]] = {"8": [8], "16": [16], "64": [64], "mixed": [8, 16, 32, 64]}
 PREFILL_TOKENS_PER_REQUEST = 512
 N_ADAPTERS = 64
-FULL = {"shapes": [(4096, 4096), (4096, 14336)], "decode": [1, 16, 64, 256], "prefill": [512, 2048, 16384],
-        "ranks": list(RANKS), "pops": list(POPULARITIES)}  # fmt: skip
-QUICK = {
-    "shapes": [(4096, 4096)],
-    "decode": [1, 64, 256],
-    "prefill": [4096],
-    "ranks": ["16", "mixed"],
-    "pops": ["distinct", "zipf"],
-}
-CPU = {"shapes": [(128, 128)], "decode": [8], "prefill": [1024], "ranks": ["mixed"], "pops": ["uniform"]}
+PRESETS = {
+    "full": {"shapes": [(4096, 4096), (4096, 14336)], "decode": [1, 16, 64, 256], "prefill": [512, 2048, 16384],
+             "ranks": list(RANKS), "pops": list(POPULARITIES)},
+    "quick": {"shapes": [(4096, 4096)], "decode": [1, 64, 256], "prefill": [4096], "ranks": ["16", "mixed"],
+              "pops": ["distinct", "zipf"]},
+    "cpu": {"shapes": [(128, 128)], "decode": [8], "prefill": [1024], "ranks": ["mixed"], "pops": ["uniform"]},
+    "tiny": {"shapes": [(32, 32)], "decode": [4], "prefill": [1024], "ranks": ["mixed"], "pops": ["distinct"]},
+}  # fmt: skip
 
 
 @dataclass
@@ -112,7 +110,15 @@ def copy_bandwidth_gbps() -> float:
 
 
 def run_case(
-    phase: str, K: int, N: int, tokens: int, ranks_name: str, popularity: str, device: torch.device, copy_gbps: float
+    phase: str,
+    K: int,
+    N: int,
+    tokens: int,
+    ranks_name: str,
+    popularity: str,
+    device: torch.device,
+    copy_gbps: float,
+    rounds: int = 21,
 ) -> list[SgmvRow]:
     """Time every variant of one case; ratios over bare `linear`."""
     import peft_fast
@@ -162,12 +168,9 @@ def run_case(
                 return peft_fast.ops.lora_linear_mixed(x, W, None, As, Bs, sc, ps, ra, False, plan=plan, stack=stack)
 
         variants["triton"] = ours
-    rows = []
     with torch.no_grad():
-        for name, fn in variants.items():
-            rows.append(
-                SgmvRow(phase, K, N, tokens, requests, ranks_name, popularity, n, name, _median_ms(fn, [], cuda))
-            )
+        times = median_times_ms(variants, cuda=cuda, rounds=rounds)
+    rows = [SgmvRow(phase, K, N, tokens, requests, ranks_name, popularity, n, name, ms) for name, ms in times.items()]
     used = set(row)
     bytes_ = 2 * (x.numel() + requests * T * N + W.numel() + sum(ranks[a] * (K + N) for a in used))
     for r in rows:
@@ -179,10 +182,9 @@ def run_case(
     return rows
 
 
-def sweep(quick: bool, device: torch.device) -> tuple[list[SgmvRow], dict]:
-    """Run the preset for `device` (quick or full on CUDA, the small CPU one otherwise)."""
+def run(preset: dict, device: torch.device, rounds: int) -> tuple[list[SgmvRow], dict]:
+    """Every case of `preset` (see PRESETS) on `device`: (rows, facts for the record)."""
     cuda = device.type == "cuda"
-    preset = (QUICK if quick else FULL) if cuda else CPU
     copy_gbps = copy_bandwidth_gbps() if cuda else float("nan")
     rows: list[SgmvRow] = []
     for K, N in preset["shapes"]:
@@ -190,7 +192,7 @@ def sweep(quick: bool, device: torch.device) -> tuple[list[SgmvRow], dict]:
             for tokens in sizes:
                 for rk in preset["ranks"]:
                     for pop in preset["pops"]:
-                        rows.extend(run_case(phase, K, N, tokens, rk, pop, device, copy_gbps))
+                        rows.extend(run_case(phase, K, N, tokens, rk, pop, device, copy_gbps, rounds))
                         if cuda:
                             torch.cuda.empty_cache()
     extra = {"copy_bandwidth_gbps": copy_gbps, "prefill_tokens_per_request": PREFILL_TOKENS_PER_REQUEST,
@@ -200,6 +202,7 @@ def sweep(quick: bool, device: torch.device) -> tuple[list[SgmvRow], dict]:
 
 
 def table(rows: list[SgmvRow]) -> str:
+    """A printable table of `rows`."""
     head = f"{'phase':<8} {'K→N':>11} {'tok':>6} {'req':>4} {'ranks':>5} {'pop':<8} {'variant':<10} {'ms':>8} {'/lin':>6} {'GB/s':>7} {'%copy':>6}"  # noqa: E501
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -212,5 +215,10 @@ def table(rows: list[SgmvRow]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    return f"CPU ({platform.processor() or platform.machine()})"
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per case label, each variant's forward time over bare linear (for plots)."""
+    return ratio_groups(
+        rows,
+        lambda r: f"mixed {r['phase']} {r['K']}→{r['N']} tok={r['tokens']} r={r['ranks']} {r['popularity']}",
+        "ratio_to_linear",
+    )
