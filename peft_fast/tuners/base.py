@@ -669,13 +669,16 @@ def activate_modules_to_save(model: nn.Module, adapter_names: Sequence[str]) -> 
             w.set_adapter([n for n in adapter_names if n in w.modules_to_save][:1])
 
 
-def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, trainable: bool) -> None:
-    """Wrap (or extend) every module whose name ends with one of `names` (HF peft's rule)."""
+def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, trainable: bool) -> list[str]:
+    """Wrap (or extend) every module whose name ends with one of `names` (HF peft's rule).
+    Returns the entries of `names` that matched no module."""
+    unmatched = list(names)
     for key, module in list(model.named_modules()):
         if not key or _inside_adapter_layer(key, model):
             continue
         if not any(key.endswith(n) for n in names):
             continue
+        unmatched = [n for n in unmatched if not key.endswith(n)]
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
             module.set_adapter(module.active_adapter or adapter_name)
@@ -688,3 +691,4 @@ def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: st
             module = wrapper
         if not trainable:
             module.modules_to_save[adapter_name].requires_grad_(False)
+    return unmatched
