@@ -265,6 +265,10 @@ class PeftModel(nn.Module):
                     stacklevel=4,
                 )
         self._tuner.set_adapter(adapter_name if activate else self._tuner.active_adapter)
+        for name in self._tuner.active_adapters:  # set_adapter made them trainable: inference mode stays frozen
+            if name != adapter_name and self.peft_config[name].inference_mode:
+                for p in self._adapter_parameters(name):
+                    p.requires_grad_(False)
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
         if config.inference_mode:

@@ -304,10 +304,13 @@ def committed_path(folder: str | os.PathLike, name: str) -> str | None:
     unfinished, its previous version), or None where the folder has none."""
     folder = str(folder)
     journal = _read_journal(folder)
+    path: str | None = os.path.join(folder, name)
     if journal is not None and name in journal["replaces"]:
-        path = os.path.join(folder, _prev_name(name)) if name in journal["previous"] else None
-    else:
-        path = os.path.join(folder, name)
+        if name not in journal["previous"]:
+            path = None  # what is there is the unfinished save's
+        elif os.path.lexists(os.path.join(folder, _prev_name(name))):
+            path = os.path.join(folder, _prev_name(name))
+        # else an interrupted roll-back already put the previous file back in place
     return path if path is not None and os.path.isfile(path) else None
 
 
