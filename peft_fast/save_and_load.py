@@ -15,22 +15,25 @@ weights together, loadable; a save that returned left the new one:
 
 1. Lock. `.adapter_save.lock` in the folder is held with an exclusive `flock` for the whole
    save, so concurrent saves into one folder, from threads or processes, run one after the
-   other. Loads hold it shared while they read config and weights, so they never see half a save.
+   other. Loads hold it shared while they read config and weights, so they never see half
+   a save.
 2. Recover. A journal left by a save that stopped half way is rolled back first (see below).
 3. Stage. Every new file (weights, then config) is written to a fresh temporary file in the
-   same folder (`.<name>.<random>.tmp`, created exclusively, never through a symlink), and
-   `fsync`ed.
-4. Journal. The files the save replaces are hard-linked to `.<name>.prev` (the previous
-   adapter, kept whole), then the journal `.adapter_save.journal` (the names replaced, and
-   which of them existed) is written atomically, and the folder is `fsync`ed.
+   same folder (`.<name>.<random>.peft_fast_tmp`, created exclusively, never through a
+   symlink), and `fsync`ed.
+4. Journal. The files the save replaces are hard-linked to `.<name>.peft_fast_prev` (the
+   previous adapter, kept whole), then the journal `.adapter_save.journal` (the names
+   replaced, and which of them existed) is written atomically, and the folder is `fsync`ed.
 5. Commit. `os.replace` moves the weights and then the config into place and removes a
    weights file of the other format (`.bin` next to `.safetensors`, which would shadow or
    outlive the new one); the folder is `fsync`ed; deleting the journal is the commit point.
-   The `.prev` files are deleted last.
+   The backups are deleted last.
 
-While a journal exists, the previous adapter is the folder's content: loads read the `.prev`
-files (or find no adapter where the interrupted save was the first), and the next save rolls
-the journal back (the `.prev` files replace the new ones) before it starts.
+While a journal exists, the previous adapter is the folder's content: loads read the backups
+(or find no adapter where the interrupted save was the first), and the next save rolls the
+journal back (the backups replace the new ones) before it starts. The lock file stays in the
+folder (deleting it could let two savers hold two different locks); other files are never
+touched.
 
 Weights files carry `peft_fast.sha256` in their safetensors metadata: a digest of every
 tensor's name, dtype, shape and bytes. Loading recomputes it and refuses a file whose contents
@@ -281,8 +284,12 @@ def folder_lock(folder: str | os.PathLike, shared: bool = False) -> Iterator[Non
         os.close(fd)  # releases the lock
 
 
+_TMP_SUFFIX = ".peft_fast_tmp"
+_PREV_SUFFIX = ".peft_fast_prev"
+
+
 def _prev_name(name: str) -> str:
-    return f".{name}.prev"
+    return f".{name}{_PREV_SUFFIX}"
 
 
 def _read_journal(folder: str) -> dict[str, list[str]] | None:
@@ -330,13 +337,13 @@ def _recover(folder: str) -> None:
         os.unlink(os.path.join(folder, JOURNAL_NAME))
         _fsync_dir(folder)
     for entry in os.listdir(folder):  # staged files and backups of saves that stopped
-        if entry.startswith(".") and (entry.endswith(".tmp") or entry.endswith(".prev")):
+        if entry.startswith(".") and entry.endswith((_TMP_SUFFIX, _PREV_SUFFIX)):
             os.unlink(os.path.join(folder, entry))
 
 
 def _stage(folder: str, name: str, data: bytes) -> str:
     """Write `data` to a new temporary file next to `name`, fsynced; return its path."""
-    path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
@@ -351,7 +358,7 @@ def _stage(folder: str, name: str, data: bytes) -> str:
 def _backup(src: str, dst: str) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
-    except OSError:  # file systems without hard links
+    except (OSError, NotImplementedError):  # file systems (or platforms) without hard links
         shutil.copyfile(src, dst, follow_symlinks=False)
 
 

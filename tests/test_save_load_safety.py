@@ -154,7 +154,7 @@ def test_a_save_that_raises_rolls_back_and_cleans_up(tmp_path, monkeypatch):
 
     def replace_then_fail(src, dst):  # the weights are replaced, then the config fails
         calls.append(dst)
-        if str(dst).endswith(CONFIG_NAME) and str(src).endswith(".tmp"):  # not the roll-back's replace
+        if str(dst).endswith(CONFIG_NAME) and str(src).endswith(sl._TMP_SUFFIX):  # not the roll-back's replace
             disk_full()
         real_replace(src, dst)
 
