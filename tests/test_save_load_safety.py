@@ -445,3 +445,14 @@ def test_a_symlinked_weights_file_is_replaced_not_written_through(tmp_path):
     assert target.read_bytes() == b"keep me"
     assert not (folder / WEIGHTS_NAME).is_symlink()
     assert _same(_loaded(folder)[1], _adapter_weights(model))
+
+
+def test_a_save_leaves_other_files_of_the_folder_alone(tmp_path):
+    (tmp_path / ".notes.tmp").write_text("mine")
+    (tmp_path / ".model.prev").write_text("mine too")
+    (tmp_path / "README.md").write_text("hello")
+    _lora(seed=13).save_pretrained(tmp_path)
+    _lora(seed=14).save_pretrained(tmp_path)
+    assert _entries(tmp_path) == sorted(
+        [".notes.tmp", ".model.prev", "README.md", sl.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME]
+    )
