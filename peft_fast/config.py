@@ -96,20 +96,25 @@ class PeftConfig:
             out[f.name] = value
         return out
 
+    def to_json_string(self) -> str:
+        """adapter_config.json's text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write adapter_config.json into `save_directory` (created if needed)."""
+        """Write adapter_config.json into `save_directory` (created if needed), atomically."""
+        from .save_and_load import write_adapter_files
+
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {str(save_directory)!r}")
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_adapter_files(save_directory, {CONFIG_NAME: self.to_json_string().encode()})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build the config that `data` describes. On the base class, `peft_type` picks the subclass.
 
         Keys this version does not know are dropped with a warning that names them."""
+        if not isinstance(data, dict):
+            raise TypeError(f"an adapter config must be a dict of {{field: value}}, got {type(data).__name__}")
         data = dict(data)
         target_cls: type[PeftConfig] = cls
         if cls.PEFT_TYPE is None:
@@ -129,8 +134,19 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PeftConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Build the config an adapter_config.json describes; ValueError naming the file where
+        it is not JSON text holding one object."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"adapter config {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"adapter config {str(path)!r} must hold a JSON object ({{field: value}}), got a JSON"
+                f" {type(data).__name__}"
+            )
+        return cls.from_dict(data)
 
     @classmethod
     def from_pretrained(
@@ -140,14 +156,17 @@ class PeftConfig:
         folder = (
             os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
         )
-        path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(path):
-            if not os.path.isdir(folder):
-                raise ValueError(
-                    f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)"
-                )
-            raise ValueError(f"no {CONFIG_NAME} in adapter folder {folder!r}")
-        config = cls.from_json_file(path)
+        from .save_and_load import committed_path, folder_lock
+
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)"
+            )
+        with folder_lock(folder, shared=True):
+            path = committed_path(folder, CONFIG_NAME)
+            if path is None:
+                raise ValueError(f"no {CONFIG_NAME} in adapter folder {folder!r}")
+            config = cls.from_json_file(path)
         for k, v in kwargs.items():
             if not hasattr(config, k):
                 raise TypeError(f"{type(config).__name__} has no field {k!r}")

@@ -7,7 +7,7 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, PeftType, TaskType
-from .save_and_load import get_peft_model_state_dict, load_peft_weights, save_adapter_folder, set_peft_model_state_dict
+from .save_and_load import (
+    check_adapter_name,
+    folder_lock,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    save_adapter_folder,
+    set_peft_model_state_dict,
+)
 from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner, set_modules_to_save
 from .tuners.ia3 import IA3Model
 from .tuners.lora import LoraModel
@@ -79,6 +86,55 @@ def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
         )
 
 
+class _Rollback:
+    """Enough of some modules' and objects' state to put them back after a failed add or load.
+
+    Every attribute of each object is kept, and the contents of those that are dicts, lists
+    or sets (a module's `_modules`, `_parameters`, hooks; a layer's per-adapter dicts; the
+    configs dict), restored in place so that containers shared between objects stay shared;
+    and each parameter's requires_grad. Modules created since are dropped with their parents'
+    old `_modules`. Weights copied into existing parameters are not covered: loads copy only
+    once every check has passed."""
+
+    def __init__(self, modules: Iterable[nn.Module], others: Iterable[object] = ()) -> None:
+        modules = list(modules)
+        self._state: list[tuple[object, dict[str, Any], list[tuple[Any, Any]]]] = []
+        for obj in [*modules, *others]:
+            attrs = dict(vars(obj))
+            contents = [(v, v.copy()) for v in attrs.values() if isinstance(v, (dict, list, set))]
+            self._state.append((obj, attrs, contents))
+        self._requires_grad = [(p, p.requires_grad) for m in modules for p in m.parameters(recurse=False)]
+
+    def restore(self) -> None:
+        for obj, attrs, contents in self._state:
+            vars(obj).clear()
+            vars(obj).update(attrs)
+            for container, saved in contents:
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(saved)
+                else:
+                    container.update(saved)
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _all_or_nothing(modules: Iterable[nn.Module], others: Iterable[object] = ()) -> Iterator[None]:
+    """Run the block; if it raises, put `modules` and `others` back as they were (see _Rollback)."""
+    rollback = _Rollback(modules, others)
+    try:
+        yield
+    except BaseException:
+        rollback.restore()
+        raise
+
+
+def _load_device(model: nn.Module) -> torch.device:
+    """Where adapter weights of `model` are created: its first parameter not on the meta device."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 class _BoundForward:
     """A PeftModel's forward, bound to it, whose signature is the base model's forward plus
     `adapter_names`. Tools that read `model.forward`'s arguments to pick what to pass in (the
@@ -131,8 +187,7 @@ class PeftModel(nn.Module):
             raise TypeError(
                 f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}"
             )
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         tuner = TUNERS.get(peft_config.peft_type)
         if tuner is None and not peft_config.is_prompt_learning:
             raise ValueError(
@@ -198,8 +253,22 @@ class PeftModel(nn.Module):
         """Wrap modules_to_save, set dtypes and trainability of a newly added adapter."""
         model = self.get_base_model()
         if getattr(config, "modules_to_save", None):
-            set_modules_to_save(model, config.modules_to_save, adapter_name, trainable=not config.inference_mode)
+            unmatched = set_modules_to_save(
+                model, config.modules_to_save, adapter_name, trainable=not config.inference_mode
+            )
+            unmatched = [n for n in unmatched if n not in self.task_head_names]
+            if unmatched:
+                warnings.warn(
+                    f"modules_to_save entries {unmatched} match no module of the base model; nothing is trained or"
+                    " saved for them",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         self._tuner.set_adapter(adapter_name if activate else self._tuner.active_adapter)
+        for name in self._tuner.active_adapters:  # set_adapter made them trainable: inference mode stays frozen
+            if name != adapter_name and self.peft_config[name].inference_mode:
+                for p in self._adapter_parameters(name):
+                    p.requires_grad_(False)
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
         if config.inference_mode:
@@ -384,20 +453,30 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a new (inactive) adapter; `set_adapter` activates it."""
+        """Add a new (inactive) adapter; `set_adapter` activates it. If this raises, the model
+        (and `peft_config`) are left as they were."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
                 f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters; one method per model"  # noqa: E501
             )
-        self._add_task_heads(peft_config)
-        if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = self.active_peft_config.base_model_name_or_path
-        self._tuner.inject_adapter(
-            self.get_base_model(), adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage
-        )
-        self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=False)
+        with _all_or_nothing(self.modules(), self._rollback_objects(peft_config)):
+            self._add_task_heads(peft_config)
+            if peft_config.base_model_name_or_path is None:
+                peft_config.base_model_name_or_path = self.active_peft_config.base_model_name_or_path
+            self._tuner.inject_adapter(
+                self.get_base_model(), adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            self._finish_adapter(adapter_name, peft_config, autocast_adapter_dtype, activate=False)
+
+    def _rollback_objects(self, *configs: PeftConfig) -> list[object]:
+        """What an add or load changes besides modules: the given configs, prompt-learning bookkeeping."""
+        adapters = self.__dict__.get("_prompt_adapters")
+        return [*configs] + ([adapters] if adapters is not None else [])
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the active adapter, and the trainable one."""
@@ -460,8 +539,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"selected_adapters names unknown adapters {unknown}; adapters: {list(self.peft_config)}")
         if not is_main_process:
             return
+        root = os.path.realpath(save_directory)
+        folders = {}
         for name in names:
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            check_adapter_name(name, "adapter name")
+            folders[name] = os.path.realpath(root if name == "default" else os.path.join(root, name))
+            if os.path.commonpath([root, folders[name]]) != root:
+                raise ValueError(
+                    f"adapter {name!r} would be saved to {folders[name]!r}, outside save_directory {root!r}"
+                    " (its sub-folder is a symlink out of it); nothing was saved"
+                )
+        for name, folder in folders.items():
             state_dict = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
@@ -479,32 +567,33 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load an adapter folder (HF peft's or ours) onto `model`."""
+        """Load an adapter folder (HF peft's or ours) onto `model`. If this raises, `model` is
+        left as it was (no adapter layers, no `peft_config`)."""
         if kwargs:
             raise TypeError(f"from_pretrained got unsupported arguments: {sorted(kwargs)}")
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id)
+        check_adapter_name(adapter_name)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        config, weights = _read_adapter(model_id, config, _load_device(model))
         _check_loadable(config, is_trainable)
-        config.inference_mode = not is_trainable
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_MODELS.get(config.task_type, PeftModel)
-        peft_model = target_cls(
-            model,
-            config,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-        )
-        peft_model._load_weights(model_id, adapter_name, low_cpu_mem_usage)
-        if not is_trainable:
-            peft_model.eval()
+        with _all_or_nothing(model.modules(), [config]):
+            config.inference_mode = not is_trainable
+            peft_model = target_cls(
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
+            set_peft_model_state_dict(
+                peft_model, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            if not is_trainable:
+                peft_model.eval()
         return peft_model
-
-    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, low_cpu_mem_usage: bool) -> Any:
-        device = next((p.device for p in self.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        weights = load_peft_weights(model_id, device=device)
-        return set_peft_model_state_dict(self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def load_adapter(
         self,
@@ -515,21 +604,40 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load another adapter folder under `adapter_name` (inactive until `set_adapter`)."""
+        """Load another adapter folder under `adapter_name` (inactive until `set_adapter`). If
+        this raises, the model is left as it was: configs, modules, parameters, active adapter."""
         if kwargs:
             raise TypeError(f"load_adapter got unsupported arguments: {sorted(kwargs)}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-        config = PeftConfig.from_pretrained(model_id)
+        config, weights = _read_adapter(model_id, None, _load_device(self))
         _check_loadable(config, is_trainable)
         config.inference_mode = not is_trainable
-        self.add_adapter(
-            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
-        )
-        result = self._load_weights(model_id, adapter_name, low_cpu_mem_usage)
-        if not is_trainable:
-            self.eval()
+        with _all_or_nothing(self.modules(), self._rollback_objects()):
+            self.add_adapter(
+                adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype
+            )
+            result = set_peft_model_state_dict(
+                self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            if not is_trainable:
+                self.eval()
         return result
+
+
+def _read_adapter(
+    model_id: str | os.PathLike, config: PeftConfig | None, device: torch.device
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config (unless given) and weights, read under one shared lock so
+    that both come from the same save."""
+    folder = str(model_id)
+    if not os.path.isdir(folder):
+        raise ValueError(f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)")
+    with folder_lock(folder, shared=True):
+        if config is None:
+            config = PeftConfig.from_pretrained(folder)
+        return config, load_peft_weights(folder, device=device)
 
 
 class _GenerativePeftModel(PeftModel):

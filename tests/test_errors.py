@@ -140,7 +140,8 @@ def test_targets_matching_nothing(targets):
 
 
 def test_layers_to_transform_matching_nothing():
-    with pytest.raises(ValueError, match="matched no module"):
+    # names the option at fault, not target_modules (which does match q_proj)
+    with pytest.raises(ValueError, match=r"layers_to_transform names layers \[5\] that the model does not have"):
         get_peft_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]))
 
 

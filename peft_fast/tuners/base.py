@@ -67,10 +67,9 @@ def _name_matches(key: str, names: str | Iterable[str]) -> bool:
     return any(key == n or key.endswith(f".{n}") for n in names)
 
 
-def _layer_index_allowed(config: PeftConfig, key: str) -> bool:
-    indexes = getattr(config, "layers_to_transform", None)
-    if indexes is None or (isinstance(indexes, list) and not indexes):
-        return True
+def _layer_index(config: PeftConfig, key: str) -> int | None:
+    """The index of the layer (block) module `key` sits in, as HF peft finds it: the number
+    after `layers_pattern` (or after the first two name parts), or None."""
     pattern = getattr(config, "layers_pattern", None)
     match = None
     if not pattern:
@@ -80,10 +79,25 @@ def _layer_index_allowed(config: PeftConfig, key: str) -> bool:
             match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
             if match:
                 break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == indexes if isinstance(indexes, int) else idx in indexes
+    return None if match is None else int(match.group("idx"))
+
+
+def _layers_to_transform(config: PeftConfig) -> list[int] | None:
+    """`layers_to_transform` as a list, or None where it selects every layer."""
+    indexes = getattr(config, "layers_to_transform", None)
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return None
+    return [indexes] if isinstance(indexes, int) else list(indexes)
+
+
+def _layer_index_allowed(config: PeftConfig, key: str) -> bool:
+    indexes = _layers_to_transform(config)
+    return indexes is None or _layer_index(config, key) in indexes
+
+
+def pattern_matches(pattern: str, key: str) -> bool:
+    """HF peft's rule for rank_pattern/alpha_pattern keys: the pattern matches the key's end."""
+    return re.match(rf"(.*\.)?({pattern})$", key) is not None
 
 
 def is_target(config: PeftConfig, key: str) -> bool:
@@ -458,13 +472,21 @@ class BaseTuner(nn.Module):
             shorter = shortest_target_suffixes(set(targets), others)
             if len(shorter) < len(targets):
                 config.target_modules = shorter
+        candidates = [
+            key
+            for key, module in model.named_modules()
+            if key and not isinstance(module, ModulesToSaveWrapper) and not _inside_adapter_layer(key, model)
+        ]
+        _check_layers_to_transform(config, candidates)
+        if not any(is_target(config, key) for key in candidates):
+            raise ValueError(_why_no_target(config, candidates, model))
         self.peft_config[adapter_name] = config
         matched: list[str] = []
-        for key, module in list(model.named_modules()):
-            if not key or isinstance(module, ModulesToSaveWrapper) or _inside_adapter_layer(key, model):
+        for key in candidates:
+            # Skip modules inside a layer wrapped earlier in this loop (a target inside a target).
+            if not is_target(config, key) or _inside_adapter_layer(key, model):
                 continue
-            if not is_target(config, key):
-                continue
+            module = model.get_submodule(key)
             matched.append(key)
             parent, child_name = _parent_of(model, key)
             if isinstance(module, AdapterLayer):
@@ -476,14 +498,7 @@ class BaseTuner(nn.Module):
             else:
                 new = self._create_layer(module, adapter_name, config, key)
                 setattr(parent, child_name, new)
-        if not matched:
-            del self.peft_config[adapter_name]
-            targets = config.target_modules
-            shown = sorted(targets) if isinstance(targets, (set, list)) else targets
-            raise ValueError(
-                f"target_modules {shown!r} matched no module of the base model; "
-                f"modules it has include: {_some_module_names(model)}"
-            )
+        _warn_unmatched_patterns(config, matched)
         self._check_targets_found(config, matched)
         # Only the active adapters' parameters train; the caller (PeftModel) freezes adapters in inference mode.
         self._mark_trainable(model, adapter_name)
@@ -656,6 +671,78 @@ def _inside_adapter_layer(key: str, model: nn.Module) -> bool:
     return False
 
 
+def _check_layers_to_transform(config: PeftConfig, keys: Sequence[str]) -> None:
+    """Refuse layers_to_transform entries that are not layer indexes of the model."""
+    indexes = _layers_to_transform(config)
+    if indexes is None:
+        return
+    bad = [i for i in indexes if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad:
+        raise ValueError(f"layers_to_transform must be layer indexes >= 0 (an int or a list of ints), got {bad}")
+    found = {_layer_index(config, k) for k in keys if _name_matches(k, config.target_modules)} - {None}
+    missing = sorted(set(indexes) - found)
+    if found and missing:
+        pattern = getattr(config, "layers_pattern", None)
+        raise ValueError(
+            f"layers_to_transform names layers {missing} that the model does not have: the layers holding"
+            f" target_modules are {sorted(found)}" + (f" (layers_pattern={pattern!r})" if pattern else "")
+        )
+
+
+def _why_no_target(config: PeftConfig, keys: Sequence[str], model: nn.Module) -> str:
+    """The message for a config that adapts no module: which option removed the modules that
+    target_modules names."""
+    targets = config.target_modules
+    shown = sorted(targets) if isinstance(targets, (set, list)) else targets
+    named = [k for k in keys if (re.fullmatch(targets, k) if isinstance(targets, str) else _name_matches(k, targets))]
+    if not named:
+        return (
+            f"target_modules {shown!r} matched no module of the base model; "
+            f"modules it has include: {_some_module_names(model)}"
+        )
+    exclude = getattr(config, "exclude_modules", None)
+    mts = getattr(config, "modules_to_save", None)
+    removed = []
+    left = named
+    if exclude:
+        kept = [k for k in left if not _name_matches(k, exclude)]
+        if len(kept) < len(left):
+            shown_exclude = sorted(exclude) if isinstance(exclude, (set, list)) else exclude
+            removed.append(f"exclude_modules={shown_exclude!r} removes {len(left) - len(kept)}")
+        left = kept
+    if mts:
+        kept = [k for k in left if not any(re.match(rf"(^|.*\.){m}($|\..*)", k) for m in mts)]
+        if len(kept) < len(left):
+            removed.append(f"modules_to_save={mts!r} removes {len(left) - len(kept)}")
+        left = kept
+    if left:
+        pattern = getattr(config, "layers_pattern", None)
+        found = sorted({_layer_index(config, k) for k in left} - {None})
+        removed.append(
+            f"layers_to_transform={config.layers_to_transform!r} with layers_pattern={pattern!r} removes {len(left)}"
+            f" (layer indexes found: {found or 'none, layers_pattern matches no layer'})"
+        )
+    return (
+        f"no module is adapted: target_modules {shown!r} matches {len(named)} modules (e.g. {named[:3]}), but "
+        + "; ".join(removed)
+    )
+
+
+def _warn_unmatched_patterns(config: PeftConfig, matched: Sequence[str]) -> None:
+    """Warn, as HF peft does, for rank_pattern/alpha_pattern keys that match no adapted module."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        unmatched = sorted(
+            p for p in getattr(config, attr, None) or {} if not any(pattern_matches(p, k) for k in matched)
+        )
+        if unmatched:
+            warnings.warn(
+                f"{attr} keys {unmatched} match no adapted module and are ignored; adapted modules include"
+                f" {list(matched[:3])}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
 def _some_module_names(model: nn.Module, limit: int = 12) -> list[str]:
     leaves = sorted({k.rsplit(".", 1)[-1] for k, m in model.named_modules() if k and not list(m.children())})
     return leaves[:limit]
@@ -669,13 +756,16 @@ def activate_modules_to_save(model: nn.Module, adapter_names: Sequence[str]) -> 
             w.set_adapter([n for n in adapter_names if n in w.modules_to_save][:1])
 
 
-def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, trainable: bool) -> None:
-    """Wrap (or extend) every module whose name ends with one of `names` (HF peft's rule)."""
+def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str, trainable: bool) -> list[str]:
+    """Wrap (or extend) every module whose name ends with one of `names` (HF peft's rule).
+    Returns the entries of `names` that matched no module."""
+    unmatched = list(names)
     for key, module in list(model.named_modules()):
         if not key or _inside_adapter_layer(key, model):
             continue
         if not any(key.endswith(n) for n in names):
             continue
+        unmatched = [n for n in unmatched if not key.endswith(n)]
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
             module.set_adapter(module.active_adapter or adapter_name)
@@ -688,3 +778,4 @@ def set_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: st
             module = wrapper
         if not trainable:
             module.modules_to_save[adapter_name].requires_grad_(False)
+    return unmatched

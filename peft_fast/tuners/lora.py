@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -14,7 +14,15 @@ from torch import nn
 from .. import ops
 from ..config import PeftConfig, PeftType, check_unsupported
 from ..ops.sgmv import LoraStackCache
-from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, MixedBatch, fan_in_fan_out_for, linear_features
+from .base import (
+    LINEAR_TYPES,
+    AdapterLayer,
+    BaseTuner,
+    MixedBatch,
+    fan_in_fan_out_for,
+    linear_features,
+    pattern_matches,
+)
 
 # HF peft fields this version accepts in files but does not implement: their "off" values.
 _LORA_UNSUPPORTED = {
@@ -87,6 +95,11 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
             raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if self.lora_alpha == 0:
+            warnings.warn(
+                "lora_alpha=0 makes scaling 0: the adapter changes nothing and its gradients are all zero",
+                stacklevel=3,
+            )
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -124,7 +137,7 @@ def _normalize_targets(config: PeftConfig) -> None:
 def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     """HF peft's rank_pattern/alpha_pattern lookup: the first pattern matching the key's end."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if pattern_matches(pattern, key):
             return value
     return default
 
