@@ -33,7 +33,9 @@ class MatmulConfig:
 _MATMUL: dict[tuple[str, bool], MatmulConfig] = {
     # 128 × 128, not the tutorial's 128 × 256: the dropout variant holds two fp32 accumulators.
     ("sm90", False): MatmulConfig(128, 128, 64, 8, num_warps=8, num_stages=4),
-    ("sm90", True): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
+    # fp32 products run on FMA (no fp32 tensor-core path at "ieee" precision): 128 × 64, since
+    # 128 × 128 spilled in the IA³ backward (static audit).
+    ("sm90", True): MatmulConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
     # 8 warps, not 4: with 4 the 128 × 128 fp32 accumulator alone takes 128 registers a thread,
     # and the dropout-masked dx variant spilled (static audit, kernels/audit.py).
     ("sm80", False): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=4),
@@ -124,7 +126,9 @@ def tl_dtype(dtype: torch.dtype):  # -> triton.language.dtype
         raise TypeError(f"dtype must be one of {list(TL_DTYPES)}, got {dtype}") from None
 
 
-def sgmv_config(device: torch.device, max_seg_tokens: int, max_rank: int) -> MatmulConfig:
+def sgmv_config(
+    device: torch.device, max_seg_tokens: int, max_rank: int, dtype: torch.dtype = torch.bfloat16
+) -> MatmulConfig:
     """Blocks for the segment kernels (sgmv_shrink / sgmv_expand / sgmv_adapter_grad):
     block_m along a segment's tokens (smaller for short segments, so that tiles are not
     mostly masked), block_n along the rank (shrink) or the output columns (expand).
@@ -133,6 +137,8 @@ def sgmv_config(device: torch.device, max_seg_tokens: int, max_rank: int) -> Mat
     if fam == "interpreter":
         return MatmulConfig(16, 32, 32, 1, num_warps=1, num_stages=1)
     block_m = 16 if max_seg_tokens <= 16 else 32 if max_seg_tokens <= 64 else 64
+    if dtype == torch.float32:  # fp32 tiles are twice the bytes: half the columns and K block (no spills)
+        return MatmulConfig(block_m, 64, 32, 1, num_warps=4, num_stages=3)
     return MatmulConfig(block_m, 128, 64, 1, num_warps=4, num_stages=3 if fam == "sm80" else 4)
 
 

@@ -104,7 +104,7 @@ def sgmv_adapter_grad(
     dropout = check_dropout_ps(dropout_ps, seed, n, Q.device, M, N)
     if M == 0 or N == 0 or ranks.max_rank == 0 or segs.num_segments == 0:
         return torch.zeros((r_total, N), dtype=dtype, device=Q.device)
-    cfg = sgmv_config(Q.device, segs.max_seg_tokens, ranks.max_rank)
+    cfg = sgmv_config(Q.device, segs.max_seg_tokens, ranks.max_rank, dtype)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(Q.device))
     block_n = cfg.block_n
     block_m = max(cfg.block_k, 16) if on_gpu(Q.device) else 16

@@ -95,7 +95,7 @@ def sgmv_expand(
     dropout = check_dropout_ps(dropout_ps, seed, n, out.device, M, N)
     if M == 0 or N == 0 or ranks.max_rank == 0 or segs.num_segments == 0:
         return out
-    cfg = sgmv_config(out.device, segs.max_seg_tokens, ranks.max_rank)
+    cfg = sgmv_config(out.device, segs.max_seg_tokens, ranks.max_rank, b_stacked.dtype)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(out.device))
     grid = (triton.cdiv(segs.max_seg_tokens, cfg.block_m), triton.cdiv(N, cfg.block_n), segs.num_segments)
     _sgmv_expand_kernel[grid](

@@ -98,7 +98,7 @@ def sgmv_shrink(
     h = torch.zeros((M, ranks.max_rank), dtype=torch.float32, device=x.device)
     if M == 0 or ranks.max_rank == 0 or K == 0 or segs.num_segments == 0:
         return h
-    cfg = sgmv_config(x.device, segs.max_seg_tokens, ranks.max_rank)
+    cfg = sgmv_config(x.device, segs.max_seg_tokens, ranks.max_rank, a_stacked.dtype)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(x.device))
     grid = (triton.cdiv(segs.max_seg_tokens, cfg.block_m), triton.cdiv(ranks.max_rank, block_r), segs.num_segments)
     _sgmv_shrink_kernel[grid](
