@@ -1,4 +1,10 @@
-"""Adapter configs with HF peft's names, defaults and adapter_config.json keys."""
+"""Adapter configs with HF peft's names, defaults and adapter_config.json keys, and the registry
+of methods (`register_peft_method`): which config class and tuner class a `peft_type` has.
+
+Each method's package under `peft_fast/tuners/` registers itself when imported (importing
+peft_fast imports them all). This module sits below everything else in peft_fast: it imports
+no other peft_fast module, and finds config classes by `peft_type` through the registry.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,11 @@ PEFT_FORMAT_VERSION = "0.21.2"
 
 
 class PeftType(str, enum.Enum):
-    """Which method an adapter uses (the `peft_type` key of adapter_config.json)."""
+    """Which method an adapter uses (the `peft_type` key of adapter_config.json).
+
+    These are the methods peft_fast ships with. A method registered under another name (see
+    `register_peft_method`) has its plain upper-case name as `peft_type`; both compare equal
+    to the JSON string."""
 
     LORA = "LORA"
     IA3 = "IA3"
@@ -65,17 +75,16 @@ class PeftConfig:
     revision: str | None = None
     inference_mode: bool = False
 
-    # Set by subclasses: the value `peft_type` must have.
-    PEFT_TYPE: ClassVar[PeftType | None] = None
+    # Set by subclasses: the value `peft_type` must have (a PeftType, or the upper-case
+    # name of a method registered under another name).
+    PEFT_TYPE: ClassVar[PeftType | str | None] = None
 
     def __post_init__(self) -> None:
         self.task_type = _enum_value(self.task_type, TaskType, "task_type")
         if self.PEFT_TYPE is not None:
-            given = _enum_value(self.peft_type, PeftType, "peft_type")
-            if given is not None and given != self.PEFT_TYPE:
-                raise ValueError(
-                    f"peft_type must be {self.PEFT_TYPE.value!r} for {type(self).__name__}, got {given.value!r}"
-                )
+            given = self.peft_type
+            if given is not None and (not isinstance(given, str) or str(given) != str(self.PEFT_TYPE)):
+                raise ValueError(f"peft_type must be {str(self.PEFT_TYPE)!r} for {type(self).__name__}, got {given!r}")
             self.peft_type = self.PEFT_TYPE
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
@@ -120,8 +129,6 @@ class PeftConfig:
         if cls.PEFT_TYPE is None:
             if "peft_type" not in data:
                 raise ValueError("adapter config has no 'peft_type' key; cannot tell which method it is for")
-            from .mapping import config_class_for
-
             target_cls = config_class_for(data["peft_type"])
         known = {f.name for f in dataclasses.fields(target_cls)}
         unknown = sorted(set(data) - known)
@@ -187,3 +194,66 @@ def check_unsupported(config: PeftConfig, defaults: dict[str, Any]) -> None:
             f"{type(config).__name__}: {', '.join(f'{n}={getattr(config, n)!r}' for n in used)} "
             "is not supported by peft_fast; leave it at its default"
         )
+
+
+# -- the registry of methods ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeftMethod:
+    """A registered method: its name ("lora"), `peft_type` ("LORA"), config class, tuner class
+    (the BaseTuner subclass that puts its layers into a model; None for prompt learning, which a
+    PeftModel runs itself) and the prefix of its adapter weights' names ("lora_")."""
+
+    name: str
+    peft_type: str
+    config_cls: type[PeftConfig]
+    model_cls: type | None
+    prefix: str
+
+
+_METHODS: dict[str, PeftMethod] = {}  # by peft_type
+
+
+def register_peft_method(
+    *, name: str, config_cls: type[PeftConfig], model_cls: type | None, prefix: str | None = None
+) -> None:
+    """Make a method known to peft_fast, as HF peft's `register_peft_method` does: configs with
+    `peft_type == name.upper()` load as `config_cls` (PeftConfig.from_pretrained, from_dict), and
+    get_peft_model / PeftModel put `model_cls`'s layers into the model.
+
+    `name` is lower case without a trailing "_"; `config_cls.PEFT_TYPE` must be `name.upper()`;
+    `prefix` (default `name + "_"`) must equal `model_cls.prefix` where the class has one. Names
+    and prefixes are unique: registering one twice raises KeyError."""
+    if not isinstance(name, str) or not name or not name.islower() or name.endswith("_"):
+        raise ValueError(f"name must be a lower-case method name without a trailing '_', got {name!r}")
+    peft_type = name.upper()
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PeftConfig)):
+        raise TypeError(f"config_cls must be a PeftConfig subclass, got {config_cls!r}")
+    if config_cls.PEFT_TYPE is None or str(config_cls.PEFT_TYPE) != peft_type:
+        raise ValueError(
+            f"config_cls {config_cls.__name__}.PEFT_TYPE must be {peft_type!r} for the method {name!r}, "
+            f"got {config_cls.PEFT_TYPE!r}"
+        )
+    if model_cls is not None and not isinstance(model_cls, type):
+        raise TypeError(f"model_cls must be a class (a BaseTuner subclass) or None, got {model_cls!r}")
+    prefix = name + "_" if prefix is None else prefix
+    model_prefix = getattr(model_cls, "prefix", None)
+    if model_prefix is not None and model_prefix != prefix:
+        raise ValueError(f"prefix {prefix!r} differs from {model_cls.__name__}.prefix {model_prefix!r}")
+    if peft_type in _METHODS:
+        raise KeyError(f"a method named {name!r} is already registered")
+    if any(m.prefix == prefix for m in _METHODS.values()):
+        raise KeyError(f"the prefix {prefix!r} is already registered; choose a unique prefix")
+    _METHODS[peft_type] = PeftMethod(name, peft_type, config_cls, model_cls, prefix)
+
+
+def registered_method(peft_type: PeftType | str) -> PeftMethod:
+    """The registered method whose `peft_type` (as adapter_config.json stores it) this is."""
+    method = _METHODS.get(str(peft_type)) if isinstance(peft_type, str) else None
+    if method is None:
+        raise ValueError(f"peft_type {peft_type!r} is not supported by peft_fast; supported: {list(_METHODS)}")
+    return method
+
+
+def config_class_for(peft_type: PeftType | str) -> type[PeftConfig]:
+    """The config class of a `peft_type` value as adapter_config.json stores it."""
+    return registered_method(peft_type).config_cls

@@ -59,7 +59,6 @@ from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_PT
 from .tuners.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper
-from .tuners.lora import LoraLayer
 from .tuners.prompt_learning import PROMPT_FILE_KEY
 
 try:
@@ -133,8 +132,8 @@ def _extra_base_keys(model: nn.Module, adapter_name: str, save_embedding_layers:
     elif bias == "lora_only":
         for path, module in model.named_modules():
             if (
-                isinstance(module, LoraLayer)
-                and adapter_name in module.r
+                isinstance(module, AdapterLayer)
+                and adapter_name in module.adapter_names()
                 and getattr(module.base_layer, "bias", None) is not None
             ):
                 keys.append(f"{path}.base_layer.bias")
