@@ -199,14 +199,17 @@ def check_unsupported(config: PeftConfig, defaults: dict[str, Any]) -> None:
 # -- the registry of methods ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class PeftMethod:
-    """A registered method: its name ("lora"), `peft_type` ("LORA"), config class, tuner class
-    (the BaseTuner subclass that puts its layers into a model; None for prompt learning, which a
-    PeftModel runs itself) and the prefix of its adapter weights' names ("lora_")."""
+    """A registered method: its name ("lora"), `peft_type` ("LORA"), config class, model class
+    and the prefix of its adapter weights' names ("lora_").
+
+    The model class is, as in HF peft, the tuner that puts the method's layers into a model (a
+    BaseTuner subclass such as LoraModel) or, for prompt learning, the prompt encoder (a
+    PromptEncoderBase subclass such as PrefixEncoder)."""
 
     name: str
     peft_type: str
     config_cls: type[PeftConfig]
-    model_cls: type | None
+    model_cls: type
     prefix: str
 
 
@@ -214,11 +217,11 @@ _METHODS: dict[str, PeftMethod] = {}  # by peft_type
 
 
 def register_peft_method(
-    *, name: str, config_cls: type[PeftConfig], model_cls: type | None, prefix: str | None = None
+    *, name: str, config_cls: type[PeftConfig], model_cls: type, prefix: str | None = None
 ) -> None:
     """Make a method known to peft_fast, as HF peft's `register_peft_method` does: configs with
     `peft_type == name.upper()` load as `config_cls` (PeftConfig.from_pretrained, from_dict), and
-    get_peft_model / PeftModel put `model_cls`'s layers into the model.
+    get_peft_model / PeftModel use `model_cls` (see PeftMethod) to adapt the model.
 
     `name` is lower case without a trailing "_"; `config_cls.PEFT_TYPE` must be `name.upper()`;
     `prefix` (default `name + "_"`) must equal `model_cls.prefix` where the class has one. Names
@@ -233,8 +236,11 @@ def register_peft_method(
             f"config_cls {config_cls.__name__}.PEFT_TYPE must be {peft_type!r} for the method {name!r}, "
             f"got {config_cls.PEFT_TYPE!r}"
         )
-    if model_cls is not None and not isinstance(model_cls, type):
-        raise TypeError(f"model_cls must be a class (a BaseTuner subclass) or None, got {model_cls!r}")
+    if not isinstance(model_cls, type):
+        raise TypeError(
+            f"model_cls must be a class (a BaseTuner or, for prompt learning, PromptEncoderBase subclass), "
+            f"got {model_cls!r}"
+        )
     prefix = name + "_" if prefix is None else prefix
     model_prefix = getattr(model_cls, "prefix", None)
     if model_prefix is not None and model_prefix != prefix:

@@ -24,7 +24,7 @@ from .save_and_load import (
     save_adapter_folder,
     set_peft_model_state_dict,
 )
-from .tuners.base import SEQ_CLS_HEAD_NAMES, set_modules_to_save
+from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner, set_modules_to_save
 from .tuners.prompt_learning import PromptLearningAdapters, prefix_cache, prepend
 
 
@@ -186,10 +186,10 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         # The tuner class comes from the registry (ValueError for a peft_type nobody registered).
         tuner = registered_method(peft_config.peft_type).model_cls
-        if tuner is None and not peft_config.is_prompt_learning:
-            raise ValueError(
-                f"peft_type {str(peft_config.peft_type)!r} was registered without a tuner class (model_cls=None),"
-                " which only prompt-learning configs may have"
+        if not peft_config.is_prompt_learning and not issubclass(tuner, BaseTuner):
+            raise TypeError(
+                f"peft_type {str(peft_config.peft_type)!r} registered model_cls={tuner.__name__}, which is not a"
+                " BaseTuner subclass (only prompt-learning methods register a prompt encoder)"
             )
         self._add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:

@@ -1,7 +1,7 @@
 """Prompt learning: prompt tuning, prefix tuning and P-tuning (see model.py).
 
-They change no layer of the base model, so they register no tuner class: a PeftModel puts
-their virtual tokens in front of the input itself."""
+They change no layer of the base model: as in HF peft, each registers its prompt encoder as
+`model_cls`, and a PeftModel puts the encoder's virtual tokens in front of the input."""
 
 from ...config import register_peft_method
 from .config import (
@@ -25,9 +25,9 @@ from .model import (
     prepend,
 )
 
-register_peft_method(name="prompt_tuning", config_cls=PromptTuningConfig, model_cls=None)
-register_peft_method(name="prefix_tuning", config_cls=PrefixTuningConfig, model_cls=None)
-register_peft_method(name="p_tuning", config_cls=PromptEncoderConfig, model_cls=None)
+register_peft_method(name="prompt_tuning", config_cls=PromptTuningConfig, model_cls=PromptEmbedding)
+register_peft_method(name="prefix_tuning", config_cls=PrefixTuningConfig, model_cls=PrefixEncoder)
+register_peft_method(name="p_tuning", config_cls=PromptEncoderConfig, model_cls=PromptEncoder)
 
 __all__ = [
     "PROMPT_FILE_KEY",

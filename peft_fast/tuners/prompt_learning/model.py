@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import PeftConfig, PeftType, TaskType
+from ...config import PeftConfig, PeftType, TaskType, registered_method
 from ..base import ModulesToSaveWrapper, activate_modules_to_save
 from .config import (
     PrefixTuningConfig,
@@ -106,6 +106,12 @@ class PromptEncoderBase(nn.Module):
 
     embedding: nn.Embedding
 
+    @classmethod
+    def from_config(cls, config: PromptLearningConfig, word_embeddings: nn.Module) -> PromptEncoderBase:
+        """The encoder of a prepared config (see prepare_prompt_learning_config); `word_embeddings`
+        is the base model's token embedding, for encoders initialised from it."""
+        return cls(config)
+
     def has_head(self) -> bool:
         """Whether the output is computed from `embedding` by further layers."""
         return False
@@ -163,6 +169,10 @@ class PromptEmbedding(PromptEncoderBase):
         if config.prompt_tuning_init != PromptTuningInit.RANDOM and not config.inference_mode:
             ids = _init_token_ids(config, total, word_embeddings.num_embeddings).to(word_embeddings.weight.device)
             self.embedding.weight = nn.Parameter(word_embeddings(ids).detach().clone().float())
+
+    @classmethod
+    def from_config(cls, config: PromptLearningConfig, word_embeddings: nn.Module) -> PromptEmbedding:
+        return cls(config, word_embeddings)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(indices)
@@ -257,14 +267,15 @@ class PromptEncoder(PromptEncoderBase):
 
 
 def create_prompt_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> PromptEncoderBase:
-    """The encoder for a prepared config (see prepare_prompt_learning_config)."""
-    if isinstance(config, PromptTuningConfig):
-        return PromptEmbedding(config, word_embeddings)
-    if isinstance(config, PrefixTuningConfig):
-        return PrefixEncoder(config)
-    if isinstance(config, PromptEncoderConfig):
-        return PromptEncoder(config)
-    raise TypeError(f"no prompt encoder for {type(config).__name__}")
+    """The encoder for a prepared config (see prepare_prompt_learning_config): the class its
+    method registered as `model_cls` (HF peft's PromptEmbedding, PrefixEncoder, PromptEncoder)."""
+    encoder_cls = registered_method(config.peft_type).model_cls
+    if not (isinstance(encoder_cls, type) and issubclass(encoder_cls, PromptEncoderBase)):
+        raise TypeError(
+            f"peft_type {str(config.peft_type)!r} registered model_cls={encoder_cls!r}; a prompt-learning method"
+            " registers its prompt encoder, a PromptEncoderBase subclass"
+        )
+    return encoder_cls.from_config(config, word_embeddings)
 
 
 # -- what the task wrappers feed to the model ----------------------------------------------------
