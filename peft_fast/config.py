@@ -140,6 +140,18 @@ class PeftConfig:
         return target_cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """HF peft's `PeftConfig.from_peft_type`: the config of the method `peft_type` names (through
+        the registry), or of this class where `peft_type` is not given; unknown keys are dropped
+        with a warning, as in from_dict. Unlike HF peft, the base PeftConfig without `peft_type`
+        raises ValueError rather than build a config that no method can use."""
+        if "peft_type" in kwargs:
+            return config_class_for(kwargs["peft_type"]).from_dict(kwargs)
+        if cls.PEFT_TYPE is None:
+            raise ValueError(f"{cls.__name__}.from_peft_type needs peft_type=... to tell which method it is for")
+        return cls.from_dict(kwargs)
+
+    @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PeftConfig:
         """Build the config an adapter_config.json describes; ValueError naming the file where
         it is not JSON text holding one object."""

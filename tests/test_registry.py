@@ -110,6 +110,18 @@ def test_config_files_load_by_peft_type(tmp_path, config):
     assert type(loaded) is type(config) and loaded.to_dict() == config.to_dict()
 
 
+def test_from_peft_type_as_hf_peft():
+    kwargs = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    ours, theirs = PeftConfig.from_peft_type(**kwargs), peft.PeftConfig.from_peft_type(**kwargs)
+    assert type(ours).__name__ == type(theirs).__name__ == "LoraConfig"
+    assert (ours.r, ours.lora_alpha, ours.target_modules) == (theirs.r, theirs.lora_alpha, theirs.target_modules)
+    # Called on a method's class, peft_type still picks the class (as in HF peft).
+    assert type(LoraConfig.from_peft_type(peft_type="IA3")) is IA3Config
+    assert type(IA3Config.from_peft_type(target_modules=["k_proj"])) is IA3Config
+    with pytest.raises(ValueError, match="needs peft_type"):
+        PeftConfig.from_peft_type(r=4)
+
+
 # -- a method registered from outside the package --------------------------------------------------
 def test_unregistered_method_is_refused(registry):
     with pytest.raises(ValueError, match="peft_type 'SHIFT' is not supported by peft_fast"):
@@ -152,6 +164,7 @@ def test_registered_method_is_found_by_get_peft_model_and_config_loading(shift_r
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SHIFT"
     config = PeftConfig.from_pretrained(tmp_path)
     assert type(config) is ShiftConfig and config.target_modules == ["q_proj"]
+    assert type(PeftConfig.from_peft_type(peft_type="SHIFT", init_shift=0.5)) is ShiftConfig
     loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
     assert isinstance(loaded, PeftModelForCausalLM) and isinstance(loaded.base_model, ShiftModel)
     assert torch.equal(output_of(loaded, inputs), shifted)
