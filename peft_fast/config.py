@@ -268,7 +268,8 @@ def registered_method(peft_type: PeftType | str) -> PeftMethod:
     """The registered method whose `peft_type` (as adapter_config.json stores it) this is."""
     method = _METHODS.get(str(peft_type)) if isinstance(peft_type, str) else None
     if method is None:
-        raise ValueError(f"peft_type {peft_type!r} is not supported by peft_fast; supported: {list(_METHODS)}")
+        shown = str(peft_type) if isinstance(peft_type, str) else peft_type
+        raise ValueError(f"peft_type {shown!r} is not supported by peft_fast; supported: {list(_METHODS)}")
     return method
 
 

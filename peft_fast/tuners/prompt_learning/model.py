@@ -3,7 +3,8 @@
 These methods leave the base model untouched. They learn a few virtual tokens that a
 PeftModel puts in front of every input: as input embeddings (prompt tuning, P-tuning) or as
 keys and values in every attention layer's cache (prefix tuning). The encoders here compute
-those virtual tokens; the task wrappers in `peft_model.py` feed them to the model.
+those virtual tokens (their configs are in config.py); the task wrappers in `peft_model.py` feed
+them to the model.
 
 Names follow HF peft, so that state-dict keys are the same: a PeftModel holds
 `prompt_encoder.<adapter>.embedding.weight` (and `mlp_head.*`, `lstm_head.*`, `transform.*`
