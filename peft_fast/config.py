@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .adapter_files import committed_path, folder_lock, write_adapter_files
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_PT = "adapter_model.bin"
@@ -111,8 +113,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write adapter_config.json into `save_directory` (created if needed), atomically."""
-        from .save_and_load import write_adapter_files
-
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {str(save_directory)!r}")
         write_adapter_files(save_directory, {CONFIG_NAME: self.to_json_string().encode()})
@@ -175,8 +175,6 @@ class PeftConfig:
         folder = (
             os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
         )
-        from .save_and_load import committed_path, folder_lock
-
         if not os.path.isdir(folder):
             raise ValueError(
                 f"adapter folder {folder!r} does not exist (peft_fast loads adapters from local folders only)"

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_files import folder_lock
 from .config import PeftConfig, PeftType, TaskType, registered_method
 from .save_and_load import (
     adapter_key_map,
     check_adapter_name,
-    folder_lock,
     get_peft_model_state_dict,
     load_peft_weights,
     save_adapter_folder,

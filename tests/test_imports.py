@@ -27,12 +27,6 @@ SOURCE_DIRS: dict[str, Path] = {
     f"{ROOT}.kernels": Path(importlib.util.find_spec(f"{ROOT}.kernels").submodule_search_locations[0]),
 }
 
-# Imports inside functions that close a cycle and are still there, with why and who removes
-# them. The test fails when an entry no longer closes a cycle: delete it then.
-KNOWN_CYCLE_DODGES: dict[tuple[str, str], str] = {
-    ("peft_fast.bench", "peft_fast.bench_sgmv"): "bench.py <-> bench_sgmv.py: issue 10 item 5 moves both to bench/",
-}
-
 
 def _module_name(package: str, directory: Path, path: Path) -> str:
     parts = [package, *path.relative_to(directory).with_suffix("").parts]
@@ -152,16 +146,13 @@ def test_module_level_imports_form_no_cycle():
 
 
 def test_no_import_inside_a_function_dodges_a_cycle():
-    dodges = {
-        (m, target): line
+    dodges = sorted(
+        f"{m}:{line} imports {target}"
         for m, found in IMPORTS.items()
         for target, deferred, line in found
         if deferred and target in MODULES and _reaches(target, m)
-    }
-    unknown = {k: v for k, v in dodges.items() if k not in KNOWN_CYCLE_DODGES}
-    assert not unknown, (
-        "imports inside functions that dodge a cycle (importing module, imported module): line; "
-        f"move the shared code down a layer instead: {unknown}"
     )
-    gone = sorted(set(KNOWN_CYCLE_DODGES) - set(dodges))
-    assert not gone, f"these no longer dodge a cycle; delete them from KNOWN_CYCLE_DODGES: {gone}"
+    assert not dodges, (
+        "imports inside functions that dodge a cycle (the imported module imports the importer back); "
+        f"move the shared code down a layer instead: {dodges}"
+    )
