@@ -6,7 +6,7 @@ adapter files, with LoRA and IA³ running through `peft_fast.ops` (see `set_back
 
 __version__ = "0.1.0"
 
-from .config import PeftConfig, PeftType, TaskType  # noqa: E402
+from .config import PeftConfig, PeftType, TaskType, register_peft_method  # noqa: E402
 from .mapping import get_peft_model  # noqa: E402
 from .ops import available_backends, get_backend, set_backend, use_backend  # noqa: E402
 from .patch import patch_peft, unpatch_peft  # noqa: E402
@@ -66,6 +66,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "load_peft_weights",
     "patch_peft",
+    "register_peft_method",
     "set_backend",
     "set_peft_model_state_dict",
     "unpatch_peft",

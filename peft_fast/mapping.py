@@ -1,32 +1,11 @@
-"""`get_peft_model` and the tables that map config types and tasks to classes."""
+"""`get_peft_model`: HF peft's entry point."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .config import PeftConfig, PeftType
+from .config import PeftConfig
 from .peft_model import TASK_MODELS, PeftModel
-from .tuners.ia3 import IA3Config
-from .tuners.lora import LoraConfig
-from .tuners.prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-
-CONFIGS: dict[PeftType, type[PeftConfig]] = {
-    PeftType.LORA: LoraConfig,
-    PeftType.IA3: IA3Config,
-    PeftType.PROMPT_TUNING: PromptTuningConfig,
-    PeftType.PREFIX_TUNING: PrefixTuningConfig,
-    PeftType.P_TUNING: PromptEncoderConfig,
-}
-
-
-def config_class_for(peft_type: str | PeftType) -> type[PeftConfig]:
-    """The config class of a `peft_type` value as adapter_config.json stores it."""
-    try:
-        return CONFIGS[PeftType(peft_type)]
-    except (ValueError, KeyError):
-        raise ValueError(
-            f"peft_type {peft_type!r} is not supported by peft_fast; supported: {[t.value for t in CONFIGS]}"
-        ) from None
 
 
 def get_peft_model(

@@ -14,18 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PeftConfig, PeftType, TaskType
+from .adapter_files import folder_lock
+from .config import PeftConfig, PeftType, TaskType, registered_method
 from .save_and_load import (
+    adapter_key_map,
     check_adapter_name,
-    folder_lock,
     get_peft_model_state_dict,
     load_peft_weights,
     save_adapter_folder,
     set_peft_model_state_dict,
 )
 from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner, set_modules_to_save
-from .tuners.ia3 import IA3Model
-from .tuners.lora import LoraModel
 from .tuners.prompt_learning import PromptLearningAdapters, prefix_cache, prepend
 
 
@@ -35,9 +34,6 @@ def _checkpointing_enabled(model: nn.Module) -> bool:
         if hasattr(type(model), attr):
             return bool(getattr(model, attr))
     return False
-
-
-TUNERS: dict[PeftType, type[BaseTuner]] = {PeftType.LORA: LoraModel, PeftType.IA3: IA3Model}
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module:
@@ -80,7 +76,7 @@ def _check_loadable(config: PeftConfig, is_trainable: bool) -> None:
     """Refuse loading a prompt-learning adapter file for training (as HF peft does)."""
     if config.is_prompt_learning and is_trainable:
         raise ValueError(
-            f"is_trainable=True is not supported for {config.peft_type.value} adapter files (as in HF peft):"
+            f"is_trainable=True is not supported for {config.peft_type} adapter files (as in HF peft):"
             f" they store "
             "the encoder's output for the virtual tokens, not the encoder; create a new adapter to train"
         )
@@ -188,10 +184,12 @@ class PeftModel(nn.Module):
                 f"peft_config must be a PeftConfig (LoraConfig, IA3Config, ...), got {type(peft_config).__name__}"
             )
         check_adapter_name(adapter_name)
-        tuner = TUNERS.get(peft_config.peft_type)
-        if tuner is None and not peft_config.is_prompt_learning:
-            raise ValueError(
-                f"peft_type {peft_config.peft_type!r} is not supported; supported: {[t.value for t in TUNERS]}"
+        # The tuner class comes from the registry (ValueError for a peft_type nobody registered).
+        tuner = registered_method(peft_config.peft_type).model_cls
+        if not peft_config.is_prompt_learning and not issubclass(tuner, BaseTuner):
+            raise TypeError(
+                f"peft_type {str(peft_config.peft_type)!r} registered model_cls={tuner.__name__}, which is not a"
+                " BaseTuner subclass (only prompt-learning methods register a prompt encoder)"
             )
         self._add_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
@@ -276,8 +274,6 @@ class PeftModel(nn.Module):
                 p.requires_grad_(False)
 
     def _adapter_parameters(self, adapter_name: str, include_modules_to_save: bool = True) -> Iterator[nn.Parameter]:
-        from .save_and_load import adapter_key_map
-
         params = dict(self.named_parameters(remove_duplicate=False))
         for model_key in adapter_key_map(self, adapter_name).values():
             if not include_modules_to_save and ".modules_to_save." in model_key:
@@ -366,7 +362,7 @@ class PeftModel(nn.Module):
         config = self.active_peft_config
         if not config.is_prompt_learning:
             raise TypeError(
-                f"get_prompt() needs a prompt-learning adapter; {self.active_adapter!r} is {config.peft_type.value}"
+                f"get_prompt() needs a prompt-learning adapter; {self.active_adapter!r} is {config.peft_type}"
             )
         virtual = self.prompt_encoder[self.active_adapter].prompt_embeddings()
         if config.peft_type == PeftType.PREFIX_TUNING:

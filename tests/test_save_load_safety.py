@@ -1,4 +1,4 @@
-"""Nothing lost, nothing misapplied: atomic and exclusive saves (`save_and_load`'s protocol),
+"""Nothing lost, nothing misapplied: atomic and exclusive saves (`adapter_files`' protocol),
 loads that succeed whole or change nothing, and adapter names that cannot leave their folder.
 
 Crashes are simulated in-process: from a chosen file-system step of a save on, every step
@@ -17,6 +17,7 @@ from conftest import make_model
 
 import peft_fast
 from peft_fast import LoraConfig, PeftModel, get_peft_model
+from peft_fast import adapter_files as af
 from peft_fast import save_and_load as sl
 from peft_fast.config import CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_PT
 from peft_fast.peft_model import _read_adapter
@@ -60,7 +61,7 @@ class _Crash(BaseException):
     """The simulated death of the saving process."""
 
 
-_STEPS = ("_stage", "_backup", "_fsync_dir")  # save_and_load's own steps; os.replace/os.unlink too
+_STEPS = ("_stage", "_backup", "_fsync_dir")  # adapter_files' own steps; os.replace/os.unlink too
 
 
 def _patch_steps(monkeypatch, crash_at: int | None) -> list[str]:
@@ -77,9 +78,9 @@ def _patch_steps(monkeypatch, crash_at: int | None) -> list[str]:
         return step
 
     for name in _STEPS:
-        monkeypatch.setattr(sl, name, wrap(name, getattr(sl, name)))
-    monkeypatch.setattr(sl.os, "replace", wrap("replace", os.replace))
-    monkeypatch.setattr(sl.os, "unlink", wrap("unlink", os.unlink))
+        monkeypatch.setattr(af, name, wrap(name, getattr(af, name)))
+    monkeypatch.setattr(af.os, "replace", wrap("replace", os.replace))
+    monkeypatch.setattr(af.os, "unlink", wrap("unlink", os.unlink))
     return log
 
 
@@ -89,7 +90,7 @@ def _entries(folder) -> list[str]:
 
 @pytest.mark.parametrize("had_adapter", [True, False], ids=["over_an_adapter", "into_an_empty_folder"])
 def test_a_save_that_dies_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, had_adapter):
-    monkeypatch.setattr(sl.os, "fsync", lambda fd: None)  # the order of steps is under test, not the disk
+    monkeypatch.setattr(af.os, "fsync", lambda fd: None)  # the order of steps is under test, not the disk
     old, new = _lora(r=4, seed=1), _lora(r=8, alpha=32, seed=2)
     old_w, new_w = _adapter_weights(old), _adapter_weights(new)
     if had_adapter:
@@ -134,7 +135,7 @@ def test_a_save_that_dies_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path
         old.save_pretrained(folder)
         r, weights = _on_disk(folder)
         assert r == 4 and _same(weights, old_w)
-        assert _entries(folder) == sorted([sl.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME])
+        assert _entries(folder) == sorted([af.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME])
     assert _same(_loaded(folder)[1], old_w)  # and a model takes it
     before = "old" if had_adapter else "none"
     # One commit point: the old adapter up to it, the new one after it.
@@ -154,18 +155,18 @@ def test_a_save_that_raises_rolls_back_and_cleans_up(tmp_path, monkeypatch):
 
     def replace_then_fail(src, dst):  # the weights are replaced, then the config fails
         calls.append(dst)
-        if str(dst).endswith(CONFIG_NAME) and str(src).endswith(sl._TMP_SUFFIX):  # not the roll-back's replace
+        if str(dst).endswith(CONFIG_NAME) and str(src).endswith(af._TMP_SUFFIX):  # not the roll-back's replace
             disk_full()
         real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(sl.os, "replace", replace_then_fail)
+        m.setattr(af.os, "replace", replace_then_fail)
         with pytest.raises(OSError, match="No space left"):
             new.save_pretrained(tmp_path)
     assert any(str(c).endswith(WEIGHTS_NAME) for c in calls)  # it did get past the weights
     r, weights = _loaded(tmp_path)
     assert r == 4 and _same(weights, _adapter_weights(old))
-    assert _entries(tmp_path) == sorted([sl.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME])
+    assert _entries(tmp_path) == sorted([af.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME])
 
 
 def test_switching_format_removes_the_other_weights_file(tmp_path):
@@ -173,7 +174,7 @@ def test_switching_format_removes_the_other_weights_file(tmp_path):
     a, b = _lora(seed=1), _lora(seed=2)
     a.save_pretrained(tmp_path)
     b.save_pretrained(tmp_path, safe_serialization=False)
-    assert _entries(tmp_path) == sorted([sl.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME_PT])
+    assert _entries(tmp_path) == sorted([af.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME_PT])
     assert _same(_loaded(tmp_path)[1], _adapter_weights(b))
     a.save_pretrained(tmp_path)
     assert WEIGHTS_NAME_PT not in _entries(tmp_path)
@@ -454,5 +455,5 @@ def test_a_save_leaves_other_files_of_the_folder_alone(tmp_path):
     _lora(seed=13).save_pretrained(tmp_path)
     _lora(seed=14).save_pretrained(tmp_path)
     assert _entries(tmp_path) == sorted(
-        [".notes.tmp", ".model.prev", "README.md", sl.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME]
+        [".notes.tmp", ".model.prev", "README.md", af.LOCK_NAME, CONFIG_NAME, WEIGHTS_NAME]
     )

@@ -1,4 +1,7 @@
-"""One module per method: LoRA, IA³, and prompt learning (prompt tuning, prefix tuning, P-tuning)."""
+"""One package per method: LoRA, IA³, and prompt learning (prompt tuning, prefix tuning, P-tuning).
+
+Each method's package registers its config and tuner classes when imported
+(`peft_fast.config.register_peft_method`); importing this package registers them all."""
 
 from .ia3 import IA3Config, IA3Model
 from .lora import LoraConfig, LoraModel

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..config import PeftConfig
 from ..ops.sgmv import MixedPlan, plan_mixed_batch
-from .targets import default_target_modules
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -394,7 +393,8 @@ class BaseTuner(nn.Module):
     prefix: str = ""  # the parameter-name prefix of this method's adapter weights ("lora_", "ia3_")
     shorten_targets: bool = False
     layer_cls: type[AdapterLayer] = AdapterLayer
-    mapping_name: str = ""
+    # HF peft's default target modules per transformers model type (see targets.py).
+    target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(
         self, model: nn.Module, peft_config: dict[str, PeftConfig], adapter_name: str, low_cpu_mem_usage: bool = False
@@ -423,7 +423,7 @@ class BaseTuner(nn.Module):
         """Fill in default target modules and expand "all-linear" (HF peft's rules)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if config.target_modules is None:
-            defaults = default_target_modules(self.mapping_name, model_type)
+            defaults = self.target_module_mapping.get(model_type)
             if defaults is None:
                 raise ValueError(
                     f"target_modules is not set and there is no default for model type {model_type!r}; "

@@ -1,9 +1,12 @@
-"""Default target modules per transformers model type, where the user names none.
+"""Target modules: the defaults per transformers model type, where the user names none, and
+the normalisation of a config's target fields.
 
-The values are HF peft's defaults (peft 0.21), so that the same config adapts the same
-layers in both libraries."""
+The defaults are HF peft's (peft 0.21), so that the same config adapts the same layers in
+both libraries. A tuner names its table in `BaseTuner.target_module_mapping`."""
 
 from __future__ import annotations
+
+from ..config import PeftConfig
 
 _QV_PROJ = ["q_proj", "v_proj"]
 
@@ -91,12 +94,19 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
     "mt5": [],
 }
 
-_TABLES = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS, "ia3_feedforward": IA3_FEEDFORWARD}
 
-
-def default_target_modules(method: str, model_type: str | None) -> list[str] | None:
-    """HF peft's default targets of `method` ("lora", "ia3", "ia3_feedforward") for a model
-    type, or None where it has none."""
-    if model_type is None:
-        return None
-    return _TABLES[method].get(model_type)
+def normalize_targets(config: PeftConfig) -> None:
+    """HF peft's conventions for a config's target fields: lists become sets; layer selection
+    needs a list of targets. Raises ValueError for combinations HF peft refuses."""
+    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, name, set(value))
+    if getattr(config, "layers_pattern", None) and getattr(config, "layers_to_transform", None) is None:
+        raise ValueError("layers_pattern is only used together with layers_to_transform; set layers_to_transform too")
+    if isinstance(config.target_modules, str) and getattr(config, "layers_to_transform", None) is not None:
+        raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; pass a list")
+    if isinstance(config.target_modules, str) and getattr(config, "layers_pattern", None):
+        raise ValueError("layers_pattern cannot be used when target_modules is a regex string; pass a list")
+    if config.modules_to_save is not None and not isinstance(config.modules_to_save, list):
+        config.modules_to_save = list(config.modules_to_save)

@@ -3,7 +3,8 @@
 These methods leave the base model untouched. They learn a few virtual tokens that a
 PeftModel puts in front of every input: as input embeddings (prompt tuning, P-tuning) or as
 keys and values in every attention layer's cache (prefix tuning). The encoders here compute
-those virtual tokens; the task wrappers in `peft_model.py` feed them to the model.
+those virtual tokens (their configs are in config.py); the task wrappers in `peft_model.py` feed
+them to the model.
 
 Names follow HF peft, so that state-dict keys are the same: a PeftModel holds
 `prompt_encoder.<adapter>.embedding.weight` (and `mlp_head.*`, `lstm_head.*`, `transform.*`
@@ -25,116 +26,27 @@ Differences from HF peft 0.21.2 (deliberate):
 
 from __future__ import annotations
 
-import enum
 import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, TaskType, _enum_value
-from .base import ModulesToSaveWrapper, activate_modules_to_save
+from ...config import PeftConfig, PeftType, TaskType, registered_method
+from ..base import ModulesToSaveWrapper, activate_modules_to_save
+from .config import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 PROMPT_FILE_KEY = "prompt_embeddings"
-
-
-class PromptTuningInit(str, enum.Enum):
-    """How prompt tuning initialises its virtual tokens."""
-
-    TEXT = "TEXT"
-    SAMPLE_VOCAB = "SAMPLE_VOCAB"
-    RANDOM = "RANDOM"
-
-
-class PromptEncoderReparameterizationType(str, enum.Enum):
-    """The network P-tuning puts on top of its virtual-token embeddings."""
-
-    MLP = "MLP"
-    LSTM = "LSTM"
-
-
-@dataclass
-class PromptLearningConfig(PeftConfig):
-    """Fields every prompt-learning config shares (HF peft's PromptLearningConfig).
-
-    `token_dim`, `num_layers`, `num_attention_heads`, `num_transformer_submodules` (and
-    `encoder_hidden_size` where a method has it) are read from the base model when left None."""
-
-    num_virtual_tokens: int | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return True
-
-
-@dataclass
-class PromptTuningConfig(PromptLearningConfig):
-    """HF peft's PromptTuningConfig: learned virtual-token embeddings put before the input."""
-
-    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict | None = None
-
-    PEFT_TYPE: ClassVar[PeftType] = PeftType.PROMPT_TUNING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.prompt_tuning_init = _enum_value(self.prompt_tuning_init, PromptTuningInit, "prompt_tuning_init")
-        text_init = self.prompt_tuning_init == PromptTuningInit.TEXT
-        if text_init and not self.tokenizer_name_or_path:
-            raise ValueError(
-                f"prompt_tuning_init='TEXT' needs tokenizer_name_or_path, got {self.tokenizer_name_or_path!r}"
-            )
-        if text_init and self.prompt_tuning_init_text is None:
-            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text, got None")
-        if self.tokenizer_kwargs and not text_init:
-            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
-
-
-@dataclass
-class PrefixTuningConfig(PromptLearningConfig):
-    """HF peft's PrefixTuningConfig: learned keys and values put before every layer's own."""
-
-    init_weights: Literal["zero"] | None = None
-    encoder_hidden_size: int | None = None
-    prefix_projection: bool = False
-
-    PEFT_TYPE: ClassVar[PeftType] = PeftType.PREFIX_TUNING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init_weights not in (None, "zero"):
-            raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")
-
-
-@dataclass
-class PromptEncoderConfig(PromptLearningConfig):
-    """HF peft's PromptEncoderConfig (P-tuning): virtual-token embeddings through an MLP or LSTM."""
-
-    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = PromptEncoderReparameterizationType.MLP
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-
-    PEFT_TYPE: ClassVar[PeftType] = PeftType.P_TUNING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.encoder_reparameterization_type = _enum_value(
-            self.encoder_reparameterization_type, PromptEncoderReparameterizationType, "encoder_reparameterization_type"
-        )
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 
 
 # -- filling in a config from the base model ---------------------------------------------------
@@ -195,6 +107,12 @@ class PromptEncoderBase(nn.Module):
 
     embedding: nn.Embedding
 
+    @classmethod
+    def from_config(cls, config: PromptLearningConfig, word_embeddings: nn.Module) -> PromptEncoderBase:
+        """The encoder of a prepared config (see prepare_prompt_learning_config); `word_embeddings`
+        is the base model's token embedding, for encoders initialised from it."""
+        return cls(config)
+
     def has_head(self) -> bool:
         """Whether the output is computed from `embedding` by further layers."""
         return False
@@ -252,6 +170,10 @@ class PromptEmbedding(PromptEncoderBase):
         if config.prompt_tuning_init != PromptTuningInit.RANDOM and not config.inference_mode:
             ids = _init_token_ids(config, total, word_embeddings.num_embeddings).to(word_embeddings.weight.device)
             self.embedding.weight = nn.Parameter(word_embeddings(ids).detach().clone().float())
+
+    @classmethod
+    def from_config(cls, config: PromptLearningConfig, word_embeddings: nn.Module) -> PromptEmbedding:
+        return cls(config, word_embeddings)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(indices)
@@ -346,14 +268,15 @@ class PromptEncoder(PromptEncoderBase):
 
 
 def create_prompt_encoder(config: PromptLearningConfig, word_embeddings: nn.Module) -> PromptEncoderBase:
-    """The encoder for a prepared config (see prepare_prompt_learning_config)."""
-    if isinstance(config, PromptTuningConfig):
-        return PromptEmbedding(config, word_embeddings)
-    if isinstance(config, PrefixTuningConfig):
-        return PrefixEncoder(config)
-    if isinstance(config, PromptEncoderConfig):
-        return PromptEncoder(config)
-    raise TypeError(f"no prompt encoder for {type(config).__name__}")
+    """The encoder for a prepared config (see prepare_prompt_learning_config): the class its
+    method registered as `model_cls` (HF peft's PromptEmbedding, PrefixEncoder, PromptEncoder)."""
+    encoder_cls = registered_method(config.peft_type).model_cls
+    if not (isinstance(encoder_cls, type) and issubclass(encoder_cls, PromptEncoderBase)):
+        raise TypeError(
+            f"peft_type {str(config.peft_type)!r} registered model_cls={encoder_cls!r}; a prompt-learning method"
+            " registers its prompt encoder, a PromptEncoderBase subclass"
+        )
+    return encoder_cls.from_config(config, word_embeddings)
 
 
 # -- what the task wrappers feed to the model ----------------------------------------------------
@@ -466,7 +389,7 @@ class PromptLearningAdapters:
             w.enable_adapters(False)
 
     def _unsupported(self, call: str) -> TypeError:
-        kind = self.peft_config[self.active_adapter].peft_type.value if self.active_adapter else "prompt-learning"
+        kind = str(self.peft_config[self.active_adapter].peft_type) if self.active_adapter else "prompt-learning"
         return TypeError(
             f"{call}() is not supported for {kind} adapters: prompt learning adds virtual tokens "
             "instead of changing the base model's weights, so there is nothing to merge or unload"

@@ -1,57 +1,15 @@
-"""IA³: learned vectors that scale the output of attention projections and the input of
+"""IA³ layers: learned vectors that scale the output of attention projections and the input of
 feed-forward projections."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .. import ops
-from ..config import PeftConfig, PeftType
-from .base import LINEAR_TYPES, AdapterLayer, BaseTuner, fan_in_fan_out_for, linear_features
-from .lora import _normalize_targets
-from .targets import default_target_modules
-
-
-@dataclass
-class IA3Config(PeftConfig):
-    """HF peft's IA3Config: same fields, defaults and JSON keys."""
-
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    modules_to_save: list[str] | None = None
-    init_ia3_weights: bool = True
-
-    PEFT_TYPE: ClassVar[PeftType] = PeftType.IA3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _normalize_targets(self)
-        if (
-            isinstance(self.feedforward_modules, set)
-            and isinstance(self.target_modules, set)
-            and not self.feedforward_modules <= self.target_modules
-        ):
-            raise ValueError(
-                f"feedforward_modules {sorted(self.feedforward_modules)} must be a subset of target_modules "
-                f"{sorted(self.target_modules)}"
-            )
-
-
-def _is_feedforward(config: IA3Config, key: str) -> bool:
-    ff = config.feedforward_modules
-    if not ff:
-        return False
-    if isinstance(ff, str):
-        return re.fullmatch(ff, key) is not None
-    return any(key.endswith(t) for t in ff)
+from ... import ops
+from ..base import AdapterLayer, linear_features
 
 
 class IA3Linear(AdapterLayer):
@@ -122,34 +80,3 @@ class IA3Linear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"is_feedforward={self.is_feedforward}, fan_in_fan_out={self.fan_in_fan_out}"
-
-
-class IA3Model(BaseTuner):
-    """Injects IA³ layers into a model."""
-
-    prefix = "ia3_"
-    layer_cls = IA3Linear
-    mapping_name = "ia3"
-
-    def _fill_default_extras(self, config: PeftConfig, model_type: str | None) -> None:
-        assert isinstance(config, IA3Config)
-        if config.feedforward_modules is None:
-            config.feedforward_modules = set(default_target_modules("ia3_feedforward", model_type) or [])
-
-    def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
-        assert isinstance(config, IA3Config)
-        if not isinstance(target, LINEAR_TYPES):
-            raise ValueError(
-                f"target module {key!r} is a {type(target).__name__}; IA³ supports nn.Linear and transformers' Conv1D"
-            )
-        layer = IA3Linear(target, fan_in_fan_out_for(target, config, key), _is_feedforward(config, key))
-        layer.update_layer(adapter_name, config.init_ia3_weights)
-        return layer
-
-    def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
-        assert isinstance(config, IA3Config) and isinstance(layer, IA3Linear)
-        if _is_feedforward(config, key) != layer.is_feedforward:
-            raise ValueError(
-                f"{key!r} is a feed-forward module in one IA³ adapter and not in another; they cannot share the layer"
-            )
-        layer.update_layer(adapter_name, config.init_ia3_weights)

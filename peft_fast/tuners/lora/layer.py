@@ -1,145 +1,16 @@
-"""LoRA: `y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ` on Linear, Conv1D and Embedding layers."""
+"""LoRA layers: `y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ` on Linear, Conv1D and Embedding layers."""
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from .. import ops
-from ..config import PeftConfig, PeftType, check_unsupported
-from ..ops.sgmv import LoraStackCache
-from .base import (
-    LINEAR_TYPES,
-    AdapterLayer,
-    BaseTuner,
-    MixedBatch,
-    fan_in_fan_out_for,
-    linear_features,
-    pattern_matches,
-)
-
-# HF peft fields this version accepts in files but does not implement: their "off" values.
-_LORA_UNSUPPORTED = {
-    "use_dora": False,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "lora_ga_config": None,
-    "velora_config": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "monteclora_config": None,
-    "layer_replication": None,
-    "lora_bias": False,
-    "target_parameters": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "trainable_token_indices": None,
-    "megatron_config": None,
-}
-
-
-@dataclass
-class LoraConfig(PeftConfig):
-    """HF peft's LoraConfig: same fields, defaults and JSON keys."""
-
-    r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | Literal["gaussian"] = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    # Accepted for file compatibility with HF peft; any value but the default is refused.
-    megatron_config: dict | None = None
-    megatron_core: str | None = "megatron.core"
-    trainable_token_indices: list[int] | dict | None = None
-    loftq_config: dict = field(default_factory=dict)
-    eva_config: dict | None = None
-    corda_config: dict | None = None
-    lora_ga_config: dict | None = None
-    use_dora: bool = False
-    velora_config: dict | None = None
-    alora_invocation_tokens: list[int] | None = None
-    use_qalora: bool = False
-    qalora_group_size: int = 16
-    monteclora_config: dict | None = None
-    layer_replication: list | None = None
-    lora_bias: bool = False
-    target_parameters: list[str] | None = None
-    use_bdlora: dict | None = None
-    arrow_config: dict | None = None
-    kasa_config: dict | None = None
-    ensure_weight_tying: bool = False
-
-    PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_unsupported(self, _LORA_UNSUPPORTED)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
-        if self.lora_alpha == 0:
-            warnings.warn(
-                "lora_alpha=0 makes scaling 0: the adapter changes nothing and its gradients are all zero",
-                stacklevel=3,
-            )
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        _normalize_targets(self)
-        for name in ("rank_pattern", "alpha_pattern"):
-            pattern = getattr(self, name)
-            if not isinstance(pattern, dict):
-                raise TypeError(
-                    f"{name} must be a dict of {{module name pattern: value}}, got {type(pattern).__name__}"
-                )
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
-
-
-def _normalize_targets(config: PeftConfig) -> None:
-    """HF peft's conventions: lists become sets; layer selection needs a list of targets."""
-    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)):
-            setattr(config, name, set(value))
-    if getattr(config, "layers_pattern", None) and getattr(config, "layers_to_transform", None) is None:
-        raise ValueError("layers_pattern is only used together with layers_to_transform; set layers_to_transform too")
-    if isinstance(config.target_modules, str) and getattr(config, "layers_to_transform", None) is not None:
-        raise ValueError("layers_to_transform cannot be used when target_modules is a regex string; pass a list")
-    if isinstance(config.target_modules, str) and getattr(config, "layers_pattern", None):
-        raise ValueError("layers_pattern cannot be used when target_modules is a regex string; pass a list")
-    if config.modules_to_save is not None and not isinstance(config.modules_to_save, list):
-        config.modules_to_save = list(config.modules_to_save)
-
-
-def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
-    """HF peft's rank_pattern/alpha_pattern lookup: the first pattern matching the key's end."""
-    for pattern, value in patterns.items():
-        if pattern_matches(pattern, key):
-            return value
-    return default
+from ... import ops
+from ...ops.sgmv import LoraStackCache
+from ..base import AdapterLayer, MixedBatch, linear_features
 
 
 class LoraLayer(AdapterLayer):
@@ -351,50 +222,3 @@ class LoraEmbedding(LoraLayer):
                 A, B = self.lora_weights(name)
                 result = result.index_copy(0, rows, self._embed(x[rows], A, B, self.scaling[name]).to(result.dtype))
         return result
-
-
-class LoraModel(BaseTuner):
-    """Injects LoRA layers into a model."""
-
-    prefix = "lora_"
-    shorten_targets = True
-    layer_cls = LoraLayer
-    mapping_name = "lora"
-
-    def _layer_numbers(self, config: LoraConfig, key: str) -> tuple[int, float]:
-        r = _pattern_value(config.rank_pattern, key, config.r)
-        alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
-        return r, alpha
-
-    def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
-        assert isinstance(config, LoraConfig)
-        layer: LoraLayer
-        if isinstance(target, nn.Embedding):
-            layer = LoraEmbedding(target)
-        elif isinstance(target, LINEAR_TYPES):
-            layer = LoraLinear(target, fan_in_fan_out=fan_in_fan_out_for(target, config, key))
-        else:
-            raise ValueError(
-                f"target module {key!r} is a {type(target).__name__}; LoRA supports nn.Linear, transformers' Conv1D "
-                "and nn.Embedding"
-            )
-        self._update_layer(layer, adapter_name, config, key)
-        return layer
-
-    def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
-        assert isinstance(config, LoraConfig) and isinstance(layer, (LoraLinear, LoraEmbedding))
-        r, alpha = self._layer_numbers(config, key)
-        layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora)
-
-    def _mark_trainable(self, model: nn.Module, adapter_name: str) -> None:
-        super()._mark_trainable(model, adapter_name)
-        for config in self.peft_config.values():
-            bias = getattr(config, "bias", "none")
-            if bias == "all":
-                for n, p in model.named_parameters():
-                    if "bias" in n:
-                        p.requires_grad_(True)
-            elif bias == "lora_only":
-                for m in model.modules():
-                    if isinstance(m, LoraLayer) and getattr(m.base_layer, "bias", None) is not None:
-                        m.base_layer.bias.requires_grad_(True)
