@@ -123,7 +123,7 @@ def run_case(
     """Time every variant of one case; ratios over bare `linear`."""
     import peft_fast
     from peft_fast.ops import reference
-    from peft_fast.ops.sgmv import LoraStackCache, plan_mixed_batch
+    from peft_fast.ops.mixed_batch import LoraStackCache, group_rows
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -161,7 +161,7 @@ def run_case(
     if hf is not None:
         variants["peft"] = lambda: hf(x, adapter_names=names)
     if cuda and peft_fast.ops.dispatch.unavailable_reason("triton") is None:
-        plan, stack = plan_mixed_batch(ra, device), LoraStackCache()
+        plan, stack = group_rows(ra, device), LoraStackCache()
 
         def ours():
             with peft_fast.use_backend("triton"):

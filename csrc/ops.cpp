@@ -1,8 +1,8 @@
-// peft_fast._C: the CUDA kernels as torch.library ops in the `peft_fast` namespace
-// (`torch.ops.peft_fast.cuda_*`). Shapes for torch.compile (fake kernels) and autograd live
-// in Python: peft_fast/ops/cuda_ops.py, lora_cuda.py, sgmv_cuda.py, ia3_cuda.py.
+// peft_fast._C: the CUDA kernels as torch.library ops in the `peft_fast` namespace, named
+// `<kernel>_cuda` (`torch.ops.peft_fast.sgmv_shrink_cuda`, ...). Shapes for torch.compile (fake
+// kernels) and autograd live in Python: peft_fast/ops/cuda/ (library.py, lora.py, mixed.py, ia3.py).
 // Loaded with torch.ops.load_library (no Python module init), whether built by setup.py or
-// JIT-compiled by peft_fast/ops/cuda_build.py.
+// JIT-compiled by peft_fast/ops/cuda/build.py.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -32,22 +32,22 @@ std::tuple<at::Tensor, at::Tensor> ia3_scale_grad(const at::Tensor& g, const at:
 // [rank_offsets[s], rank_offsets[s] + ranks[s]) of the stacked adapter weights.
 TORCH_LIBRARY_FRAGMENT(peft_fast, m) {
   m.def(
-      "cuda_sgmv_shrink(Tensor x, Tensor w, Tensor? rows, int[] seg_starts, int[] rank_offsets, int[] ranks, "
+      "sgmv_shrink_cuda(Tensor x, Tensor w, Tensor? rows, int[] seg_starts, int[] rank_offsets, int[] ranks, "
       "float[] scales, float[] dropout_ps, Tensor? seed, int max_rank) -> Tensor");
   m.def(
-      "cuda_sgmv_expand_(Tensor(a!) out, Tensor h, Tensor w, Tensor? rows, int[] seg_starts, int[] rank_offsets, "
+      "sgmv_expand_cuda_(Tensor(a!) out, Tensor h, Tensor w, Tensor? rows, int[] seg_starts, int[] rank_offsets, "
       "int[] ranks, float[] alphas, float[] dropout_ps, Tensor? seed) -> ()");
   m.def(
-      "cuda_sgmv_adapter_grad(Tensor p, Tensor q, Tensor? rows, int[] seg_starts, int[] rank_offsets, int[] ranks, "
+      "sgmv_adapter_grad_cuda(Tensor p, Tensor q, Tensor? rows, int[] seg_starts, int[] rank_offsets, int[] ranks, "
       "float[] scales, float[] dropout_ps, Tensor? seed, int total_rank, ScalarType dtype) -> Tensor");
-  m.def("cuda_ia3_scale(Tensor t, Tensor scale) -> Tensor");
-  m.def("cuda_ia3_scale_grad(Tensor g, Tensor r, Tensor scale) -> (Tensor, Tensor)");
+  m.def("ia3_scale_cuda(Tensor t, Tensor scale) -> Tensor");
+  m.def("ia3_scale_grad_cuda(Tensor g, Tensor r, Tensor scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(peft_fast, CUDA, m) {
-  m.impl("cuda_sgmv_shrink", &peft_fast::sgmv_shrink);
-  m.impl("cuda_sgmv_expand_", &peft_fast::sgmv_expand_);
-  m.impl("cuda_sgmv_adapter_grad", &peft_fast::sgmv_adapter_grad);
-  m.impl("cuda_ia3_scale", &peft_fast::ia3_scale);
-  m.impl("cuda_ia3_scale_grad", &peft_fast::ia3_scale_grad);
+  m.impl("sgmv_shrink_cuda", &peft_fast::sgmv_shrink);
+  m.impl("sgmv_expand_cuda_", &peft_fast::sgmv_expand_);
+  m.impl("sgmv_adapter_grad_cuda", &peft_fast::sgmv_adapter_grad);
+  m.impl("ia3_scale_cuda", &peft_fast::ia3_scale);
+  m.impl("ia3_scale_grad_cuda", &peft_fast::ia3_scale_grad);
 }

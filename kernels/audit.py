@@ -205,16 +205,18 @@ def _ia3(dtype: torch.dtype, mode: str) -> None:
 
 
 def _segments(seg_rows: int):
-    from .segments import Segments, StackedRanks
+    from .row_groups import RowGroups
+    from .segments import StackedRanks
 
     n_seg = M // seg_rows
     i32 = torch.int32
-    segs = Segments(
+    segs = RowGroups(  # M rows of one token, seg_rows consecutive rows per adapter
+        torch.arange(M, dtype=i32) // seg_rows,
         torch.arange(M, dtype=i32),
         torch.arange(n_seg, dtype=i32),
         torch.arange(0, M + 1, seg_rows, dtype=i32),
-        seg_rows,
-        1,
+        tuple(range(n_seg)),
+        (seg_rows,) * n_seg,
     )
     ranks = StackedRanks(torch.full((n_seg,), RANK, dtype=i32), torch.arange(0, n_seg * RANK, RANK, dtype=i32), RANK)
     return segs, ranks, n_seg

@@ -5,10 +5,10 @@ checks, and the `@triton.jit` helpers that turn a segment tile into token indice
 Layout the kernels read, for a 2-D input of M = batch * T tokens (T tokens per batch row,
 row b owning tokens b*T .. b*T+T-1):
 
-* `Segments`: the adapted rows sorted by adapter (`row_order`), one segment per adapter
-  present (`seg_adapter`), `seg_start[s] .. seg_start[s+1]` its slice of `row_order`. Tokens
-  are never copied into sorted order: a kernel maps the j-th token of a segment to token
-  `row_order[start + j // T] * T + j % T` of x.
+* `RowGroups` (row_groups.py): the adapted rows sorted by adapter (`row_order`), one segment
+  per adapter present (`seg_adapter`), `seg_start[s] .. seg_start[s+1]` its slice of
+  `row_order`. T = M // batch size. Tokens are never copied into sorted order: a kernel maps
+  the j-th token of a segment to token `row_order[start + j // T] * T + j % T` of x.
 * `StackedRanks`: every adapter's A stacked along the rank (a (R_total, K) tensor) and B
   likewise ((N, R_total)); adapter a owns ranks `offset[a] .. offset[a] + rank[a]`. Ranks
   are not padded to the largest: programs whose rank block starts past an adapter's rank
@@ -25,24 +25,7 @@ import triton
 import triton.language as tl
 
 from .dropout import check_numbering, check_seed
-
-
-class Segments(NamedTuple):
-    """The grouping of one batch's rows by adapter (see the module docstring)."""
-
-    row_order: torch.Tensor  # (n_adapted_rows,) int32: adapted rows, sorted by adapter
-    seg_adapter: torch.Tensor  # (S,) int32: the adapter of each segment
-    seg_start: torch.Tensor  # (S + 1,) int32: offsets of the segments in row_order
-    max_seg_rows: int  # rows of the longest segment
-    tokens_per_row: int  # T
-
-    @property
-    def num_segments(self) -> int:
-        return self.seg_adapter.shape[0]
-
-    @property
-    def max_seg_tokens(self) -> int:
-        return self.max_seg_rows * self.tokens_per_row
+from .row_groups import RowGroups
 
 
 class StackedRanks(NamedTuple):
@@ -70,20 +53,25 @@ def check_per_adapter(name: str, t: torch.Tensor, n: int, device: torch.device) 
         raise ValueError(f"{name} must be a ({n},) float32 tensor on {device}, got {getattr(t, 'shape', t)!r}")
 
 
-def check_segments(segs: Segments, ranks: StackedRanks, M: int, device: torch.device) -> None:
-    """ValueError/TypeError when the grouping or rank table does not fit M tokens on `device`."""
+def check_segments(segs: RowGroups, ranks: StackedRanks, M: int, device: torch.device) -> int:
+    """T, the tokens per batch row of M tokens; ValueError/TypeError when the grouping or rank
+    table does not fit M tokens on `device`."""
+    check_int32("segments.row_adapter", segs.row_adapter, None, device)
     check_int32("segments.row_order", segs.row_order, None, device)
-    check_int32("segments.seg_adapter", segs.seg_adapter, None, device)
+    check_int32("segments.seg_adapter", segs.seg_adapter, segs.num_segments, device)
     check_int32("segments.seg_start", segs.seg_start, segs.num_segments + 1, device)
     check_int32("ranks.rank", ranks.rank, None, device)
     check_int32("ranks.offset", ranks.offset, ranks.rank.shape[0], device)
-    T = segs.tokens_per_row
-    if T < 1 or M % T:
-        raise ValueError(f"segments.tokens_per_row must divide the {M} tokens, got {T}")
-    if segs.row_order.shape[0] * T > M:
-        raise ValueError(f"segments order {segs.row_order.shape[0]} rows of {T} tokens, more than the {M} tokens")
+    batch = segs.batch_size
+    if (batch == 0 and M != 0) or (batch and M % batch):
+        raise ValueError(f"segments group {batch} rows, which do not divide the {M} tokens")
+    if segs.row_order.shape[0] != segs.num_adapted_rows or segs.num_adapted_rows > batch:
+        raise ValueError(
+            f"segments order {segs.row_order.shape[0]} rows (segments hold {segs.num_adapted_rows}) of a batch of {batch}"
+        )
     if segs.num_segments > 65535:
         raise ValueError(f"at most 65535 segments (adapters) per launch, got {segs.num_segments}")
+    return M // batch if batch else 1
 
 
 def check_rows(row_adapter: torch.Tensor, tokens_per_row: int, M: int, device: torch.device) -> None:

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from .configs import dot_precision, num_sms, on_gpu, rank_block, rank_cap, sgmv_config, tl_dtype
 from .dropout import dropout_keep
+from .row_groups import RowGroups
 from .segments import (
-    Segments,
     StackedRanks,
     check_dropout_ps,
     check_per_adapter,
@@ -78,7 +78,7 @@ def sgmv_adapter_grad(
     P: torch.Tensor,
     Q: torch.Tensor,
     r_total: int,
-    segs: Segments,
+    segs: RowGroups,
     ranks: StackedRanks,
     scales: torch.Tensor,
     dtype: torch.dtype,
@@ -98,18 +98,18 @@ def sgmv_adapter_grad(
     if P.device != Q.device:
         raise ValueError(f"P and Q must share a device, got {P.device} and {Q.device}")
     M, N = Q.shape
-    check_segments(segs, ranks, M, Q.device)
+    T = check_segments(segs, ranks, M, Q.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, Q.device)
     dropout = check_dropout_ps(dropout_ps, seed, n, Q.device, M, N)
     if M == 0 or N == 0 or ranks.max_rank == 0 or segs.num_segments == 0:
         return torch.zeros((r_total, N), dtype=dtype, device=Q.device)
-    cfg = sgmv_config(Q.device, segs.max_seg_tokens, ranks.max_rank, dtype)
+    cfg = sgmv_config(Q.device, segs.max_seg_rows * T, ranks.max_rank, dtype)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(Q.device))
     block_n = cfg.block_n
     block_m = max(cfg.block_k, 16) if on_gpu(Q.device) else 16
     tiles = triton.cdiv(ranks.max_rank, block_r) * triton.cdiv(N, block_n) * segs.num_segments
-    max_tokens = segs.max_seg_tokens
+    max_tokens = segs.max_seg_rows * T
     # About two waves of programs, each with at least a few BLOCK_M steps.
     split = max(1, min(triton.cdiv(2 * num_sms(Q.device), tiles), triton.cdiv(max_tokens, 4 * block_m)))
     tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, split), block_m) * block_m
@@ -119,7 +119,7 @@ def sgmv_adapter_grad(
     _sgmv_adapter_grad_kernel[grid](
         P, Q, partial, scales, dropout_ps if dropout else scales, seed if dropout else scales,
         segs.row_order, segs.seg_adapter, segs.seg_start, ranks.rank, ranks.offset,
-        N, segs.tokens_per_row, tokens_per_split, split,
+        N, T, tokens_per_split, split,
         P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
         DROPOUT=dropout, DOT_DTYPE=tl_dtype(dtype), PRECISION=dot_precision(dtype),

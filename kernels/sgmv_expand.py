@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .configs import dot_precision, rank_block, rank_cap, sgmv_config, tl_dtype
 from .dropout import dropout_keep
+from .row_groups import RowGroups
 from .segments import (
-    Segments,
     StackedRanks,
     check_dropout_ps,
     check_expand_args,
@@ -75,7 +75,7 @@ def sgmv_expand(
     out: torch.Tensor,
     h: torch.Tensor,
     b_stacked: torch.Tensor,
-    segs: Segments,
+    segs: RowGroups,
     ranks: StackedRanks,
     scales: torch.Tensor,
     dropout_ps: torch.Tensor | None = None,
@@ -89,19 +89,19 @@ def sgmv_expand(
     (m, n) is kept where `tl.rand(seed, m * N + n) >= p_a` (no rescaling here).
     """
     M, N = check_expand_args(out, h, b_stacked, ranks.max_rank)
-    check_segments(segs, ranks, M, out.device)
+    T = check_segments(segs, ranks, M, out.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, out.device)
     dropout = check_dropout_ps(dropout_ps, seed, n, out.device, M, N)
     if M == 0 or N == 0 or ranks.max_rank == 0 or segs.num_segments == 0:
         return out
-    cfg = sgmv_config(out.device, segs.max_seg_tokens, ranks.max_rank, b_stacked.dtype)
+    cfg = sgmv_config(out.device, segs.max_seg_rows * T, ranks.max_rank, b_stacked.dtype)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(out.device))
-    grid = (triton.cdiv(segs.max_seg_tokens, cfg.block_m), triton.cdiv(N, cfg.block_n), segs.num_segments)
+    grid = (triton.cdiv(segs.max_seg_rows * T, cfg.block_m), triton.cdiv(N, cfg.block_n), segs.num_segments)
     _sgmv_expand_kernel[grid](
         out, h, b_stacked, scales, dropout_ps if dropout else scales, seed if dropout else scales,
         segs.row_order, segs.seg_adapter, segs.seg_start, ranks.rank, ranks.offset,
-        N, segs.tokens_per_row,
+        N, T,
         out.stride(0), out.stride(1), h.stride(0), h.stride(1), b_stacked.stride(0), b_stacked.stride(1),
         DROPOUT=dropout, DOT_DTYPE=tl_dtype(b_stacked.dtype), PRECISION=dot_precision(b_stacked.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,

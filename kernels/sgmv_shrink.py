@@ -21,8 +21,8 @@ import triton.language as tl
 
 from .configs import dot_precision, rank_block, rank_cap, sgmv_config, tl_dtype
 from .dropout import dropout_keep
+from .row_groups import RowGroups
 from .segments import (
-    Segments,
     StackedRanks,
     check_dropout_ps,
     check_per_adapter,
@@ -76,7 +76,7 @@ def _sgmv_shrink_kernel(
 def sgmv_shrink(
     x: torch.Tensor,
     a_stacked: torch.Tensor,
-    segs: Segments,
+    segs: RowGroups,
     ranks: StackedRanks,
     scales: torch.Tensor,
     dropout_ps: torch.Tensor | None = None,
@@ -91,20 +91,20 @@ def sgmv_shrink(
     fold 1/(1-p_a) into scales).
     """
     M, K = check_shrink_args(x, a_stacked)
-    check_segments(segs, ranks, M, x.device)
+    T = check_segments(segs, ranks, M, x.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, x.device)
     dropout = check_dropout_ps(dropout_ps, seed, n, x.device, M, K)
     h = torch.zeros((M, ranks.max_rank), dtype=torch.float32, device=x.device)
     if M == 0 or ranks.max_rank == 0 or K == 0 or segs.num_segments == 0:
         return h
-    cfg = sgmv_config(x.device, segs.max_seg_tokens, ranks.max_rank, a_stacked.dtype)
+    cfg = sgmv_config(x.device, segs.max_seg_rows * T, ranks.max_rank, a_stacked.dtype)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(x.device))
-    grid = (triton.cdiv(segs.max_seg_tokens, cfg.block_m), triton.cdiv(ranks.max_rank, block_r), segs.num_segments)
+    grid = (triton.cdiv(segs.max_seg_rows * T, cfg.block_m), triton.cdiv(ranks.max_rank, block_r), segs.num_segments)
     _sgmv_shrink_kernel[grid](
         x, a_stacked, h, scales, dropout_ps if dropout else scales, seed if dropout else scales,
         segs.row_order, segs.seg_adapter, segs.seg_start, ranks.rank, ranks.offset,
-        K, segs.tokens_per_row,
+        K, T,
         x.stride(0), x.stride(1), a_stacked.stride(0), a_stacked.stride(1), h.stride(0), h.stride(1),
         DROPOUT=dropout, DOT_DTYPE=tl_dtype(a_stacked.dtype), PRECISION=dot_precision(a_stacked.dtype),
         BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_K=cfg.block_k,

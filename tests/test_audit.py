@@ -14,7 +14,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from peft_fast.kernels import audit, configs, roofline  # noqa: E402
-from peft_fast.ops.cuda_build import parse_ptxas  # noqa: E402
+from peft_fast.ops.cuda.build import parse_ptxas  # noqa: E402
 
 # Recording and compiling need real @triton.jit functions, and conftest turns on Triton's interpreter
 # (which replaces them) for the kernel tests: those parts run in a fresh process without it.

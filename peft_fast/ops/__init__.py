@@ -5,13 +5,12 @@ from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .ia3 import ia3_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
 
-dispatch.register_backend_module("triton", "peft_fast.ops.lora_triton")
-dispatch.register_backend_module("triton", "peft_fast.ops.ia3_triton")
-dispatch.register_backend_module("triton", "peft_fast.ops.sgmv_triton")
-# CUDA C++ kernels (csrc/, peft_fast._C): importing these loads or JIT-builds the library.
-dispatch.register_backend_module("cuda", "peft_fast.ops.lora_cuda")
-dispatch.register_backend_module("cuda", "peft_fast.ops.sgmv_cuda")
-dispatch.register_backend_module("cuda", "peft_fast.ops.ia3_cuda")
+# One folder per kernel backend, one module per op (see ops/triton/__init__.py and
+# ops/cuda/__init__.py); dispatch imports them on first use. The CUDA modules load or
+# JIT-build the C++ library (csrc/, peft_fast._C) when imported.
+for _backend in ("triton", "cuda"):
+    for _op in ("lora", "ia3", "mixed"):
+        dispatch.register_backend_module(_backend, f"peft_fast.ops.{_backend}.{_op}")
 
 __all__ = [
     "available_backends",

@@ -1,8 +1,8 @@
 """Argument checks every kernel backend (Triton, CUDA) shares: op argument validation with
 errors that name the argument, and the backend-neutral part of "can a kernel take this call".
 
-Moved here from lora_triton.py / ia3_triton.py / triton_support.py so the CUDA backend uses
-the same checks; triton_support.py re-exports what it used to define.
+Every backend's public function runs these before its kernels, so a bad argument gets the
+same error whatever the backend.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from peft_fast.kernels.row_groups import RowGroups
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -114,3 +116,64 @@ def mixed_adapter_reason(
     if len({t.dtype for t in (*lora_As, *lora_Bs)}) != 1:
         return named, "the adapters do not share one dtype (kernels stack their weights)"
     return named, None
+
+
+def check_mixed_args(
+    in_features: int,
+    out_features: int,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    dropout_ps: Sequence[float],
+    row_adapter: torch.Tensor,
+    batch: int,
+) -> None:
+    """ValueError/TypeError naming the argument when the per-adapter lists or row_adapter
+    do not fit a layer in_features → out_features and a batch of `batch` rows."""
+    n = len(lora_As)
+    for name, seq in (("lora_Bs", lora_Bs), ("scalings", scalings), ("dropout_ps", dropout_ps)):
+        if len(seq) != n:
+            raise ValueError(f"{name} must have one entry per adapter ({n}), got {len(seq)}")
+    for k, (A, B) in enumerate(zip(lora_As, lora_Bs)):
+        if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[1] != in_features or A.shape[0] < 1:
+            raise ValueError(f"lora_As[{k}] must be (r, {in_features}) with r >= 1, got {getattr(A, 'shape', A)!r}")
+        if not isinstance(B, torch.Tensor) or tuple(B.shape) != (out_features, A.shape[0]):
+            raise ValueError(f"lora_Bs[{k}] must be ({out_features}, {A.shape[0]}), got {getattr(B, 'shape', B)!r}")
+    for k, (s, p) in enumerate(zip(scalings, dropout_ps)):
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise TypeError(f"scalings[{k}] must be a real number, got {type(s).__name__}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout_ps[{k}] must be in [0, 1), got {p!r}")
+    if not isinstance(row_adapter, torch.Tensor) or row_adapter.shape != (batch,):
+        raise ValueError(
+            f"row_adapter must have shape ({batch},) (one entry per row of x), got {getattr(row_adapter, 'shape', row_adapter)!r}"  # noqa: E501
+        )
+
+
+def check_mixed_call(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    dropout_ps: Sequence[float],
+    row_adapter: torch.Tensor,
+    groups: RowGroups,
+) -> tuple[int, int]:
+    """(in_features, out_features) of a `lora_linear_mixed` call whose rows are grouped by
+    `groups`; ValueError/TypeError naming the argument when x (batch, ..., in), the linear
+    arguments, the per-adapter lists, row_adapter or the grouping do not fit, or when the
+    adapters (stacked by the kernels) do not share one dtype."""
+    in_f, out_f = check_linear_args(x, weight, bias)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (batch, ..., in_features) with a batch dimension, got shape {tuple(x.shape)}")
+    check_mixed_args(in_f, out_f, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, x.shape[0])
+    if groups.batch_size != x.shape[0]:
+        raise ValueError(f"plan groups {groups.batch_size} rows but x has {x.shape[0]}")
+    if groups.present and max(groups.present) >= len(lora_As):
+        raise ValueError(f"row_adapter refers to adapter {max(groups.present)} but only {len(lora_As)} are given")
+    dtypes = {t.dtype for t in (*lora_As, *lora_Bs)}
+    if len(dtypes) > 1:
+        raise TypeError(f"all lora_As and lora_Bs must share one dtype, got {sorted(map(str, dtypes))}")
+    return in_f, out_f

@@ -96,7 +96,7 @@ def _triton_status() -> str | None:
 def _cuda_status() -> str | None:
     if not _BACKEND_MODULES.get("cuda"):
         return "no CUDA C++ kernels are registered in this version of peft_fast"
-    from .cuda_build import unavailable_reason as cuda_reason
+    from .cuda.build import unavailable_reason as cuda_reason
 
     # no CUDA device / torch without CUDA / no nvcc and no prebuilt library / build failed (log)
     return cuda_reason()

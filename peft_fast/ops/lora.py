@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from . import dispatch, reference
-from .sgmv import LoraStackCache, MixedPlan
+from .mixed_batch import LoraStackCache, RowGroups
 
 dispatch.register("lora_linear", "torch", reference.lora_linear)
 dispatch.register("lora_embedding", "torch", reference.lora_embedding)
@@ -64,15 +64,17 @@ def lora_linear_mixed(
     row_adapter: torch.Tensor,
     training: bool = True,
     *,
-    plan: MixedPlan | None = None,
+    plan: RowGroups | None = None,
     stack: LoraStackCache | None = None,
 ) -> torch.Tensor:
     """LoRA for a batch that mixes adapters: row i of x (dim 0) uses adapter
     `row_adapter[i]`, an index into the lists, or the base layer alone where it is -1.
 
-    `plan` (the batch's grouping, `ops.sgmv.plan_mixed_batch`, built once per batch) and
-    `stack` (a per-layer cache of the stacked adapter weights) are optional hints that kernel
-    backends use to avoid per-call work; they never change the result."""
+    `plan` (the batch's `RowGroups`, `ops.mixed_batch.group_rows`, built once per batch from
+    host-side adapter indices; it must group `row_adapter`'s values) and `stack` (a per-layer
+    cache of the stacked adapter weights) let every backend skip per-call work: with `plan`
+    no backend reads row_adapter back to the host, so the call has no device sync and
+    compiles without a graph break. They never change the result."""
     hints = {"plan": plan, "stack": stack}
     fn = dispatch.select(
         "lora_linear_mixed", x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training, **hints

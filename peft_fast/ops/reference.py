@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .mixed_batch import RowGroups, group_rows
+
 __all__ = ["lora_linear", "ia3_linear", "lora_embedding", "lora_linear_mixed"]
 
 
@@ -84,21 +86,24 @@ def lora_linear_mixed(
     row_adapter: torch.Tensor,
     training: bool = True,
     *,
-    plan: object = None,
+    plan: RowGroups | None = None,
     stack: object = None,
 ) -> torch.Tensor:
     """A batch whose rows use different adapters: row i (along dim 0 of x) gets adapter
-    `row_adapter[i]` (an index into the lists), or none where it is -1. `plan` and `stack`
-    are kernel backends' hints (see ops.lora_linear_mixed) and are ignored here."""
+    `row_adapter[i]` (an index into the lists), or none where it is -1. `plan`, the rows
+    grouped by adapter (see ops.lora_linear_mixed), is used when given (its row slices have
+    host-known sizes, so torch.compile traces this without a graph break), else built from
+    row_adapter; `stack` is a kernel backends' hint, ignored here."""
+    groups = plan if plan is not None else group_rows(row_adapter, x.device)
     result = F.linear(x, weight, bias)
     out_dtype = result.dtype
-    for k, (A, B, s, p) in enumerate(zip(lora_As, lora_Bs, scalings, dropout_ps)):
-        rows = (row_adapter == k).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        xa = x[rows].to(A.dtype)
+    starts = groups.seg_starts
+    for s, k in enumerate(groups.present):
+        A, B, scaling, p = lora_As[k], lora_Bs[k], scalings[k], dropout_ps[k]
+        rows = groups.row_order[starts[s] : starts[s + 1]].long()
+        xa = x.index_select(0, rows).to(A.dtype)
         if p > 0.0 and training:
             xa = F.dropout(xa, p=p, training=True)
-        delta = F.linear(F.linear(xa, A), B) * s
+        delta = F.linear(F.linear(xa, A), B) * scaling
         result = result.index_add(0, rows, delta.to(out_dtype))
     return result

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig
-from ..ops.sgmv import MixedPlan, plan_mixed_batch
+from ..ops.mixed_batch import RowGroups, group_rows
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -266,17 +266,18 @@ class MixedBatch:
 
     `row_slot[i]` indexes `names`; each layer maps those slots to its own adapters with
     `rows_for`, a tiny lookup, so the grouping is computed once for all layers. `plan_for`
-    gives kernel backends the rows grouped by adapter (`ops.sgmv.MixedPlan`), built on the
-    host from the names (no device sync) once per batch and adapter list."""
+    gives every backend the rows grouped by adapter (`ops.mixed_batch.RowGroups`), built in
+    plain Python from the names (no device read, no graph break under torch.compile) once
+    per batch and adapter list."""
 
     def __init__(self, adapter_names: Sequence[str], device: torch.device | None = None) -> None:
         self.names: list[str] = list(dict.fromkeys(adapter_names))
         slot = {n: i for i, n in enumerate(self.names)}
         self.batch_size = len(adapter_names)
         self.row_slot = torch.tensor([slot[n] for n in adapter_names], dtype=torch.long, device=device)
-        self._row_slot_host = torch.tensor([slot[n] for n in adapter_names], dtype=torch.long)
+        self._row_slot_host: list[int] = [slot[n] for n in adapter_names]
         self._cache: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
-        self._plans: dict[tuple[tuple[str, ...], torch.device], MixedPlan] = {}
+        self._plans: dict[tuple[tuple[str, ...], torch.device], RowGroups] = {}
 
     def rows_for(self, layer_adapters: Sequence[str], device: torch.device) -> torch.Tensor:
         """Per row, the index into `layer_adapters` of its adapter, or -1 (base only)."""
@@ -290,14 +291,12 @@ class MixedBatch:
             self._cache[key] = lut[self.row_slot.to(device)]
         return self._cache[key]
 
-    def plan_for(self, layer_adapters: Sequence[str], device: torch.device) -> MixedPlan:
-        """The rows grouped by their adapter's index in `layer_adapters` (see MixedPlan)."""
+    def plan_for(self, layer_adapters: Sequence[str], device: torch.device) -> RowGroups:
+        """The rows grouped by their adapter's index in `layer_adapters` (see RowGroups)."""
         key = (tuple(layer_adapters), device)
         if key not in self._plans:
-            lut = torch.tensor(
-                [layer_adapters.index(n) if n in layer_adapters else -1 for n in self.names], dtype=torch.long
-            )
-            self._plans[key] = plan_mixed_batch(lut[self._row_slot_host], device)
+            lut = [layer_adapters.index(n) if n in layer_adapters else -1 for n in self.names]
+            self._plans[key] = group_rows([lut[s] for s in self._row_slot_host], device)
         return self._plans[key]
 
     def check_rows(self, n_rows: int) -> None:

@@ -112,3 +112,24 @@ def ia3_check(backend, case, feedforward, dtype, l_dtype):
     assert y.dtype == dtype and g[1].dtype == l_dtype and g[1].shape == l.shape
     for name, got, w, bt in zip(("y", "dx", "dl"), [y] + g, want, base):
         assert_close_to_oracle(name, got, w, dtype, bt)
+
+
+# Kernel backends the op tests run on: "triton" (on CPU under Triton's interpreter) and
+# "cuda" (GPU only; skipped cleanly, with the reason, where the CUDA backend cannot run).
+BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def require_backend(backend: str) -> str:
+    """Skip the calling test when `backend` cannot run here; return its name."""
+    (require_triton if backend == "triton" else require_cuda_kernels)()
+    return backend
+
+
+def kernel_op(op: str, backend: str, stage: str = "fwd"):
+    """`torch.ops.peft_fast.<op>_<backend>_<stage>`: a backend's custom op."""
+    return getattr(torch.ops.peft_fast, f"{op}_{backend}_{stage}")
+
+
+def gpu_only(test):
+    """Mark `test` as GPU-only (`-m gpu`) and skip it cleanly where there is no CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...ops.sgmv import LoraStackCache
+from ...ops.mixed_batch import LoraStackCache
 from ..base import AdapterLayer, MixedBatch, linear_features
 
 
@@ -96,7 +96,7 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = linear_features(base_layer)
         # Mixed-adapter batches on kernel backends: this layer's adapters stacked along the
-        # rank, rebuilt when they change (memory cost: see peft_fast/ops/sgmv.py).
+        # rank, rebuilt when they change (memory cost: see peft_fast/ops/mixed_batch.py).
         self._lora_stack = LoraStackCache()
 
     def update_layer(

@@ -12,9 +12,9 @@ Three ways to the library, tried in order by `load()`:
 
 Importing this module needs no GPU, nvcc or built library. The library is loaded with
 `torch.ops.load_library` (it has no Python module init); its ops appear as
-`torch.ops.peft_fast.cuda_*`.
+`torch.ops.peft_fast.*_cuda`.
 
-`python -m peft_fast.ops.cuda_build --check` compiles every file in csrc/ with nvcc (no GPU
+`python -m peft_fast.ops.cuda.build --check` compiles every file in csrc/ with nvcc (no GPU
 needed; CI runs it on its CPU machine against the CPU build of torch's headers) and reports
 each file's time; a compile error fails it.
 """
@@ -54,7 +54,7 @@ class CudaBuildError(RuntimeError):
 
 def source_dir() -> Path:
     """The csrc/ folder: next to the package in a source checkout, `peft_fast/csrc` when installed."""
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parents[2]  # peft_fast/ (this file: peft_fast/ops/cuda/build.py)
     for candidate in (package.parent / "csrc", package / "csrc"):
         if (candidate / "ops.cpp").is_file():
             return candidate
@@ -305,8 +305,8 @@ def compile_check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m peft_fast.ops.cuda_build --check` (compile check) or `--build` (load/JIT-build now)."""
-    parser = argparse.ArgumentParser(prog="python -m peft_fast.ops.cuda_build", description=__doc__.split("\n\n")[0])
+    """`python -m peft_fast.ops.cuda.build --check` (compile check) or `--build` (load/JIT-build now)."""
+    parser = argparse.ArgumentParser(prog="python -m peft_fast.ops.cuda.build", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="nvcc -c every csrc/ file (no GPU needed)")
     mode.add_argument("--build", action="store_true", help="build or load peft_fast._C now (needs a CUDA device)")

@@ -1,18 +1,24 @@
-"""What the Triton backend's ops share: can this call run on Triton (argument checks live in
-checks.py, shared with the CUDA backend, and are re-exported here).
+"""The Triton backend: one module per op, each in the same order (custom ops + fakes,
+autograd, public function, `supports`, registration with dispatch):
 
-Only the Triton ops modules import this (lazily, through dispatch), so importing peft_fast
-never imports Triton.
+    lora.py    lora_linear          peft_fast::lora_linear_triton_{fwd,bwd}
+    ia3.py     ia3_linear           peft_fast::ia3_linear_triton_{fwd,bwd}
+    mixed.py   lora_linear_mixed    peft_fast::lora_linear_mixed_triton_{fwd,bwd}
+
+Kernels live in `peft_fast.kernels` (kernels/ at the repo root). This file holds what the
+three share: can a call run on Triton (`device_reason`); argument checks are ops/checks.py,
+shared with the CUDA backend. Dispatch imports the op modules lazily; this package itself
+imports neither Triton nor the kernels, so importing peft_fast never needs Triton.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .checks import KERNEL_DTYPES, check_linear_args, size_reason, tensors_reason
-from .dispatch import get_backend, interpreter_enabled
+from ..checks import tensors_reason
+from ..dispatch import get_backend, interpreter_enabled
 
-__all__ = ["KERNEL_DTYPES", "check_linear_args", "device_reason", "size_reason"]
+__all__ = ["device_reason"]
 
 
 def device_reason(named: dict[str, torch.Tensor | None]) -> str | None:

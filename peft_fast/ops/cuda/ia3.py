@@ -18,56 +18,56 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
-from .checks import check_ia3_args
-from .cuda_ops import adapter_dtype_reason, cuda_reason, inner_contiguous
-from .ia3_autograd import register_ia3_autograd
+from .. import dispatch
+from ..autograd import register_ia3_autograd
+from ..checks import check_ia3_args
+from .library import adapter_dtype_reason, cuda_reason, inner_contiguous
 
 
-@torch.library.custom_op("peft_fast::cuda_ia3_linear_fwd", mutates_args=())
-def cuda_ia3_linear_fwd(
+@torch.library.custom_op("peft_fast::ia3_linear_cuda_fwd", mutates_args=())
+def ia3_linear_cuda_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, feedforward: bool, save_z: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, z) for 2-D x and a flat scale vector; z = x Wᵀ + b when `save_z` (attention-style
     layers only), else an empty tensor."""
     if feedforward:
-        scaled = torch.ops.peft_fast.cuda_ia3_scale(inner_contiguous(x), scale)
+        scaled = torch.ops.peft_fast.ia3_scale_cuda(inner_contiguous(x), scale)
         return F.linear(scaled, weight, bias), x.new_empty((0,))
     z = F.linear(x, weight, bias).contiguous()
-    y = torch.ops.peft_fast.cuda_ia3_scale(z, scale)
+    y = torch.ops.peft_fast.ia3_scale_cuda(z, scale)
     return y, (z if save_z else x.new_empty((0,)))
 
 
-@cuda_ia3_linear_fwd.register_fake
+@ia3_linear_cuda_fwd.register_fake
 def _(x, weight, bias, scale, feedforward, save_z):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     return y, (x.new_empty(y.shape) if save_z and not feedforward else x.new_empty((0,)))
 
 
-@torch.library.custom_op("peft_fast::cuda_ia3_linear_bwd", mutates_args=())
-def cuda_ia3_linear_bwd(
+@torch.library.custom_op("peft_fast::ia3_linear_cuda_bwd", mutates_args=())
+def ia3_linear_cuda_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor, feedforward: bool
 ) -> tuple[Tensor, Tensor]:
-    """(dx, dscale) of cuda_ia3_linear_fwd's y; dscale is fp32 with scale's shape (zeros for
+    """(dx, dscale) of ia3_linear_cuda_fwd's y; dscale is fp32 with scale's shape (zeros for
     an attention-style layer whose forward saved no z)."""
     dy = inner_contiguous(dy)
     if feedforward:
         g = dy.mm(weight).contiguous()
-        return torch.ops.peft_fast.cuda_ia3_scale_grad(g, inner_contiguous(x), scale)
+        return torch.ops.peft_fast.ia3_scale_grad_cuda(g, inner_contiguous(x), scale)
     if z.numel() > 0:
-        dz, dscale = torch.ops.peft_fast.cuda_ia3_scale_grad(dy, z, scale)
+        dz, dscale = torch.ops.peft_fast.ia3_scale_grad_cuda(dy, z, scale)
     else:
-        dz = torch.ops.peft_fast.cuda_ia3_scale(dy, scale)
+        dz = torch.ops.peft_fast.ia3_scale_cuda(dy, scale)
         dscale = torch.zeros(scale.shape, dtype=torch.float32, device=scale.device)
     return dz.mm(weight), dscale
 
 
-@cuda_ia3_linear_bwd.register_fake
+@ia3_linear_cuda_bwd.register_fake
 def _(dy, x, weight, scale, z, feedforward):
     return x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=torch.float32)
 
 
-register_ia3_autograd(cuda_ia3_linear_fwd, torch.ops.peft_fast.cuda_ia3_linear_bwd)
+register_ia3_autograd(ia3_linear_cuda_fwd, torch.ops.peft_fast.ia3_linear_cuda_bwd)
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
@@ -77,7 +77,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, fe
     in_f, out_f = weight.shape[1], weight.shape[0]
     scale = ia3_l.reshape(-1)
     save_z = (not feedforward) and ia3_l.requires_grad and torch.is_grad_enabled()
-    y, _ = torch.ops.peft_fast.cuda_ia3_linear_fwd(x.reshape(-1, in_f), weight, bias, scale, bool(feedforward), save_z)
+    y, _ = torch.ops.peft_fast.ia3_linear_cuda_fwd(x.reshape(-1, in_f), weight, bias, scale, bool(feedforward), save_z)
     return y.reshape(*x.shape[:-1], out_f)
 
 

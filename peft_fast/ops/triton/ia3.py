@@ -19,14 +19,14 @@ from torch import Tensor
 
 from peft_fast.kernels.ia3_scale import ia3_scaled_matmul
 
-from . import dispatch
-from .checks import check_ia3_args, size_reason
-from .ia3_autograd import register_ia3_autograd
-from .triton_support import device_reason
+from .. import dispatch
+from ..autograd import register_ia3_autograd
+from ..checks import check_ia3_args, size_reason
+from . import device_reason
 
 
-@torch.library.custom_op("peft_fast::ia3_linear_fwd", mutates_args=())
-def ia3_linear_fwd(
+@torch.library.custom_op("peft_fast::ia3_linear_triton_fwd", mutates_args=())
+def ia3_linear_triton_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Tensor, feedforward: bool, save_z: bool
 ) -> tuple[Tensor, Tensor]:
     """(y, z) for 2-D x and a flat scale vector; z is x Wᵀ + b when `save_z` (attention-style
@@ -38,17 +38,17 @@ def ia3_linear_fwd(
     return y, (z if z is not None else x.new_empty((0,)))
 
 
-@ia3_linear_fwd.register_fake
+@ia3_linear_triton_fwd.register_fake
 def _(x, weight, bias, scale, feedforward, save_z):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     return y, (x.new_empty(y.shape) if save_z and not feedforward else x.new_empty((0,)))
 
 
-@torch.library.custom_op("peft_fast::ia3_linear_bwd", mutates_args=())
-def ia3_linear_bwd(
+@torch.library.custom_op("peft_fast::ia3_linear_triton_bwd", mutates_args=())
+def ia3_linear_triton_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor, z: Tensor, feedforward: bool
 ) -> tuple[Tensor, Tensor]:
-    """(dx, dscale) of ia3_linear_fwd's y; dscale is fp32 with scale's shape (zeros for an
+    """(dx, dscale) of ia3_linear_triton_fwd's y; dscale is fp32 with scale's shape (zeros for an
     attention-style layer whose forward saved no z)."""
     if feedforward:
         dx, _, _, dscale = ia3_scaled_matmul(dy, weight.t(), out_scale=scale, epilogue_reduce=x)
@@ -60,12 +60,12 @@ def ia3_linear_bwd(
     return dx, dscale
 
 
-@ia3_linear_bwd.register_fake
+@ia3_linear_triton_bwd.register_fake
 def _(dy, x, weight, scale, z, feedforward):
     return x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=torch.float32)
 
 
-register_ia3_autograd(ia3_linear_fwd, torch.ops.peft_fast.ia3_linear_bwd)
+register_ia3_autograd(ia3_linear_triton_fwd, torch.ops.peft_fast.ia3_linear_triton_bwd)
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
@@ -75,7 +75,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, fe
     in_f, out_f = weight.shape[1], weight.shape[0]
     scale = ia3_l.reshape(-1)
     save_z = (not feedforward) and ia3_l.requires_grad and torch.is_grad_enabled()
-    y, _ = torch.ops.peft_fast.ia3_linear_fwd(x.reshape(-1, in_f), weight, bias, scale, bool(feedforward), save_z)
+    y, _ = torch.ops.peft_fast.ia3_linear_triton_fwd(x.reshape(-1, in_f), weight, bias, scale, bool(feedforward), save_z)
     return y.reshape(*x.shape[:-1], out_f)
 
 

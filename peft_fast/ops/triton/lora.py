@@ -10,7 +10,7 @@ Backward (saves x, h and the dropout seed; never the mask, dropped x or the M ×
     dx = dy W + mask ⊙ (dh A) / (1 - p)         lora_expand with Wᵀ, Aᵀ
     dW = dyᵀ x, db = Σ dy                       torch, only when W / b require grad
 
-`torch.ops.peft_fast.lora_linear_fwd` / `lora_linear_bwd` are opaque to torch.compile (fake
+`torch.ops.peft_fast.lora_linear_triton_fwd` / `lora_linear_triton_bwd` are opaque to torch.compile (fake
 kernels give their shapes), so a compiled model has no graph break here. The dropout seed
 is drawn from torch's generator on x's device, so `torch.manual_seed` makes masks
 reproducible and every call draws a fresh mask.
@@ -28,13 +28,14 @@ from peft_fast.kernels.lora_adapter_grad import lora_adapter_grad
 from peft_fast.kernels.lora_expand import lora_expand
 from peft_fast.kernels.lora_shrink import lora_shrink
 
-from . import dispatch
-from .checks import check_lora_args, size_reason
-from .triton_support import device_reason
+from .. import dispatch
+from ..autograd import base_grads, new_seed
+from ..checks import check_lora_args, size_reason
+from . import device_reason
 
 
-@torch.library.custom_op("peft_fast::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(
+@torch.library.custom_op("peft_fast::lora_linear_triton_fwd", mutates_args=())
+def lora_linear_triton_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -50,14 +51,14 @@ def lora_linear_fwd(
     return y, h
 
 
-@lora_linear_fwd.register_fake
+@lora_linear_triton_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M = x.shape[0]
     return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("peft_fast::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(
+@torch.library.custom_op("peft_fast::lora_linear_triton_bwd", mutates_args=())
+def lora_linear_triton_bwd(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -69,7 +70,7 @@ def lora_linear_bwd(
     dropout_p: float,
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA, dB) of lora_linear_fwd's y; dx is an empty tensor when not `need_dx`."""
+    """(dx, dA, dB) of lora_linear_triton_fwd's y; dx is an empty tensor when not `need_dx`."""
     adapter_dtype = lora_A.dtype
     rescale = 1.0 / (1.0 - dropout_p)
     dh = lora_shrink(dy, lora_B.t(), scaling)
@@ -82,7 +83,7 @@ def lora_linear_bwd(
     return dx, dA, dB
 
 
-@lora_linear_bwd.register_fake
+@lora_linear_triton_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
@@ -98,15 +99,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dh):
     x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dA, dB = torch.ops.peft_fast.lora_linear_bwd(
+    dx, dA, dB = torch.ops.peft_fast.lora_linear_triton_bwd(
         dy, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, need[0]
     )
-    dW = dy.t().mm(x) if need[1] else None
-    db = dy.sum(0) if need[2] else None
+    dW, db = base_grads(dy, x, need[1], need[2])
     return (dx if need[0] else None), dW, db, (dA if need[3] else None), (dB if need[4] else None), None, None, None
 
 
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+lora_linear_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear(
@@ -129,10 +129,8 @@ def lora_linear(
     in_f, out_f = weight.shape[1], weight.shape[0]
     p = float(dropout_p) if training else 0.0
     x2 = x.reshape(-1, in_f)
-    seed = None
-    if p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    y, _ = torch.ops.peft_fast.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    seed = new_seed(x.device) if p > 0.0 else None
+    y, _ = torch.ops.peft_fast.lora_linear_triton_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y.reshape(*x.shape[:-1], out_f)
 
 

@@ -1,0 +1,62 @@
+"""What the kernel backends' autograd shares (Triton and CUDA): the dropout seed draw, the
+frozen base's gradients, and the whole autograd of the IA³ ops.
+
+Every kernel op pair is `<op>_<backend>_fwd` (a torch.library custom op with autograd) and
+`<op>_<backend>_bwd` (a custom op its backward calls); dW and db of the frozen base layer come
+from torch (`base_grads`), only when the base requires grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed (a (1,) int64 tensor on `device`) drawn from torch's generator on that
+    device: `torch.manual_seed` reproduces it, and every call draws a fresh one."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def base_grads(
+    dy: torch.Tensor, x: torch.Tensor, need_weight: bool, need_bias: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dW, db) of `y = x Wᵀ + b` for 2-D dy (M, out) and x (M, in): `dyᵀ x` and `Σ_m dy`,
+    each None where not needed."""
+    dW = dy.t().mm(x) if need_weight else None
+    db = dy.sum(0) if need_bias else None
+    return dW, db
+
+
+def register_ia3_autograd(fwd_op: Any, bwd_op: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give the IA³ custom op `fwd_op` its backward, computed by `bwd_op`.
+
+    Both backends register a forward custom op `(x, weight, bias, scale, feedforward, save_z)
+    -> (y, z)` and a backward op `(dy, x, weight, scale, z, feedforward) -> (dx, dscale)`;
+    only those ops differ."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, scale, feedforward, save_z = inputs
+        ctx.save_for_backward(x, weight, scale, output[1])
+        ctx.feedforward = feedforward
+        ctx.save_z = save_z
+
+    def backward(ctx, dy, _dz):
+        x, weight, scale, z = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if need[3] and not ctx.feedforward and not ctx.save_z:
+            raise RuntimeError("ia3_linear: the scale needs grad but its forward ran without saving x Wᵀ + b")
+        dx = dscale = None
+        if need[0] or need[3]:
+            dx, dscale = bwd_op(dy, x, weight, scale, z, ctx.feedforward)
+        dW = db = None
+        if need[1] or need[2]:
+            if ctx.feedforward:  # y = (x ⊙ l) Wᵀ + b
+                dW, db = base_grads(dy, (x.to(scale.dtype) * scale).to(x.dtype), need[1], need[2])
+            else:  # y = (x Wᵀ + b) ⊙ l
+                dW, db = base_grads((dy * scale).to(dy.dtype), x, need[1], need[2])
+        return dx if need[0] else None, dW, db, dscale.to(scale.dtype) if need[3] else None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
