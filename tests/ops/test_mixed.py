@@ -1,8 +1,11 @@
-"""The Triton mixed-adapter backend (peft_fast/ops/sgmv_triton.py, peft_fast/ops/sgmv.py and
-kernels/sgmv_*.py, kernels/bgmv_*.py, kernels/segments.py) against the float64 reference
-(`reference.lora_linear_mixed`), on both the SGMV and the BGMV path.
+"""`peft_fast.ops.lora_linear_mixed` (a batch mixing adapters) on each kernel backend against
+the float64 reference (`reference.lora_linear_mixed`): Triton (peft_fast/ops/triton/mixed.py,
+kernels/sgmv_*.py, kernels/bgmv_*.py, kernels/segments.py) on both its SGMV and BGMV path, and
+CUDA (peft_fast/ops/cuda/mixed.py, csrc/sgmv_*.cu); plus the grouping and the weight-stack
+cache both read (peft_fast/ops/mixed_batch.py).
 
-On CPU the kernels run under Triton's interpreter (set in tests/conftest.py), so shapes stay tiny.
+Tests taking `impl` run on every (backend, path): Triton on CPU under Triton's interpreter
+(set in tests/conftest.py, so shapes stay tiny), CUDA on a GPU only (skipped cleanly elsewhere).
 """
 
 from __future__ import annotations
@@ -10,22 +13,54 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import DEVICE, assert_close_to_oracle, grads_of, leaf, randn, rel_err, require_triton
+from kernel_testing import (
+    DEVICE,
+    assert_close_to_oracle,
+    gpu_only,
+    grads_of,
+    kernel_op,
+    leaf,
+    randn,
+    rel_err,
+    require_backend,
+    require_triton,
+)
 
 import peft_fast
 from peft_fast.ops import dispatch, reference
-from peft_fast.ops.sgmv import LoraStackCache, plan_mixed_batch
+from peft_fast.ops.mixed_batch import LoraStackCache, group_rows
+
+# (backend, path): the Triton backend's two paths, and the CUDA backend (one path).
+IMPLS = [("triton", "sgmv"), ("triton", "bgmv"), pytest.param(("cuda", None), marks=pytest.mark.gpu)]
 
 
-@pytest.fixture(autouse=True)
-def _triton():
+@pytest.fixture(params=IMPLS, ids=lambda p: "-".join(filter(None, p)))
+def impl(request):
+    """`lora_linear_mixed` of one backend, on one path (keyword `path` forced on Triton)."""
+    backend, path = request.param
+    require_backend(backend)
+    fn = _module(backend).lora_linear_mixed
+
+    def run(*args, **kwargs):
+        return fn(*args, path=path, **kwargs) if path else fn(*args, **kwargs)
+
+    run.backend = backend
+    return run
+
+
+@pytest.fixture
+def triton_backend():
     require_triton()
 
 
-def _sgmv():
-    from peft_fast.ops import sgmv_triton
+def _module(backend):
+    import importlib
 
-    return sgmv_triton
+    return importlib.import_module(f"peft_fast.ops.{backend}.mixed")
+
+
+def _sgmv():
+    return _module("triton")
 
 
 def _case(lead, K, N, ranks, row_adapter, seed=0, bias=True):
@@ -60,9 +95,9 @@ def _oracle(case, dtype):
     return _run(reference.lora_linear_mixed, rounded, torch.float64)
 
 
-def _check(case, dtype, path):
+def _check(impl, case, dtype):
     y64, g64 = _oracle(case, dtype)
-    y, g = _run(_sgmv().lora_linear_mixed, case, dtype, path=path)
+    y, g = _run(impl, case, dtype)
     y_t, g_t = (None, [None] * len(g))
     if dtype != torch.float32:
         y_t, g_t = _run(reference.lora_linear_mixed, case, dtype)
@@ -75,11 +110,7 @@ def _check(case, dtype, path):
         assert_close_to_oracle(name, got, want, dtype, base)
 
 
-PATHS = ["sgmv", "bgmv"]
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize(
     "lead,K,N,ranks,rows",
     [
@@ -89,43 +120,40 @@ PATHS = ["sgmv", "bgmv"]
         ((4, 2, 3), 16, 33, [2, 2, 9], [2, 0, 0, 2]),  # 4-D: 6 tokens per row; adapter 1 unused
     ],
 )
-def test_matches_fp64_reference(lead, K, N, ranks, rows, dtype, path):
-    _check(_case(lead, K, N, ranks, rows), dtype, path)
+def test_matches_fp64_reference(impl, lead, K, N, ranks, rows, dtype):
+    _check(impl, _case(lead, K, N, ranks, rows), dtype)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_ranks_1_to_64_in_one_batch(path):
+def test_ranks_1_to_64_in_one_batch(impl):
     ranks = [1, 4, 8, 16, 64]
     rows = [4, 0, 3, -1, 1, 2, 4, 0, 2, 3, 1]
-    _check(_case((11, 2), 24, 20, ranks, rows, seed=3), torch.float32, path)
+    _check(impl, _case((11, 2), 24, 20, ranks, rows, seed=3), torch.float32)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_seventy_adapters_in_one_batch(path):
+def test_seventy_adapters_in_one_batch(impl):
     n = 70
     ranks = [1 + (k * 7) % 16 for k in range(n)]
     rows = [(k * 11) % n for k in range(n)] + [-1, 5, 5, 69]
-    _check(_case((len(rows),), 16, 16, ranks, rows, seed=4), torch.float32, path)
+    _check(impl, _case((len(rows),), 16, 16, ranks, rows, seed=4), torch.float32)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_all_rows_on_one_adapter(path):
-    _check(_case((6, 5), 20, 18, [4, 8], [1] * 6, seed=5), torch.float32, path)
+def test_all_rows_on_one_adapter(impl):
+    _check(impl, _case((6, 5), 20, 18, [4, 8], [1] * 6, seed=5), torch.float32)
 
 
-def test_all_rows_base_only_is_the_base_layer():
+def test_all_rows_base_only_is_the_base_layer(impl):
     case = _case((4, 3), 12, 10, [4, 2], [-1] * 4, seed=6)
-    y, g = _run(_sgmv().lora_linear_mixed, case, torch.float32)
+    y, g = _run(impl, case, torch.float32)
     x, W, b, *_ = case
     torch.testing.assert_close(y, F.linear(x.float(), W.float(), b.float()))
     assert all(t is None for t in g[1:])
 
 
-def test_per_adapter_grads_equal_training_each_alone():
+def test_per_adapter_grads_equal_training_each_alone(impl):
     """Each adapter's gradient comes from its own rows only: the same as lora_linear on
     those rows alone (dropout off)."""
     x, W, b, As, Bs, sc, ra, dy = case = _case((6, 4), 24, 20, [3, 8, 1], [2, 0, 2, -1, 0, 1], seed=7)
-    _, g = _run(_sgmv().lora_linear_mixed, case, torch.float32)
+    _, g = _run(impl, case, torch.float32)
     n = len(As)
     for k in range(n):
         rows = (ra == k).nonzero().flatten()
@@ -136,12 +164,12 @@ def test_per_adapter_grads_equal_training_each_alone():
         assert rel_err(g[0][rows], gx) < 1e-5, k
 
 
-def test_strided_input_view():
+def test_strided_input_view(impl):
     x, W, b, As, Bs, sc, ra, dy = _case((5, 3), 40, 12, [2, 6], [1, 0, -1, 1, 0], seed=8)
     wide = randn(5, 3, 2 * 40, seed=99)
     wide[..., ::2] = x
     view = wide[..., ::2]  # last-dim stride 2: reshaped by a copy inside the op
-    y = _sgmv().lora_linear_mixed(
+    y = impl(
         view.float(), W.float(), b.float(), [a.float() for a in As], [q.float() for q in Bs], sc, [0, 0], ra
     )
     want = reference.lora_linear_mixed(x, W, b, As, Bs, sc, [0, 0], ra)
@@ -151,22 +179,31 @@ def test_strided_input_view():
 # ---- dropout -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_dropout_masks_match_the_philox_mask_forward_and_backward(path):
-    """Per-adapter p; the mask is regenerated in backward from the seed (never stored)."""
-    from peft_fast.kernels.dropout import dropout_mask
+def _mask(backend, seed, M, K, p):
+    """The keep-mask `backend`'s single-adapter forward applies for `seed` (the numbering the
+    mixed kernels share), recovered through that op: with W = 0, A = B = I and scaling 1,
+    y = dropout(x)/(1-p) is x's dropped copy."""
+    x = torch.rand(M, K, device=DEVICE) + 0.5  # never zero
+    eye = torch.eye(K, device=DEVICE)
+    y, _ = kernel_op("lora_linear", backend)(x, torch.zeros(K, K, device=DEVICE), None, eye, eye, 1.0, p, seed)
+    keep = y != 0
+    torch.testing.assert_close(y[keep], x[keep] / (1 - p))
+    return keep
 
+
+def test_dropout_masks_match_the_philox_mask_forward_and_backward(impl):
+    """Per-adapter p; the mask is regenerated in backward from the seed (never stored)."""
     x, W, b, As, Bs, sc, ra, dy = _case((6, 2), 32, 24, [4, 8, 2], [0, 1, -1, 2, 1, 0], seed=9)
     ps = [0.3, 0.0, 0.5]
     torch.manual_seed(123)
-    y, g = _run(_sgmv().lora_linear_mixed, (x, W, b, As, Bs, sc, ra, dy), torch.float32, ps=ps, path=path)
+    y, g = _run(impl, (x, W, b, As, Bs, sc, ra, dy), torch.float32, ps=ps)
     torch.manual_seed(123)
     seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64)  # the op's draw
     M, K = x.numel() // x.shape[-1], x.shape[-1]
     T = M // x.shape[0]
     factor = torch.zeros(M, K, dtype=torch.float64, device=DEVICE)  # keep / (1 - p) of each token's adapter
     for k, p in enumerate(ps):
-        keep = dropout_mask(seed, M, K, p, DEVICE).double() / (1 - p)
+        keep = _mask(impl.backend, seed, M, K, p).double() / (1 - p)
         for row in (ra == k).nonzero().flatten().tolist():
             factor[row * T : row * T + T] = keep[row * T : row * T + T]
     x64 = leaf(x, torch.float64)
@@ -182,10 +219,10 @@ def test_dropout_masks_match_the_philox_mask_forward_and_backward(path):
         assert rel_err(got, w) < 1e-5, name
 
 
-def test_dropout_fresh_each_call_and_off_in_eval():
+def test_dropout_fresh_each_call_and_off_in_eval(impl):
     x, W, b, As, Bs, sc, ra, dy = _case((4, 3), 16, 16, [4], [0, 0, -1, 0], seed=10)
     args = (x.float(), W.float(), b.float(), [As[0].float()], [Bs[0].float()], sc, [0.5], ra)
-    f = _sgmv().lora_linear_mixed
+    f = impl
     y1, y2 = f(*args, True), f(*args, True)
     assert not torch.equal(y1, y2)
     torch.manual_seed(1)
@@ -199,24 +236,32 @@ def test_dropout_fresh_each_call_and_off_in_eval():
 # ---- grouping, weight stack, dispatch, errors -----------------------------------------------
 
 
-def test_plan_groups_rows_by_adapter():
-    plan = plan_mixed_batch(torch.tensor([2, -1, 0, 2, 1, 0]), DEVICE)
-    assert plan.present == (0, 1, 2) and plan.seg_rows == (2, 1, 2) and plan.batch_size == 6
-    assert plan.row_order.tolist() == [2, 5, 4, 0, 3] and plan.seg_start.tolist() == [0, 2, 3, 5]
-    assert plan.row_order.dtype == torch.int32 and plan.row_order.device.type == DEVICE
-    empty = plan_mixed_batch(torch.tensor([-1, -1]))
+def test_grouping_of_rows_by_adapter():
+    """group_rows from host lists (what layers pass) and from a tensor give the same grouping."""
+    for ids in ([2, -1, 0, 2, 1, 0], torch.tensor([2, -1, 0, 2, 1, 0])):
+        groups = group_rows(ids, DEVICE)
+        assert groups.present == (0, 1, 2) and groups.seg_rows == (2, 1, 2) and groups.batch_size == 6
+        assert groups.row_order.tolist() == [2, 5, 4, 0, 3] and groups.seg_start.tolist() == [0, 2, 3, 5]
+        assert groups.seg_starts == [0, 2, 3, 5] and groups.seg_adapter.tolist() == [0, 1, 2]
+        assert groups.row_adapter.tolist() == [2, -1, 0, 2, 1, 0]
+        assert groups.row_order.dtype == torch.int32 and groups.row_order.device.type == DEVICE
+    empty = group_rows(torch.tensor([-1, -1]))
     assert empty.present == () and empty.num_adapted_rows == 0
     with pytest.raises(ValueError, match="row_adapter"):
-        plan_mixed_batch(torch.tensor([0, -2]))
+        group_rows(torch.tensor([0, -2]))
+    with pytest.raises(ValueError, match="row_adapter"):
+        group_rows([0, -2])
     with pytest.raises(TypeError, match="row_adapter"):
-        plan_mixed_batch(torch.tensor([0.0]))
+        group_rows(torch.tensor([0.0]))
+    with pytest.raises(TypeError, match="row_adapter"):
+        group_rows([0, 1.0])
 
 
-def test_path_choice():
+def test_path_choice(triton_backend):
     choose = _sgmv().choose_path
-    assert choose(plan_mixed_batch(torch.arange(8)), 1) == "bgmv"  # decode, all distinct
-    assert choose(plan_mixed_batch(torch.zeros(64, dtype=torch.long)), 1) == "sgmv"  # decode, one adapter
-    assert choose(plan_mixed_batch(torch.arange(8)), 128) == "sgmv"  # prefill
+    assert choose(group_rows(torch.arange(8)), 1) == "bgmv"  # decode, all distinct
+    assert choose(group_rows(torch.zeros(64, dtype=torch.long)), 1) == "sgmv"  # decode, one adapter
+    assert choose(group_rows(torch.arange(8)), 128) == "sgmv"  # prefill
 
 
 def test_stack_cache_reused_and_refreshed():
@@ -238,11 +283,11 @@ def test_stack_cache_reused_and_refreshed():
     assert s4.A.requires_grad and s4.A.shape == (2, 8) and s4.ranks == (2, 0)
 
 
-def test_dispatch_selects_triton_and_falls_back():
+def test_dispatch_selects_the_backend_and_falls_back(impl):
     x, W, b, As, Bs, sc, ra, dy = _case((3, 2), 16, 8, [2], [0, -1, 0], seed=11)
     args = (x.float(), W.float(), b.float(), [As[0].float()], [Bs[0].float()], sc, [0.0], ra)
-    with peft_fast.use_backend("triton"):
-        assert dispatch.select("lora_linear_mixed", *args) is _sgmv().lora_linear_mixed
+    with peft_fast.use_backend(impl.backend):
+        assert dispatch.select("lora_linear_mixed", *args) is _module(impl.backend).lora_linear_mixed
         mixed = (
             x.float(),
             W.float(),
@@ -258,9 +303,9 @@ def test_dispatch_selects_triton_and_falls_back():
     assert rel_err(y, reference.lora_linear_mixed(x, W, b, As, Bs, sc, [0.0], ra)) < 1e-5
 
 
-def test_errors_name_the_argument():
+def test_errors_name_the_argument(impl):
     x, W, b, As, Bs, sc, ra, dy = _case((3, 2), 16, 8, [2, 4], [0, -1, 1], seed=12)
-    f = _sgmv().lora_linear_mixed
+    f = impl
     xf, Wf, bf = x.float(), W.float(), b.float()
     Af, Bf = [a.float() for a in As], [q.float() for q in Bs]
     with pytest.raises(ValueError, match="lora_Bs"):
@@ -275,19 +320,22 @@ def test_errors_name_the_argument():
         f(xf, Wf, bf, Af, Bf, sc, [0.0, 0.0], ra[:2])
     with pytest.raises(ValueError, match="adapter 2"):
         f(xf, Wf, bf, Af, Bf, sc, [0.0, 0.0], torch.tensor([0, 2, 1], device=DEVICE))
-    with pytest.raises(ValueError, match="path"):
-        f(xf, Wf, bf, Af, Bf, sc, [0.0, 0.0], ra, path="gemm")
     with pytest.raises(TypeError, match="dtype"):
         f(xf, Wf, bf, [Af[0], Af[1].half()], [Bf[0], Bf[1].half()], sc, [0.0, 0.0], ra)
+    with pytest.raises(ValueError, match="plan groups 2 rows"):
+        f(xf, Wf, bf, Af, Bf, sc, [0.0, 0.0], ra, plan=group_rows([0, 1], DEVICE))
+    if impl.backend == "triton":
+        with pytest.raises(ValueError, match="path"):
+            _sgmv().lora_linear_mixed(xf, Wf, bf, Af, Bf, sc, [0.0, 0.0], ra, path="gemm")
 
 
-def test_launcher_errors_name_the_argument():
-    from peft_fast.kernels.segments import Segments, StackedRanks
+def test_launcher_errors_name_the_argument(triton_backend):
+    from peft_fast.kernels.segments import StackedRanks
     from peft_fast.kernels.sgmv_expand import sgmv_expand
     from peft_fast.kernels.sgmv_shrink import sgmv_shrink
 
     i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    segs = Segments(i32([0, 1]), i32([0]), i32([0, 2]), 2, 1)
+    segs = group_rows([0, 0], DEVICE)
     ranks = StackedRanks(i32([2]), i32([0]), 2)
     x, A = randn(2, 8, dtype=torch.float32), randn(2, 8, dtype=torch.float32)
     one = torch.ones(1, device=DEVICE)
@@ -301,14 +349,14 @@ def test_launcher_errors_name_the_argument():
         sgmv_shrink(x, A, segs, ranks, one, dropout_ps=one * 0.1)
     with pytest.raises(ValueError, match="h must be"):
         sgmv_expand(torch.zeros(2, 4, device=DEVICE), torch.zeros(2, 1, device=DEVICE), A[:, :4].t(), segs, ranks, one)
+    with pytest.raises(ValueError, match="divide"):
+        sgmv_shrink(randn(3, 8, dtype=torch.float32), A, segs, ranks, one)
 
 
 # ---- GPU only --------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("path", PATHS)
+@gpu_only
 @pytest.mark.parametrize(
     "lead,K,N,ranks,rows",
     [
@@ -317,16 +365,34 @@ def test_launcher_errors_name_the_argument():
         ((3, 500), 512, 768, [4, 32], [1, 0, 1]),
     ],
 )
-def test_gpu_bf16(lead, K, N, ranks, rows, path):
-    _check(_case(lead, K, N, ranks, rows), torch.bfloat16, path)
+def test_gpu_bf16(impl, lead, K, N, ranks, rows):
+    _check(impl, _case(lead, K, N, ranks, rows), torch.bfloat16)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_bf16_dropout_runs_and_is_reproducible():
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ranks", [[4], [1, 8, 16], [3, 33, 64, 2]])
+@pytest.mark.parametrize("M,K,N", [(7, 33, 20), (100, 64, 72), (300, 136, 40)])
+def test_gpu_random_groupings(impl, M, K, N, ranks, dtype):
+    """Random row_adapter (some adapters may get no row: those get no gradient), odd sizes."""
+    g = torch.Generator().manual_seed(M + K)
+    rows = torch.randint(-1, len(ranks), (M,), generator=g).tolist()
+    _check(impl, _case((M,), K, N, ranks, rows, seed=M), dtype)
+
+
+@gpu_only
+def test_gpu_more_adapters_than_one_cuda_launch_holds(impl):
+    """More segments than one CUDA kernel argument table (48): the launchers split them."""
+    n = 60
+    rows = [k % (n + 1) - 1 for k in range(400)]
+    _check(impl, _case((400,), 32, 24, [2 + (i % 5) for i in range(n)], rows, seed=13), torch.float32)
+
+
+@gpu_only
+def test_gpu_bf16_dropout_runs_and_is_reproducible(impl):
     case = _case((16, 64), 1024, 1024, [8, 16, 32], [k % 4 - 1 for k in range(16)])
     torch.manual_seed(0)
-    y1, g1 = _run(_sgmv().lora_linear_mixed, case, torch.bfloat16, ps=[0.1, 0.0, 0.2])
+    y1, g1 = _run(impl, case, torch.bfloat16, ps=[0.1, 0.0, 0.2])
     torch.manual_seed(0)
-    y2, g2 = _run(_sgmv().lora_linear_mixed, case, torch.bfloat16, ps=[0.1, 0.0, 0.2])
+    y2, g2 = _run(impl, case, torch.bfloat16, ps=[0.1, 0.0, 0.2])
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2) if a is not None)

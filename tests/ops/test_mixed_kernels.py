@@ -1,6 +1,6 @@
 """Each mixed-adapter launcher on its own (kernels/sgmv_shrink.py, sgmv_expand.py,
 sgmv_adapter_grad.py, bgmv_shrink.py, bgmv_expand.py) against a per-adapter torch loop, on
-fresh random inputs with mixed ranks and base-only rows. test_sgmv_triton.py checks them
+fresh random inputs with mixed ranks and base-only rows. test_mixed.py checks them
 through the op and autograd; this pins down each launcher's own contract."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, randn, rel_err, require_triton
 
-from peft_fast.ops.sgmv import LoraStackCache, plan_mixed_batch
+from peft_fast.ops.mixed_batch import LoraStackCache, group_rows
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +26,13 @@ def f32(*shape: int, seed: int) -> torch.Tensor:
 
 
 def _setup(T: int, K: int = 33, N: int = 19, seed: int = 0):
-    from peft_fast.kernels.segments import Segments, StackedRanks
+    from peft_fast.kernels.segments import StackedRanks
 
     As = [f32(r, K, seed=seed + i) for i, r in enumerate(RANKS)]
     Bs = [f32(N, r, seed=seed + 10 + i) for i, r in enumerate(RANKS)]
     scal = [0.5, 1.5, 2.0]
     st = LoraStackCache().get(As, Bs, scal, [0.0] * len(RANKS))
-    plan = plan_mixed_batch(torch.tensor(ROW_ADAPTER), DEVICE)
-    segs = Segments(plan.row_order, plan.seg_adapter, plan.seg_start, plan.max_seg_rows, T)
+    plan = segs = group_rows(ROW_ADAPTER, DEVICE)  # T = M // batch size, from x's rows
     ranks = StackedRanks(st.rank, st.offset, max(RANKS))
     token_adapter = torch.tensor(ROW_ADAPTER).repeat_interleave(T)
     return As, Bs, scal, st, plan, segs, ranks, token_adapter
