@@ -3,7 +3,7 @@
 
 A top-level `kernels` module would shadow Hugging Face's own `kernels` package, which
 transformers probes for, so the folder is mapped under our namespace here. csrc/ ships as
-package data so an installed peft_fast can JIT-build its CUDA kernels (peft_fast/ops/cuda_build.py).
+package data so an installed peft_fast can JIT-build its CUDA kernels (peft_fast/ops/cuda/build.py).
 bench/ stays at the repo root beside its results and notes; it installs as its own top-level
 package so `peft-fast bench` works from an install while the library never imports it
 (its modules only; results/, NOTES.md and the scripts are not shipped).

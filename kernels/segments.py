@@ -67,7 +67,8 @@ def check_segments(segs: RowGroups, ranks: StackedRanks, M: int, device: torch.d
         raise ValueError(f"segments group {batch} rows, which do not divide the {M} tokens")
     if segs.row_order.shape[0] != segs.num_adapted_rows or segs.num_adapted_rows > batch:
         raise ValueError(
-            f"segments order {segs.row_order.shape[0]} rows (segments hold {segs.num_adapted_rows}) of a batch of {batch}"
+            f"segments order {segs.row_order.shape[0]} rows (their segments hold {segs.num_adapted_rows}) "
+            f"of a batch of {batch}"
         )
     if segs.num_segments > 65535:
         raise ValueError(f"at most 65535 segments (adapters) per launch, got {segs.num_segments}")

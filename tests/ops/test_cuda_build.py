@@ -1,7 +1,7 @@
-"""peft_fast/ops/cuda_build.py and csrc/ on a CPU machine: what can be checked without a GPU.
+"""peft_fast/ops/cuda/build.py and csrc/ on a CPU machine: what can be checked without a GPU.
 
 The nvcc compile check of every csrc/ file runs in .ci/run (`python -m
-peft_fast.ops.cuda_build --check`, a few minutes on two cores), not here, so the test suite
+peft_fast.ops.cuda.build --check`, a few minutes on two cores), not here, so the test suite
 stays quick; these tests cover the loader's reasons and the Philox mask's bit-compatibility.
 """
 
@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import peft_fast
-from peft_fast.ops import cuda_build, dispatch
+from peft_fast.ops import dispatch
+from peft_fast.ops.cuda import build as cuda_build
 
 
 def test_sources_and_flags():
     names = [p.name for p in cuda_build.sources()]
     assert "ops.cpp" in names and all(n.endswith((".cu", ".cpp")) for n in names)
+    assert {"sgmv_shrink.cu", "sgmv_expand.cu", "sgmv_adapter_grad.cu", "ia3_scale.cu"} <= set(names)
     flags = cuda_build.compile_flags(["sm_90", "sm_80"])
     assert "arch=compute_90,code=sm_90" in flags and "arch=compute_80,code=sm_80" in flags
     assert f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}" in flags

@@ -169,9 +169,7 @@ def test_strided_input_view(impl):
     wide = randn(5, 3, 2 * 40, seed=99)
     wide[..., ::2] = x
     view = wide[..., ::2]  # last-dim stride 2: reshaped by a copy inside the op
-    y = impl(
-        view.float(), W.float(), b.float(), [a.float() for a in As], [q.float() for q in Bs], sc, [0, 0], ra
-    )
+    y = impl(view.float(), W.float(), b.float(), [a.float() for a in As], [q.float() for q in Bs], sc, [0, 0], ra)
     want = reference.lora_linear_mixed(x, W, b, As, Bs, sc, [0, 0], ra)
     assert rel_err(y, want) < 1e-5
 

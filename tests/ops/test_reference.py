@@ -31,6 +31,22 @@ def _assert_same(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 
 
+def _assert_same_delta(actual, expected, base_out, dtype):
+    """The LoRA delta (output minus the base layer's output) of ours vs HF's, in relative norm.
+
+    Error model: both sides compute the same ops in the same order, then round the sum
+    base + delta to `dtype` once (unit roundoff u = eps/2: 6e-8 fp32, 3.9e-3 bf16). So their
+    deltas differ by at most about u·|out| per element: ‖Δours − Δhf‖ ≤ 2u·‖out‖, a bound
+    relative to ‖Δ‖ of 2u·‖out‖/‖Δ‖. The test asserts that bound is below 10% (here 2-6% in
+    bf16), so a 10% error in the delta cannot pass."""
+    delta, delta_hf = (actual - base_out).double(), (expected - base_out).double()
+    u = torch.finfo(dtype).eps / 2
+    bound = 2 * u * actual.double().norm().item() / delta_hf.norm().item() + 1e-12
+    assert bound < 0.1, f"the bound {bound:.3g} could not see a 10% error in the delta"
+    err = ((delta - delta_hf).norm() / delta_hf.norm()).item()
+    assert err <= bound, f"LoRA delta relative error {err:.3g} > {bound:.3g}"
+
+
 def _hf_lora_linear(base, r, alpha, dropout=0.0, rslora=False, adapter_dtype=torch.float32, conv1d=False):
     cfg = peft.LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=False, fan_in_fan_out=conv1d
@@ -62,6 +78,8 @@ def _grads(*tensors):
 def test_lora_linear_matches_hf(dtype, bias, rslora):
     base, x = _lora_case(dtype, bias=bias)
     layer = _hf_lora_linear(base, r=5, alpha=7, rslora=rslora)
+    with torch.no_grad():  # a LoRA delta large enough beside the base output for a bf16 check with power
+        layer.lora_B["default"].weight.mul_(4.0)
     layer.base_layer.weight.requires_grad_(True)
     assert layer.lora_A["default"].weight.dtype == torch.float32  # fp32 adapters, also on a bf16 base
     scaling = layer.scaling["default"]
@@ -83,6 +101,8 @@ def test_lora_linear_matches_hf(dtype, bias, rslora):
     out.backward(g)
 
     _assert_same(out, out_hf, dtype)
+    with torch.no_grad():
+        _assert_same_delta(out, out_hf, base(x), dtype)
     assert out.dtype == dtype
     _assert_same(x_ours.grad, x_hf.grad, dtype)
     _assert_same(w.grad, layer.base_layer.weight.grad, dtype)
@@ -101,7 +121,9 @@ def test_lora_linear_same_dtype_adapters(dtype):
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert A.dtype == dtype
     with torch.no_grad():
-        _assert_same(reference.lora_linear(x, base.weight, base.bias, A, B, 2.0, 0.0, False), layer(x), dtype)
+        out = reference.lora_linear(x, base.weight, base.bias, A, B, 2.0, 0.0, False)
+        _assert_same(out, layer(x), dtype)
+        _assert_same_delta(out, layer(x), base(x), dtype)
 
 
 def test_lora_linear_dropout_draws_like_hf():

@@ -19,8 +19,6 @@ Segments (rows grouped by adapter) come as plain lists: `seg_starts` (S + 1 posi
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 

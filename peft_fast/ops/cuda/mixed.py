@@ -175,4 +175,5 @@ def supports(
         return f"row_adapter must be an integer tensor on {x.device}"
     return adapter_dtype_reason(x, lora_As[0], "lora_As")
 
+
 dispatch.register("lora_linear_mixed", "cuda", lora_linear_mixed, supports)

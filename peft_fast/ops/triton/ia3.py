@@ -75,7 +75,8 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, fe
     in_f, out_f = weight.shape[1], weight.shape[0]
     scale = ia3_l.reshape(-1)
     save_z = (not feedforward) and ia3_l.requires_grad and torch.is_grad_enabled()
-    y, _ = torch.ops.peft_fast.ia3_linear_triton_fwd(x.reshape(-1, in_f), weight, bias, scale, bool(feedforward), save_z)
+    x2 = x.reshape(-1, in_f)
+    y, _ = torch.ops.peft_fast.ia3_linear_triton_fwd(x2, weight, bias, scale, bool(feedforward), save_z)
     return y.reshape(*x.shape[:-1], out_f)
 
 
