@@ -133,3 +133,15 @@ def kernel_op(op: str, backend: str, stage: str = "fwd"):
 def gpu_only(test):
     """Mark `test` as GPU-only (`-m gpu`) and skip it cleanly where there is no CUDA device."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+def dropout_keep_mask(backend: str, seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The (M, K) keep-mask `backend`'s LoRA forward op applies for `seed`, recovered through the
+    op itself (not the kernels' own mask helper): with W = 0, A = B = I and scaling 1,
+    y = dropout(x)/(1-p) is x's dropped copy. The mixed-batch kernels number elements alike."""
+    x = torch.rand(M, K, device=DEVICE) + 0.5  # never zero
+    eye = torch.eye(K, device=DEVICE)
+    y, _ = kernel_op("lora_linear", backend)(x, torch.zeros(K, K, device=DEVICE), None, eye, eye, 1.0, p, seed)
+    keep = y != 0
+    torch.testing.assert_close(y[keep], x[keep] / (1 - p))
+    return keep

@@ -15,6 +15,7 @@ from kernel_testing import (
     DEVICE,
     KERNEL_DTYPES,
     assert_close_to_oracle,
+    dropout_keep_mask,
     gpu_only,
     grads_of,
     kernel_op,
@@ -138,17 +139,6 @@ def test_frozen_base_grads_when_required(backend):
 # ---- dropout ---------------------------------------------------------------------------
 
 
-def _mask_of(backend, seed, M, K, p):
-    """The keep-mask `backend`'s forward op applies for `seed`, recovered through the op
-    itself: with W = 0, A = B = I and scaling 1, y = dropout(x)/(1-p) is x's dropped copy."""
-    x = torch.rand(M, K, device=DEVICE) + 0.5  # never zero
-    eye = torch.eye(K, device=DEVICE)
-    y, _ = kernel_op("lora_linear", backend)(x, torch.zeros(K, K, device=DEVICE), None, eye, eye, 1.0, p, seed)
-    keep = y != 0
-    torch.testing.assert_close(y[keep], x[keep] / (1 - p))
-    return keep
-
-
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_dropout_backward_uses_forward_mask(backend, dtype):
     """Forward and every gradient equal the float64 formula applied to x ⊙ mask / (1-p),
@@ -157,7 +147,7 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
     M, K, N = (67, 136, 48) if DEVICE == "cuda" else (33, 40, 24)  # tiny under the interpreter
     x, W, b, A, B, dy = lora_case(M, K, N, r)
     seed = torch.tensor([4321], dtype=torch.int64, device=DEVICE)
-    keep = _mask_of(backend, seed, M, K, p).double()
+    keep = dropout_keep_mask(backend, seed, M, K, p).double()
     assert 0.6 < keep.mean().item() < 0.8
     xs, As, Bs = leaf(x, dtype), leaf(A, dtype), leaf(B, dtype)
     y, _ = kernel_op("lora_linear", backend)(xs, W.to(dtype), b.to(dtype), As, Bs, s, p, seed)
@@ -220,7 +210,7 @@ def test_cuda_dropout_mask_equals_triton_mask():
     require_cuda_kernels()
     require_triton()
     seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
-    assert torch.equal(_mask_of("cuda", seed, 50, 64, 0.4), _mask_of("triton", seed, 50, 64, 0.4))
+    assert torch.equal(dropout_keep_mask("cuda", seed, 50, 64, 0.4), dropout_keep_mask("triton", seed, 50, 64, 0.4))
 
 
 # ---- errors, dispatch, torch.library ------------------------------------------------------
@@ -364,9 +354,24 @@ def test_configs_table(triton_backend):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("r", [5, 33])
-def test_gpu_multi_tile_shape(backend, r, dtype):
-    _check(backend, lora_case(257, 520, 136, r), dtype, dtype)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "M,K,N,r",
+    [(M, K, N, 33) for M, K, N in ((1, 7, 33), (7, 33, 100), (33, 100, 7), (100, 16, 64))]
+    + [(257, 520, 136, r) for r in (1, 5, 16, 33)],
+)
+def test_gpu_rank_33_and_multi_tile_shape(backend, M, K, N, r, bias, dtype):
+    _check(backend, lora_case(M, K, N, r, bias=bias), dtype, dtype)
+
+
+@gpu_only
+def test_cuda_kernel_op_errors_name_the_argument():
+    require_cuda_kernels()
+    x, A = (t.float() for t in lora_case(4, 8, 6, 2)[:4:3])
+    with pytest.raises(ValueError, match="seed"):
+        torch.ops.peft_fast.sgmv_shrink_cuda(x, A, None, [0, 4], [0], [2], [1.0], [0.5], None, 2)
+    with pytest.raises(ValueError, match="seg_starts"):
+        torch.ops.peft_fast.sgmv_shrink_cuda(x, A, None, [0, 9], [0], [2], [1.0], [0.0], None, 2)
 
 
 @gpu_only
@@ -384,7 +389,7 @@ def test_gpu_bf16_dropout_mask_consistent(backend):
     xs, As, Bs = leaf(x, torch.bfloat16), leaf(A, torch.bfloat16), leaf(B, torch.bfloat16)
     y, _ = kernel_op("lora_linear", backend)(xs, W.bfloat16(), b.bfloat16(), As, Bs, 0.5, p, seed)
     gx, gA, gB = grads_of(y, dy, [xs, As, Bs])
-    keep = _mask_of(backend, seed, 512, 1024, p).double()
+    keep = dropout_keep_mask(backend, seed, 512, 1024, p).double()
     x64, A64, B64 = (leaf(t.bfloat16(), torch.float64) for t in (x, A, B))
     y64 = x64 @ W.bfloat16().double().t() + b.bfloat16().double() + 0.5 * ((x64 * keep / (1 - p)) @ A64.t()) @ B64.t()
     want = [y64] + grads_of(y64, dy.bfloat16().double(), [x64, A64, B64])
@@ -414,7 +419,7 @@ def test_gpu_torch_compile_inductor(backend):
         want_eager = [eager] + grads_of(eager, dy, [args[0], args[3], args[4]])
     torch.manual_seed(0)
     seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64)  # the op's draw
-    keep = _mask_of(backend, seed, 256, 512, p).double()
+    keep = dropout_keep_mask(backend, seed, 256, 512, p).double()
     x64, A64, B64 = (leaf(t.bfloat16(), torch.float64) for t in (x, A, B))
     y64 = x64 @ W.bfloat16().double().t() + b.bfloat16().double() + s * ((x64 * keep / (1 - p)) @ A64.t()) @ B64.t()
     want = [y64] + grads_of(y64, dy.bfloat16().double(), [x64, A64, B64])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kernel_testing import (
     DEVICE,
     assert_close_to_oracle,
+    dropout_keep_mask,
     gpu_only,
     grads_of,
     kernel_op,
@@ -177,18 +178,6 @@ def test_strided_input_view(impl):
 # ---- dropout -------------------------------------------------------------------------------
 
 
-def _mask(backend, seed, M, K, p):
-    """The keep-mask `backend`'s single-adapter forward applies for `seed` (the numbering the
-    mixed kernels share), recovered through that op: with W = 0, A = B = I and scaling 1,
-    y = dropout(x)/(1-p) is x's dropped copy."""
-    x = torch.rand(M, K, device=DEVICE) + 0.5  # never zero
-    eye = torch.eye(K, device=DEVICE)
-    y, _ = kernel_op("lora_linear", backend)(x, torch.zeros(K, K, device=DEVICE), None, eye, eye, 1.0, p, seed)
-    keep = y != 0
-    torch.testing.assert_close(y[keep], x[keep] / (1 - p))
-    return keep
-
-
 def test_dropout_masks_match_the_philox_mask_forward_and_backward(impl):
     """Per-adapter p; the mask is regenerated in backward from the seed (never stored)."""
     x, W, b, As, Bs, sc, ra, dy = _case((6, 2), 32, 24, [4, 8, 2], [0, 1, -1, 2, 1, 0], seed=9)
@@ -201,7 +190,7 @@ def test_dropout_masks_match_the_philox_mask_forward_and_backward(impl):
     T = M // x.shape[0]
     factor = torch.zeros(M, K, dtype=torch.float64, device=DEVICE)  # keep / (1 - p) of each token's adapter
     for k, p in enumerate(ps):
-        keep = _mask(impl.backend, seed, M, K, p).double() / (1 - p)
+        keep = dropout_keep_mask(impl.backend, seed, M, K, p).double() / (1 - p)
         for row in (ra == k).nonzero().flatten().tolist():
             factor[row * T : row * T + T] = keep[row * T : row * T + T]
     x64 = leaf(x, torch.float64)
@@ -394,3 +383,51 @@ def test_gpu_bf16_dropout_runs_and_is_reproducible(impl):
     torch.manual_seed(0)
     y2, g2 = _run(impl, case, torch.bfloat16, ps=[0.1, 0.0, 0.2])
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2) if a is not None)
+
+
+# ---- torch.library ------------------------------------------------------------------------
+
+
+def _op_args(backend, x, W, b, As, Bs, sc, ps, ids, seed):
+    """The forward custom op's arguments for 2-D x grouped by `ids` (what the public function builds)."""
+    groups = group_rows(ids, DEVICE)
+    st = LoraStackCache().get(As, Bs, sc, ps, groups.present)
+    max_rank = max(st.ranks[a] for a in groups.present)
+    if backend == "triton":
+        present, seg_rows = list(groups.present), list(groups.seg_rows)
+        return (x, W, b, st.A, st.B, *groups[:4], present, seg_rows, st.ints, st.numbers, max_rank, seed, "sgmv")
+    segs = [[st.offsets[a] for a in groups.present], [st.ranks[a] for a in groups.present]]
+    return (x, W, b, st.A, st.B, groups.row_order, groups.seg_starts, *segs, [sc[a] for a in groups.present],
+            [ps[a] for a in groups.present], seed, max_rank)  # fmt: skip
+
+
+def test_opcheck_custom_ops(impl):
+    x, W, b, As, Bs, sc, ra, dy = _case((6,), 16, 12, [2, 3, 5], [2, 0, -1, 2, 0, 2], seed=14)
+    x, W, b = x.float(), W.float(), b.float()
+    As, Bs = [leaf(a, torch.float32) for a in As], [leaf(q, torch.float32) for q in Bs]
+    seed = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+    for ps, sd in (([0.0] * 3, None), ([0.2, 0.0, 0.1], seed)):
+        args = _op_args(impl.backend, x, W, b, As, Bs, sc, ps, ra.tolist(), sd)
+        torch.library.opcheck(kernel_op("lora_linear_mixed", impl.backend).default, args)
+
+
+def test_torch_compile_fullgraph(impl):
+    """No graph break through dispatch and the custom op when the grouping is given (as layers
+    give it); the compiled output and gradients match the float64 reference, then eager."""
+    case = _case((5, 3), 16, 12, [2, 4], [1, 0, -1, 1, 1], seed=15)
+    y64, g64 = _oracle(case, torch.float32)
+    x, W, b, As, Bs, sc, ra, dy = case
+    groups = group_rows(ra.tolist(), DEVICE)
+    xs, Al, Bl = leaf(x, torch.float32), [leaf(a, torch.float32) for a in As], [leaf(q, torch.float32) for q in Bs]
+
+    def f(x, A0, A1, B0, B1):
+        return impl(x, W.float(), b.float(), [A0, A1], [B0, B1], sc, [0.0, 0.0], groups.row_adapter, plan=groups)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(xs, *Al, *Bl)
+    got = [compiled] + grads_of(compiled, dy, [xs, *Al, *Bl])
+    for name, g, w in zip(["y", "dx", "dA0", "dA1", "dB0", "dB1"], got, [y64] + g64):
+        assert rel_err(g, w) < 1e-5, name
+    eager = f(xs, *Al, *Bl)
+    for g, e in zip(got, [eager] + grads_of(eager, dy, [xs, *Al, *Bl])):
+        torch.testing.assert_close(g, e)
