@@ -1,5 +1,6 @@
 """What the kernel backends' autograd shares (Triton and CUDA): the dropout seed draw, the
-frozen base's gradients, and the whole autograd of the IA³ ops.
+frozen base's gradients, and the whole autograd of the LoRA and IA³ ops (each backend's
+ops of one name take the same arguments; only their bodies differ).
 
 Every kernel op pair is `<op>_<backend>_fwd` (a torch.library custom op with autograd) and
 `<op>_<backend>_bwd` (a custom op its backward calls); dW and db of the frozen base layer come
@@ -28,6 +29,29 @@ def base_grads(
     dW = dy.t().mm(x) if need_weight else None
     db = dy.sum(0) if need_bias else None
     return dW, db
+
+
+def register_lora_autograd(fwd_op: Any, bwd_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """Give the LoRA custom op `fwd_op` its backward, computed by `bwd_op`.
+
+    Both backends register a forward op `(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+    seed) -> (y, h)` (h = dropout(x)Aᵀ/(1-p), fp32, saved for backward) and a backward op
+    `(dy, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, need_dx) -> (dx, dA, dB)`."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+
+    def backward(ctx, dy, _dh):
+        x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dA, dB = bwd_op(dy, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, need[0])
+        dW, db = base_grads(dy, x, need[1], need[2])
+        return (dx if need[0] else None), dW, db, (dA if need[3] else None), (dB if need[4] else None), None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
 def register_ia3_autograd(fwd_op: Any, bwd_op: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -29,7 +29,7 @@ from peft_fast.kernels.lora_expand import lora_expand
 from peft_fast.kernels.lora_shrink import lora_shrink
 
 from .. import dispatch
-from ..autograd import base_grads, new_seed
+from ..autograd import new_seed, register_lora_autograd
 from ..checks import check_lora_args, size_reason
 from . import device_reason
 
@@ -89,24 +89,7 @@ def _(dy, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, need_dx):
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
-
-
-def _backward(ctx, dy, _dh):
-    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dA, dB = torch.ops.peft_fast.lora_linear_triton_bwd(
-        dy, x, weight, lora_A, lora_B, h, seed, ctx.scaling, ctx.dropout_p, need[0]
-    )
-    dW, db = base_grads(dy, x, need[1], need[2])
-    return (dx if need[0] else None), dW, db, (dA if need[3] else None), (dB if need[4] else None), None, None, None
-
-
-lora_linear_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_lora_autograd(lora_linear_triton_fwd, torch.ops.peft_fast.lora_linear_triton_bwd)
 
 
 def lora_linear(
