@@ -77,6 +77,7 @@ def _grads(*tensors):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_linear_matches_hf(dtype, bias, rslora):
     base, x = _lora_case(dtype, bias=bias)
+    torch.manual_seed(0)  # the adapter's random init: fixed, whatever ran before
     layer = _hf_lora_linear(base, r=5, alpha=7, rslora=rslora)
     with torch.no_grad():  # a LoRA delta large enough beside the base output for a bf16 check with power
         layer.lora_B["default"].weight.mul_(4.0)
@@ -117,8 +118,11 @@ def test_lora_linear_matches_hf(dtype, bias, rslora):
 def test_lora_linear_same_dtype_adapters(dtype):
     """autocast_adapter_dtype=False: adapters in the base dtype."""
     base, x = _lora_case(dtype)
+    torch.manual_seed(0)  # the adapter's random init: fixed, whatever ran before
     layer = _hf_lora_linear(base, r=4, alpha=8, adapter_dtype=dtype)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():  # a LoRA delta large enough beside the base output for a bf16 check with power
+        B.mul_(4.0)
     assert A.dtype == dtype
     with torch.no_grad():
         out = reference.lora_linear(x, base.weight, base.bias, A, B, 2.0, 0.0, False)
