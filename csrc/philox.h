@@ -28,7 +28,7 @@ PF_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
 
 // The four output words of Philox-4x32 with 10 rounds on counter (c0, 0, 0, 0) and the 64-bit
 // key `seed`, as triton.language.random.randint4x.
-PF_HD void philox4(uint64_t seed, uint32_t c0, uint32_t out[4]) {
+PF_HD void philox4(uint64_t seed, uint32_t c0, uint32_t& o0, uint32_t& o1, uint32_t& o2, uint32_t& o3) {
   uint32_t c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
@@ -42,17 +42,19 @@ PF_HD void philox4(uint64_t seed, uint32_t c0, uint32_t out[4]) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
+  o0 = c0;
+  o1 = c1;
+  o2 = c2;
+  o3 = c3;
 }
 
 // True when element (m, k) of an M x `cols` input is kept (see the top of this file).
 PF_HD bool dropout_keep(uint64_t seed, int64_t m, int64_t k, int64_t cols, float p) {
-  uint32_t words[4];
-  philox4(seed, static_cast<uint32_t>(m * ((cols + 7) / 8) + k / 8), words);
-  const uint32_t w = words[(k % 8) / 2];
+  uint32_t w0, w1, w2, w3;
+  philox4(seed, static_cast<uint32_t>(m * ((cols + 7) / 8) + k / 8), w0, w1, w2, w3);
+  // Selects, not an indexed array: a dynamically indexed array would live in local memory.
+  const int word = static_cast<int>((k % 8) / 2);
+  const uint32_t w = word == 0 ? w0 : word == 1 ? w1 : word == 2 ? w2 : w3;
   const uint32_t bits = (k % 2) ? (w >> 16) : (w & 0xffffu);
   return static_cast<float>(bits) >= p * 65536.f;
 }
