@@ -474,14 +474,15 @@ class PeftModel(nn.Module):
         adapters = self.__dict__.get("_prompt_adapters")
         return [*configs] + ([adapters] if adapters is not None else [])
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the active adapter, and the trainable one."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter: trainable, or frozen with `inference_mode`
+        (HF peft's API: a loaded, frozen adapter becomes trainable unless told otherwise)."""
         if not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; adapters: {list(self.peft_config)}")
         self._tuner.set_adapter(adapter_name)
-        if self.peft_config[adapter_name].inference_mode:
+        if inference_mode:
             for p in self._adapter_parameters(adapter_name):
                 p.requires_grad_(False)
 

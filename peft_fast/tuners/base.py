@@ -199,6 +199,14 @@ class AdapterLayer(nn.Module):
         self._active_adapters = names
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Enable or disable the adapters; as in HF peft, disabling freezes every adapter
+        parameter and enabling makes the active adapters trainable again."""
+        if enabled:
+            self.set_adapter(self._active_adapters)
+        else:
+            for attr in self.adapter_layer_names:
+                for item in getattr(self, attr).values():
+                    item.requires_grad_(False)
         self.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -342,6 +350,9 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter = name if name in self.modules_to_save else None
 
     def enable_adapters(self, enabled: bool) -> None:
+        """As in HF peft: disabling freezes every copy, enabling makes the active one trainable."""
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(enabled and key == self._active_adapter)
         self.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:

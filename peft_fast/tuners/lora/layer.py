@@ -16,13 +16,14 @@ from ..base import AdapterLayer, MixedBatch, linear_features
 class LoraLayer(AdapterLayer):
     """Per-adapter numbers shared by the LoRA layer kinds."""
 
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -32,16 +33,39 @@ class LoraLayer(AdapterLayer):
     def _set_numbers(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = self._initial_scaling(adapter_name)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
 
     def dropout_p(self, adapter_name: str) -> float:
         d = self.lora_dropout[adapter_name]
         return d.p if isinstance(d, nn.Dropout) else 0.0
 
+    def _initial_scaling(self, adapter: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        r = self.r[adapter]
+        return self.lora_alpha[adapter] / (math.sqrt(r) if self.use_rslora[adapter] else r)
+
     def set_scale(self, adapter: str, scale: float) -> None:
-        """Multiply the adapter's scaling by `scale` relative to alpha / r (HF peft's API)."""
-        self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+        """Set the adapter's scaling to `scale` times its initial one (alpha / r, or alpha / sqrt(r)
+        with rsLoRA); an adapter this layer does not have is ignored (HF peft's API)."""
+        if adapter not in self.scaling:
+            return
+        self.scaling[adapter] = scale * self._initial_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the active adapters' current scaling by `scale` (HF peft's API; like HF peft it
+        looks the adapters up in `lora_A`, so it leaves Embedding LoRA unchanged)."""
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the active adapters' scaling by `scale`, or reset it to the initial one when
+        `scale` is None (HF peft's API; Embedding LoRA unchanged, as in HF peft)."""
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                self.scaling[name] = self._initial_scaling(name) if scale is None else self.scaling[name] / scale
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's A (r, in) and B (out, r)."""
