@@ -128,7 +128,7 @@ def test_ia3_same_loss_and_grads_as_peft(backend):
     _assert_same(got, want, 1e-5)
 
 
-def test_dropout_torch_backend_is_bitwise_peft_and_triton_trains():
+def test_dropout_torch_backend_is_bitwise_peft():
     model = _lora_model("llama", dropout=0.2)
     model.train()
     torch.manual_seed(3)
@@ -138,12 +138,53 @@ def test_dropout_torch_backend_is_bitwise_peft_and_triton_trains():
         torch.manual_seed(3)
         got = _loss_and_grads(model)
     _assert_same(got, want, 1e-6)
-    model.eval()  # no dropout in eval: the triton path equals peft's eval forward
-    with torch.no_grad():
-        ref = model(**_batch()).logits
-        if dispatch.unavailable_reason("triton") is None:
-            with peft_fast.use_backend("triton"):
-                torch.testing.assert_close(model(**_batch()).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+class _OracleDropout(torch.nn.Module):
+    """Dropout with the kernels' rule from the independent Philox (tests/philox_oracle.py),
+    drawing its seed from torch's generator as the ops do (one draw per call)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from philox_oracle import keep_mask
+
+        if not self.training:
+            return x
+        seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64))
+        K = x.shape[-1]
+        keep = torch.from_numpy(keep_mask(seed, x.numel() // K, K, self.p)).reshape(x.shape).to(x.device)
+        return x * keep / (1 - self.p)
+
+
+def test_triton_dropout_trains_like_peft_with_the_oracle_mask():
+    """Training with dropout on the Triton kernels: loss and gradients equal unpatched HF peft's
+    whose dropout modules draw the independent Philox oracle's masks from the same seeds; eval
+    (no dropout) equals peft's eval forward."""
+    _triton_or_skip()
+    p = 0.2
+    model = _lora_model("gpt2", dropout=p)
+    oracle = _lora_model("gpt2", dropout=p)
+    oracle.load_state_dict(model.state_dict())
+    for m in oracle.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout["default"] = _OracleDropout(p)
+    oracle.train()
+    model.train()
+    torch.manual_seed(3)
+    want = _loss_and_grads(oracle)
+    peft_fast.patch_peft(model)
+    with _spy("lora_linear") as spy, peft_fast.use_backend("triton"):
+        torch.manual_seed(3)
+        got = _loss_and_grads(model)
+        assert spy.call_count == len(peft_fast.patch.patched_layers(model))
+        _assert_same(got, want, 1e-5)
+        model.eval()
+        oracle.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(**_batch()).logits, oracle(**_batch()).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_falls_back_to_peft_where_ops_do_not_apply():
@@ -191,8 +232,12 @@ def test_save_pretrained_round_trip(tmp_path):
     peft_fast.patch_peft(model)
     model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(_gpt2(), tmp_path).to(DEVICE)
-    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert n1 == n2 and torch.equal(t1, t2)
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert list(saved) == list(reloaded)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, reloaded[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**_batch()).logits, model(**_batch()).logits)
     peft_fast.unpatch_peft(model)
     assert peft_fast.patch.patched_layers(model) == []
 

@@ -345,7 +345,19 @@ def test_delete_adapter(kind, method):
             assert "other" not in m.lora_embedding_A and "other" not in m.lora_embedding_B
     _close(output_of(model, inputs), first)
 
-    # deleting the active adapter leaves the other one active
+    # deleting the active adapter makes the remaining one active (HF peft's rule), in every layer
+    _add_other(model, kind, method)
+    model.set_adapter("other")
+    assert not torch.allclose(output_of(model, inputs), first, atol=1e-4)
+    model.delete_adapter("other")
+    assert model.active_adapter == "default" and list(model.peft_config) == ["default"]
+    assert all(m.active_adapters == ["default"] for m in _adapter_modules(model))
+    assert not any(_of(k, "other") for k in model.state_dict())
+    trainable = _trainable_adapter_names(model)
+    assert trainable and all(_of(n, "default") for n in trainable)
+    _close(output_of(model, inputs), first)
+
+    # deleting an inactive adapter leaves the active one as it was
     _add_other(model, kind, method)
     model.set_adapter("other")
     other = output_of(model, inputs)

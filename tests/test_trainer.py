@@ -17,14 +17,21 @@ from peft_fast import LoraConfig, get_peft_model
 def test_forward_signature_shows_base_model_arguments(kind):
     """Tools that read forward's arguments (the Trainer's unused-column removal) see the base
     model's, plus adapter_names, not `*args, **kwargs`; calls and copies still work."""
-    model = get_peft_model(make_model(kind), LoraConfig(task_type=TASKS[kind], r=2))
+    torch.manual_seed(5)  # a non-zero adapter, so that one lost in the copy would show
+    model = get_peft_model(make_model(kind), LoraConfig(task_type=TASKS[kind], r=2, init_lora_weights=False))
     params = inspect.signature(model.forward).parameters
     base = inspect.signature(model.get_base_model().forward).parameters
     assert set(base) <= set(params) and "adapter_names" in params
     ids = torch.randint(2, 97, (2, 5))
     copied = copy.deepcopy(model)
     assert copied.forward.__self__ is copied
-    torch.testing.assert_close(copied(input_ids=ids).logits, model(input_ids=ids).logits)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert not torch.allclose(want, make_model(kind)(input_ids=ids).logits, atol=1e-4)
+        torch.testing.assert_close(copied(input_ids=ids).logits, want)
+        with copied.disable_adapter():  # the copy's adapter is its own: disabling it leaves the original
+            torch.testing.assert_close(copied(input_ids=ids).logits, make_model(kind)(input_ids=ids).logits)
+            torch.testing.assert_close(model(input_ids=ids).logits, want)
 
 
 def test_trainer_keeps_model_inputs_and_trains(tmp_path):
