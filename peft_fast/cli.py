@@ -119,6 +119,10 @@ def format_result(result: TrainResult) -> str:
                 f"accuracy     {result.accuracy_before:.3f} -> {result.accuracy_after:.3f} "
                 f"(held-out test split, {result.test_examples} examples)"
             ),
+            (
+                f"test loss    {result.test_loss_before:.4f} -> {result.test_loss_after:.4f} "
+                f"({'learned' if result.learned else 'NOT LEARNING'})"
+            ),
             f"reload       max |logits diff| {result.reload_max_abs_diff:.3g} (ok)",
             f"adapter      {result.output_dir}",
         ]

@@ -143,6 +143,8 @@ class TrainResult:
     total_params: int
     accuracy_before: float
     accuracy_after: float
+    test_loss_before: float  # mean cross-entropy on the held-out test split
+    test_loss_after: float
     final_loss: float  # mean training loss over the last (up to) 10 steps
     losses: list[float] = field(repr=False)
     train_seconds: float
@@ -151,6 +153,11 @@ class TrainResult:
     output_dir: Path
     reload_max_abs_diff: float
     reload_accuracy: float
+
+    @property
+    def learned(self) -> bool:
+        """Whether training lowered the held-out loss and raised the held-out accuracy."""
+        return self.test_loss_after < self.test_loss_before and self.accuracy_after > self.accuracy_before
 
 
 def default_model_path() -> Path:
@@ -231,6 +238,11 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
     return (logits.argmax(dim=-1) == torch.tensor(labels)).float().mean().item()
 
 
+def mean_loss(logits: torch.Tensor, labels: list[int]) -> float:
+    """Mean cross-entropy of the logits against the labels."""
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(labels)).item()
+
+
 def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
     """Fine-tune, evaluate, save, reload and check; see the module docstring.
 
@@ -273,14 +285,15 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         total = sum(p.numel() for p in model.parameters())
 
         eval_args = (tokenizer, data.test.texts, config.batch_size, config.max_length, device)
-        acc_before = accuracy(predict(model, *eval_args), data.test.labels)
-        log(f"test accuracy before training: {acc_before:.3f}")
+        logits_before = predict(model, *eval_args)
+        acc_before, loss_before = accuracy(logits_before, data.test.labels), mean_loss(logits_before, data.test.labels)
+        log(f"test accuracy before training: {acc_before:.3f} (loss {loss_before:.4f})")
 
         stats = _train(model, tokenizer, data.train, config, lr, device, verbose)
 
         logits = predict(model, *eval_args)
-        acc_after = accuracy(logits, data.test.labels)
-        log(f"test accuracy after training:  {acc_after:.3f}")
+        acc_after, loss_after = accuracy(logits, data.test.labels), mean_loss(logits, data.test.labels)
+        log(f"test accuracy after training:  {acc_after:.3f} (loss {loss_after:.4f})")
 
         model.save_pretrained(str(output_dir))
         fresh, _ = load_model_and_tokenizer(model_path, data.label_names, config.seed)
@@ -302,6 +315,8 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         total_params=total,
         accuracy_before=acc_before,
         accuracy_after=acc_after,
+        test_loss_before=loss_before,
+        test_loss_after=loss_after,
         final_loss=sum(stats.losses[-10:]) / len(stats.losses[-10:]),
         losses=stats.losses,
         train_seconds=stats.seconds,
@@ -312,8 +327,13 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         reload_accuracy=accuracy(reloaded_logits, data.test.labels),
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items() if k != "losses"}
+    summary["learned"] = result.learned
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"adapter saved to {output_dir}")
+    log(
+        f"learning check: test loss {loss_before:.4f} -> {loss_after:.4f}, accuracy {acc_before:.3f} -> "
+        f"{acc_after:.3f} ({'ok' if result.learned else 'NOT LEARNING: loss did not fall or accuracy did not rise'})"
+    )
     ok = math.isfinite(diff) and diff <= RELOAD_ATOL
     log(f"reload check: max |logits diff| = {diff:.3g} ({'ok' if ok else 'FAILED'}, tolerance {RELOAD_ATOL:g})")
     if not ok:
