@@ -63,7 +63,10 @@ for spec in "$@"; do
         echo "    csrc"
     } > "$dir/setup.cfg"
     echo "== $module ($tests) in $dir" >&2
-    (cd "$dir" && "$PYTHON" -m mutmut run --max-children "$JOBS" > mutmut-run.log 2>&1) || true
+    # mutmut forks a warm test process per mutant: one thread per process, or torch's and
+    # OpenMP's thread pools deadlock in the forked children
+    (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" \
+        > mutmut-run.log 2>&1) || true
     (cd "$dir" && "$PYTHON" -m mutmut results --all true > results.txt 2>&1) || true
     count() { grep -c ": $1\$" "$dir/results.txt" || true; }
     killed=$(count killed); survived=$(count survived); timeout=$(count timeout)
