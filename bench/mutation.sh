@@ -28,7 +28,7 @@ WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/peft-fast-mutation.XXXXXX")}
 
 if [ $# -eq 0 ]; then
     set -- \
-        "peft_fast/ops/reference.py::tests/ops/test_reference.py tests/test_embedding_options.py" \
+        "peft_fast/ops/reference.py::tests/ops/test_reference.py tests/test_embedding_options.py tests/test_reference_dropout.py" \
         "peft_fast/save_and_load.py::tests/test_peft_model.py tests/test_interop.py -k save or load or state_dict"
 fi
 

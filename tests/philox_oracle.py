@@ -10,13 +10,15 @@ Philox4x32 on a 128-bit counter (c0, c1, c2, c3) and a 64-bit key (k0, k1), one 
 with M0 = 0xD2511F53, M1 = 0xCD9E8D57; between rounds the key is bumped by the Weyl
 constants (0x9E3779B9, 0xBB67AE85). Ten rounds.
 
-The dropout rule under test (kernels/dropout.py, csrc/philox.h): element (m, k) of an
-M x K input is kept when u >= p, where u is the first Philox word of counter (m·K + k, 0, 0, 0)
-and key (seed mod 2**32, seed >> 32), read as a signed int32 x, folded to x' = x if x >= 0
-else -x - 1, and scaled in fp32: u = fp32(x') · fp32(4.6566127342e-10), compared with fp32(p).
+The dropout rule under test (kernels/dropout.py, csrc/philox.h): one Philox evaluation
+serves 8 elements of a row. Element (m, k) of an M x K input takes counter
+(m · ceil(K/8) + k // 8, 0, 0, 0) under key (seed mod 2**32, seed >> 32), output word
+(k % 8) // 2 of the four, its low 16 bits for even k and high 16 bits for odd k; it is kept
+when those bits u satisfy u >= fp32(fp32(p) · 65536).
 
 Vectorized with NumPy uint64 arithmetic so a mask of a few thousand elements takes
-milliseconds; the scalar `philox4x32` is the same code on one counter.
+milliseconds; the scalar `philox4x32` is the same code on one counter. (Simple over fast:
+`keep_mask` evaluates each counter once per element, 8 times more than the kernels.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ W0 = 0x9E3779B9
 W1 = 0xBB67AE85
 ROUNDS = 10
 MASK32 = 0xFFFFFFFF
-UNIFORM_SCALE = np.float32(4.6566127342e-10)  # the largest s with (2**31 - 1) · s < 1 in fp32
 
 
 def _rounds(c0, c1, c2, c3, k0, k1, rounds: int):
@@ -54,8 +55,9 @@ def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds:
     return tuple(int(w) for w in _rounds(*counter, *key, rounds))
 
 
-def philox_first_words(seed: int, counters: np.ndarray) -> np.ndarray:
-    """First output word (uint32) of Philox4x32-10 for counters (c, 0, 0, 0), key = the 64-bit seed."""
+def philox_words(seed: int, counters: np.ndarray) -> np.ndarray:
+    """The four output words (uint32, shape counters.shape + (4,)) of Philox4x32-10 for
+    counters (c, 0, 0, 0) under the 64-bit seed as key (low word first)."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be a 64-bit unsigned integer, got {seed}")
     c0 = np.asarray(counters, dtype=np.uint64) & np.uint64(MASK32)
@@ -63,19 +65,23 @@ def philox_first_words(seed: int, counters: np.ndarray) -> np.ndarray:
     k0, k1 = np.uint64(seed & MASK32), np.uint64(seed >> 32)
     with np.errstate(over="ignore"):
         words = _rounds(c0, zero, zero, zero, k0, k1, ROUNDS)
-    # numpy keeps uint64 with numpy-int constants; the masks above keep every word < 2**32
-    return words[0].astype(np.uint32)
+    # every word is masked to 32 bits above, so the uint32 cast is exact
+    return np.stack([w.astype(np.uint32) for w in words], axis=-1)
 
 
-def uniform_from_words(words: np.ndarray) -> np.ndarray:
-    """fp32 uniforms in [0, 1) from uint32 words: signed reading, negative x folded to -x - 1."""
-    x = words.astype(np.uint32).view(np.int32).astype(np.int64)
-    x = np.where(x < 0, -x - 1, x)
-    return x.astype(np.float32) * UNIFORM_SCALE
+def philox_first_words(seed: int, counters: np.ndarray) -> np.ndarray:
+    """First output word (uint32) of Philox4x32-10 for counters (c, 0, 0, 0), key = the 64-bit seed."""
+    return philox_words(seed, counters)[..., 0]
 
 
 def keep_mask(seed: int, M: int, K: int, p: float) -> np.ndarray:
     """(M, K) bool: True where element (m, k) survives dropout with probability p."""
-    index = np.arange(M * K, dtype=np.uint64)
-    u = uniform_from_words(philox_first_words(seed, index))
-    return (u >= np.float32(p)).reshape(M, K)
+    m = np.arange(M, dtype=np.uint64)[:, None]
+    k = np.arange(K, dtype=np.uint64)[None, :]
+    counter = m * np.uint64((K + 7) // 8) + k // np.uint64(8)
+    words = philox_words(seed, counter)  # (M, K, 4)
+    word = np.take_along_axis(words, ((k % np.uint64(8)) // np.uint64(2)).astype(np.int64)[..., None].repeat(M, 0), -1)
+    word = word[..., 0].astype(np.uint64)
+    bits = np.where(k % np.uint64(2) == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    threshold = np.float32(np.float32(p) * np.float32(65536.0))
+    return bits.astype(np.float32) >= threshold

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from philox_oracle import keep_mask, philox4x32, philox_first_words, uniform_from_words
+from philox_oracle import keep_mask, philox4x32, philox_first_words
 
 import peft_fast
 from peft_fast.ops import dispatch
@@ -70,12 +70,17 @@ def test_vectorized_first_word_equals_the_scalar_philox():
         assert words.tolist() == want
 
 
-def test_uniforms_fold_the_sign_and_stay_below_one():
-    words = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF], dtype=np.uint32)
-    u = uniform_from_words(words)
-    # signed reading: 0x80000000 is -2**31 -> 2**31 - 1; 0xFFFFFFFF is -1 -> 0
-    assert u.dtype == np.float32 and u[0] == 0.0 and u[4] == 0.0 and u[1] > 0.0
-    assert u[2] == u[3] and u[2] < 1.0
+def test_keep_rule_uses_16_bit_halves_of_the_four_words():
+    """Hand-built from the words: element k of row m uses word (k % 8) // 2 of counter
+    m * ceil(K/8) + k // 8, low half for even k; p = 0.5 keeps halves >= 32768."""
+    seed, M, K = 1234, 3, 19
+    keep = keep_mask(seed, M, K, 0.5)
+    for m in range(M):
+        for k in range(K):
+            words = philox4x32((m * 3 + k // 8, 0, 0, 0), (seed, 0))
+            half = (words[(k % 8) // 2] >> (16 * (k % 2))) & 0xFFFF
+            assert keep[m, k] == (half >= 32768), (m, k)
+    assert keep_mask(seed, M, K, 0.0).all()
 
 
 def test_oracle_refuses_words_that_are_not_32_bit():
