@@ -130,7 +130,7 @@ def test_triton_lora_kernels_apply_the_oracle_mask_forward_and_backward(seed, M,
     B = _randn(N, K, seed=4).float().to(DEVICE).requires_grad_()
     dy = _randn(M, N, seed=5).float().to(DEVICE)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
-    y, h = torch.ops.peft_fast.lora_linear_fwd(x, W, b, A, B, s, p, seed_t)
+    y, h = torch.ops.peft_fast.lora_linear_triton_fwd(x, W, b, A, B, s, p, seed_t)
     keep = _oracle_keep(seed, M, K, p)
     assert torch.equal(h.detach().cpu() != 0, keep)
     got = [y, *torch.autograd.grad(y, (x, A, B), dy)]
@@ -167,7 +167,7 @@ def test_triton_lora_linear_draws_its_seed_from_torch_and_applies_the_oracle_mas
 def test_triton_mixed_batch_kernels_apply_the_oracle_mask_forward_and_backward(path):
     """Each row uses its adapter's p; the mask numbers x's elements over the whole (batch·T, K) input."""
     _require("triton")
-    from peft_fast.ops import sgmv_triton
+    from peft_fast.ops.triton import mixed as sgmv_triton
 
     rows, T, K, N, ranks = 5, 3, 32, 24, [16, 8]
     ps, scalings, row_adapter = [0.3, 0.6], [0.5, 1.25], [0, 1, -1, 1, 0]

@@ -54,7 +54,8 @@ def test_kernels_refuse_oversized_inputs_and_dispatch_falls_back():
     """Triton's `supports` names the int32 limit (dropout numbering, offsets) so dispatch takes torch."""
     if dispatch.unavailable_reason("triton") is not None:
         pytest.skip(f"triton backend unavailable: {dispatch.unavailable_reason('triton')}")
-    from peft_fast.ops import lora_triton, sgmv_triton
+    from peft_fast.ops.triton import lora as lora_triton
+    from peft_fast.ops.triton import mixed as sgmv_triton
 
     W, A, B = torch.zeros(4, 2**15), torch.zeros(2, 2**15), torch.zeros(4, 2)
     x = _huge(2**16, 2**15)  # 2**31 elements

@@ -188,7 +188,7 @@ def test_triton_fp16_model_within_twice_hf_peft_error(kind, adapters):
         outs = _outputs(kind, adapters("lora", kind), torch.float16, inputs, backend="triton")
     _check_two_x(*outs)
     lora_calls = [m for op, m in used if op == "lora_linear"]
-    assert lora_calls and all(m.endswith("lora_triton") for m in lora_calls), set(lora_calls)
+    assert lora_calls and all(m == "peft_fast.ops.triton.lora" for m in lora_calls), set(lora_calls)
 
 
 def _patched_case(dtype, fp32_adapters=False):
