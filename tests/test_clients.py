@@ -168,6 +168,12 @@ def check_base_model_forward():
     assert ours[2] == hf[2] == "LlamaForCausalLM"  # Trainer.compute_loss reads base_model.model._get_name()
 
 
+def check_tuner_delegates_attributes():
+    # TRL's activation offloading hooks `model.base_model.lm_head` of a PEFT model.
+    hf, ours = _run_both(lambda m: m.base_model.lm_head is m.get_base_model().lm_head)
+    assert hf is ours is True
+
+
 def check_disable_adapter():
     # TRL's use_adapter(model, None): the DPO reference logits with the adapter switched off.
     def run(m):
@@ -291,6 +297,7 @@ CLIENT_CALLS = {
     "isinstance(model, peft.PeftModel)": check_is_peft_model,
     "get_base_model": check_get_base_model,
     "base_model.forward": check_base_model_forward,
+    "base_model.<attribute of the wrapped model>": check_tuner_delegates_attributes,
     "disable_adapter": check_disable_adapter,
     "active_adapter(s), peft_config, set_adapter": check_active_adapters_and_peft_config,
     "modules_to_save": check_modules_to_save,
