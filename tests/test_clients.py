@@ -85,8 +85,8 @@ def _triton_or_skip() -> None:
 
 @contextmanager
 def _backend(name: str):
-    """Run under `name`; for "triton", count the calls that reached the Triton kernels and
-    check at the end that every LoRA layer call did (the interpreter on CPU)."""
+    """Run under `name`; for "triton", count the LoRA calls that reached the Triton kernels
+    (the interpreter on CPU) and check at the end that some did."""
     if name == "torch":
         with peft_fast.use_backend("torch"):
             yield
