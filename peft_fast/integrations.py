@@ -1,10 +1,14 @@
 """Hooks for training frameworks that special-case HF peft's own classes.
 
-transformers' Trainer writes adapter files into its checkpoints only for HF peft's
-`PeftModel`; for any other model it writes the whole state dict. `SaveAdapterCallback`
-adds the adapter files (adapter_config.json + adapter_model.safetensors, and sub-folders
-for named adapters) to every checkpoint the Trainer saves, so
-`PeftModel.from_pretrained(base, "out/checkpoint-N")` works as with HF peft.
+transformers' Trainer writes adapter-only checkpoints (and resumes from them) only for HF
+peft's `PeftModel`; for any other model it writes the whole state dict. Where HF peft is
+installed, peft_fast's `PeftModel` passes that check (see `peft_fast.hf_identity`), so the
+Trainer and TRL write adapter-only checkpoints by themselves and nothing here is needed.
+
+Without HF peft, `SaveAdapterCallback` adds the adapter files (adapter_config.json +
+adapter_model.safetensors, and sub-folders for named adapters) to every checkpoint the
+Trainer saves, so `PeftModel.from_pretrained(base, "out/checkpoint-N")` works as with HF
+peft; the Trainer's own full-weights file stays (its resume needs it there).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapter_files import folder_lock
 from .config import PeftConfig, PeftType, TaskType, registered_method
+from .hf_identity import hf_peft_model_base, register_layer_types
 from .save_and_load import (
     adapter_key_map,
     check_adapter_name,
@@ -24,7 +25,7 @@ from .save_and_load import (
     save_adapter_folder,
     set_peft_model_state_dict,
 )
-from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner, set_modules_to_save
+from .tuners.base import SEQ_CLS_HEAD_NAMES, AdapterLayer, BaseTuner, set_modules_to_save
 from .tuners.prompt_learning import PromptLearningAdapters, prefix_cache, prepend
 
 
@@ -159,9 +160,16 @@ class _BoundForward:
         return sig.replace(parameters=params)
 
 
-class PeftModel(nn.Module):
+# Clients that special-case HF peft (the Trainer, TRL, accelerate) recognise peft_fast's models and layers.
+register_layer_types(AdapterLayer)
+
+
+class PeftModel(hf_peft_model_base()):
     """A base model with adapters. `base_model` is the tuner (LoraModel, IA3Model), whose
     `model` is the wrapped transformers model; state-dict keys start `base_model.model.`.
+
+    Where HF peft is installed, `isinstance(model, peft.PeftModel)` holds, so that clients take
+    their PEFT code paths; none of HF peft's code runs on it (see `hf_identity`).
 
     With prompt-learning adapters (prompt tuning, prefix tuning, P-tuning), as in HF peft,
     `base_model` is the transformers model itself and the encoders are `prompt_encoder.<name>`;
@@ -308,6 +316,14 @@ class PeftModel(nn.Module):
     @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """Names of the modules trained in full, over all adapters (None when there are none), as in HF peft."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or ())
+        return names or None
 
     def get_base_model(self) -> nn.Module:
         return self._tuner.model
@@ -522,9 +538,13 @@ class PeftModel(nn.Module):
         selected_adapters: Sequence[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter as HF peft does: "default" into the folder, others into sub-folders."""
+        """Write each adapter as HF peft does: "default" into the folder, others into sub-folders.
+
+        `state_dict` (the model's full state dict, as the HF Trainer passes it) is where the
+        adapter weights are taken from; None: the model's own."""
         save_directory = str(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}")
@@ -547,10 +567,12 @@ class PeftModel(nn.Module):
                     " (its sub-folder is a symlink out of it); nothing was saved"
                 )
         for name, folder in folders.items():
-            state_dict = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            weights = get_peft_model_state_dict(
+                self, state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            save_adapter_folder(folder, state_dict, config, safe_serialization=safe_serialization)
+            save_adapter_folder(folder, weights, config, safe_serialization=safe_serialization)
 
     @classmethod
     def from_pretrained(
@@ -601,15 +623,29 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load another adapter folder under `adapter_name` (inactive until `set_adapter`). If
-        this raises, the model is left as it was: configs, modules, parameters, active adapter."""
+        """Load an adapter folder under `adapter_name`: a new adapter (inactive until `set_adapter`),
+        or, as in HF peft (the HF Trainer resumes this way), new weights for an existing adapter,
+        whose config stays; the file's weights must fit it exactly. If this raises, the model is
+        left as it was: configs, modules, parameters, active adapter."""
         if kwargs:
             raise TypeError(f"load_adapter got unsupported arguments: {sorted(kwargs)}")
         check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
         config, weights = _read_adapter(model_id, None, _load_device(self))
         _check_loadable(config, is_trainable)
+        if adapter_name in self.peft_config:
+            existing = self.peft_config[adapter_name].peft_type
+            if config.peft_type != existing:
+                raise ValueError(
+                    f"adapter {adapter_name!r} is {existing.value}; the folder {str(model_id)!r} holds a"
+                    f" {config.peft_type.value} adapter"
+                )
+            # set_peft_model_state_dict checks every key and shape before it copies anything.
+            result = set_peft_model_state_dict(
+                self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            if not is_trainable:
+                self.eval()
+            return result
         config.inference_mode = not is_trainable
         with _all_or_nothing(self.modules(), self._rollback_objects()):
             self.add_adapter(

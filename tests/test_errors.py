@@ -197,9 +197,14 @@ def test_add_existing_adapter_name(tmp_path):
     model = _lora()
     with pytest.raises(ValueError, match="adapter 'default' already exists"):
         model.add_adapter("default", LoraConfig(r=2))
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="adapter 'default' already exists"):
-        model.load_adapter(tmp_path, adapter_name="default")
+    # load_adapter into an existing adapter replaces its weights (HF peft's rule, see
+    # tests/test_clients.py); the folder must hold the same method and shapes.
+    get_peft_model(make_model("llama"), IA3Config()).save_pretrained(tmp_path / "ia3")
+    with pytest.raises(ValueError, match="adapter 'default' is LORA; the folder .* holds a IA3 adapter"):
+        model.load_adapter(tmp_path / "ia3", adapter_name="default")
+    get_peft_model(make_model("llama"), LoraConfig(r=2)).save_pretrained(tmp_path / "r2")
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        model.load_adapter(tmp_path / "r2", adapter_name="default")
     with pytest.raises(ValueError, match="IA3.*LORA|one method per model"):
         model.add_adapter("ia3", IA3Config())
 

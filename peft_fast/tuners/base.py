@@ -428,6 +428,10 @@ class BaseTuner(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, as HF peft's tuners do (clients call `peft_model.base_model(...)`)."""
+        return self.model(*args, **kwargs)
+
     # -- injection ----------------------------------------------------------------------------
     def _prepare_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
         """Fill in default target modules and expand "all-linear" (HF peft's rules)."""
