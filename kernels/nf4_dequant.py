@@ -4,7 +4,10 @@ back to floats, bit-identical to `bitsandbytes.functional.dequantize_4bit`.
 Layout (peft_fast/quant/formats.py): element i of the row-major weight sits in byte i // 2,
 the high nibble for even i; its block is i // blocksize. The block's scale is `absmax[j]`
 (fp32), or, double-quantized, `code2[absmax_u8[j]] · absmax2[j // 256] + offset`. The value
-is `table[q] · scale` in fp32, rounded once to the output dtype.
+is `table[q] · scale` in fp32, rounded once to the output dtype (bf16: round-to-nearest-even
+on the bits, since Triton's interpreter truncates when it converts to bf16). On a GPU the
+nested scale `code2 · absmax2 + offset` may be contracted into one FMA; bitsandbytes rounds
+the product first, so there a value can differ in its last bit (not yet checked on a GPU).
 
 One program writes BLOCK consecutive elements; every load is masked at the ragged end, so
 any element count (odd, partial last block) works. The 16-entry table and the 256-entry map
@@ -26,7 +29,8 @@ BLOCK = 1024
 def _nf4_dequant_kernel(
     packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
     n, blocksize,
-    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, OUT_DTYPE: tl.constexpr, BF16_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -41,7 +45,15 @@ def _nf4_dequant_kernel(
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, (value * scale).to(OUT_DTYPE), mask=mask)
+    w = value * scale
+    if BF16_BITS:
+        # fp32 -> bf16 rounded to nearest even, done on the bits (stored as int16): the same
+        # rounding as torch's `.to(torch.bfloat16)` on every target, interpreter included.
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(out_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, w.to(OUT_DTYPE), mask=mask)
 
 
 def dequantize_4bit(
@@ -64,13 +76,14 @@ def dequantize_4bit(
     if nested and (code2 is None or offset is None):
         raise ValueError("a double-quantized absmax needs absmax2, code2 and offset")
     n = shape[0] * shape[1]
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    bf16_bits = dtype == torch.bfloat16
+    out = torch.empty(shape, dtype=torch.int16 if bf16_bits else dtype, device=packed.device)
     dummy = absmax
     _nf4_dequant_kernel[(triton.cdiv(n, BLOCK),)](
         packed, table.contiguous(), absmax.contiguous(),
         absmax2.contiguous() if nested else dummy, code2.contiguous() if nested else dummy,
         offset.reshape(1) if nested else dummy, out,
         n, blocksize,
-        NESTED=nested, BLOCKSIZE2=blocksize2, OUT_DTYPE=tl_dtype(dtype), BLOCK=BLOCK,
+        NESTED=nested, BLOCKSIZE2=blocksize2, OUT_DTYPE=tl_dtype(dtype), BF16_BITS=bf16_bits, BLOCK=BLOCK,
     )  # fmt: skip
-    return out
+    return out.view(torch.bfloat16) if bf16_bits else out

@@ -235,6 +235,10 @@ def quantize_4bit(
         q = order[q]
     q8 = q.to(torch.uint8)
     packed = ((q8[0::2] << 4) | q8[1::2]).unsqueeze(1)
+    if packed.numel() % torch.empty(0, dtype=quant_storage).element_size():
+        raise ValueError(
+            f"quant_storage {quant_storage} cannot hold {packed.numel()} packed bytes (not a multiple of its size)"
+        )
     if quant_storage != torch.uint8:
         packed = packed.squeeze().view(quant_storage).unsqueeze(1)
     state = QuantState4bit(packed, absmax, tuple(weight.shape), weight.dtype, blocksize, quant_type)

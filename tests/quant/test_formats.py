@@ -174,5 +174,7 @@ def test_check_names_the_field():
         quantize_4bit(torch.randn(4, 4), blocksize=48)
     with pytest.raises(ValueError, match="quant_type must be one of"):
         quantize_4bit(torch.randn(4, 4), quant_type="int8")
+    with pytest.raises(ValueError, match="cannot hold 3 packed bytes"):
+        quantize_4bit(torch.randn(1, 5), quant_storage=torch.float16)
     with pytest.raises(TypeError, match="2-D float"):
         quantize_4bit(torch.randn(4))
