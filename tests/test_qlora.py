@@ -261,3 +261,22 @@ def test_eval_matches_bitsandbytes_dequantize_path(llama_dir):
     for mod in ours.modules():
         if isinstance(mod, bnb.nn.Linear4bit):
             assert not getattr(mod.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@pytest.mark.parametrize("quant", ["nf4-dq-fp32", "fp4-bf16", "int8"])
+def test_patch_peft_routes_hf_bnb_layers(llama_dir, quant):
+    """patch_peft sends HF peft's own bnb LoRA layers through peft_fast's ops, same numbers."""
+    kw = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
+    hf = peft.get_peft_model(peft.prepare_model_for_kbit_training(load(llama_dir, quant)), peft.LoraConfig(**kw))
+    patched = peft.get_peft_model(peft.prepare_model_for_kbit_training(load(llama_dir, quant)), peft.LoraConfig(**kw))
+    peft.set_peft_model_state_dict(patched, peft.get_peft_model_state_dict(hf))
+    peft_fast.patch_peft(patched)
+    names = peft_fast.patch.patched_layers(patched)
+    assert len(names) == 14 and all("proj" in n for n in names)
+    calls = []
+    op = "lora_add" if quant == "int8" else "lora_linear_4bit"
+    original = getattr(peft_fast.patch, op)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peft_fast.patch, op, lambda *a: calls.append(1) or original(*a))
+        _check_same_training_step(hf, patched)
+    assert len(calls) == 2 * 14  # every layer through the op: forward, then the checkpointed recompute
