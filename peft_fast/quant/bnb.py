@@ -93,6 +93,21 @@ def state_of(layer: nn.Module, where: str = "weight") -> QuantState4bit:
     return state
 
 
+def keep_standard_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking `model`'s 4-bit weights for its AVX512-BF16 CPU inference
+    kernel (which it does on the first eval-mode, no-grad forward, and which breaks a later
+    training step through the same layer); returns how many layers it set. Training jobs that
+    evaluate between steps need this; the weights and their numbers are unchanged."""
+    lib = bnb()
+    count = 0
+    if lib is not None:
+        for module in model.modules():
+            if isinstance(module, lib.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+                count += 1
+    return count
+
+
 def compute_dtype_for(layer: nn.Module, x: torch.Tensor) -> torch.dtype:
     """The dtype bitsandbytes' Linear4bit computes in for input `x` (its `set_compute_type` rule,
     applied once to the layer exactly as its own forward does)."""

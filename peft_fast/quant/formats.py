@@ -61,6 +61,18 @@ def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tens
 
 
 @cache
+def _pair_table_cpu(quant_type: str) -> torch.Tensor:
+    code = _code_cpu(quant_type)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+
+
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(256, 2): the two values one packed byte stands for, high nibble first."""
+    check_quant_type(quant_type)
+    return _pair_table_cpu(quant_type).to(device)
+
+
+@cache
 def _dynamic_map_cpu() -> torch.Tensor:
     # bitsandbytes.functional.create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)
     data: list[float] = []
@@ -166,22 +178,24 @@ def dequantize_absmax(state: QuantState4bit) -> torch.Tensor:
     if not state.nested:
         return state.absmax
     assert state.absmax2 is not None and state.code2 is not None and state.offset is not None
-    idx = torch.arange(state.absmax.numel(), device=state.absmax.device) // state.blocksize2
-    return state.code2[state.absmax.long()] * state.absmax2[idx] + state.offset
+    n = state.absmax.numel()
+    absmax2 = state.absmax2.repeat_interleave(state.blocksize2)[:n]
+    return state.code2[state.absmax.long()] * absmax2 + state.offset
 
 
 def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) weight in `dtype` (default: the dtype it was quantized from), bit-identical
     to `bitsandbytes.functional.dequantize_4bit`."""
     packed = state.packed_bytes()
-    n = state.numel
-    codes = torch.empty(packed.numel() * 2, dtype=torch.long, device=packed.device)
-    codes[0::2] = packed >> 4
-    codes[1::2] = packed & 0xF
-    values = code_4bit(state.quant_type, packed.device)[codes[:n]]
-    block = torch.arange(n, device=packed.device) // state.blocksize
-    out = values * dequantize_absmax(state)[block]
-    return out.reshape(state.shape).to(state.dtype if dtype is None else dtype)
+    n, bs = state.numel, state.blocksize
+    values = torch.index_select(_pair_table(state.quant_type, packed.device), 0, packed.int()).view(-1)[:n]
+    absmax = dequantize_absmax(state)
+    full = n - n % bs
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    out[:full] = (values[:full].view(-1, bs) * absmax[: full // bs, None]).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.view(state.shape).to(state.dtype if dtype is None else dtype)
 
 
 def _quantize_blockwise_dynamic(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
