@@ -5,9 +5,9 @@ Layout (peft_fast/quant/formats.py): element i of the row-major weight sits in b
 the high nibble for even i; its block is i // blocksize. The block's scale is `absmax[j]`
 (fp32), or, double-quantized, `code2[absmax_u8[j]] · absmax2[j // 256] + offset`. The value
 is `table[q] · scale` in fp32, rounded once to the output dtype (bf16: round-to-nearest-even
-on the bits, since Triton's interpreter truncates when it converts to bf16). On a GPU the
-nested scale `code2 · absmax2 + offset` may be contracted into one FMA; bitsandbytes rounds
-the product first, so there a value can differ in its last bit (not yet checked on a GPU).
+on the bits, since Triton's interpreter truncates when it converts to bf16). The kernel is
+compiled without FP fusion, so the nested scale `code2 · absmax2 + offset` is rounded after
+the product as bitsandbytes rounds it (not yet run on a GPU: no device this session).
 
 One program writes BLOCK consecutive elements; every load is masked at the ragged end, so
 any element count (odd, partial last block) works. The 16-entry table and the 256-entry map
@@ -85,5 +85,6 @@ def dequantize_4bit(
         offset.reshape(1) if nested else dummy, out,
         n, blocksize,
         NESTED=nested, BLOCKSIZE2=blocksize2, OUT_DTYPE=tl_dtype(dtype), BF16_BITS=bf16_bits, BLOCK=BLOCK,
+        enable_fp_fusion=False,  # no FMA: bitsandbytes rounds code2 · absmax2 before adding the offset
     )  # fmt: skip
     return out.view(torch.bfloat16) if bf16_bits else out
