@@ -48,6 +48,7 @@ _TRITON_TYPES = {
     torch.float32: "fp32",
     torch.float64: "fp64",
     torch.int8: "i8",
+    torch.int16: "i16",
     torch.uint8: "u8",
     torch.int32: "i32",
     torch.int64: "i64",
@@ -265,6 +266,15 @@ def _dropout_mask(dtype: torch.dtype) -> None:
     dropout_mask(_seed(), M, K, 0.1, "cpu")
 
 
+def _nf4_dequant(dtype: torch.dtype, nested: bool) -> None:
+    from .nf4_dequant import dequantize_4bit
+
+    blocks = M * K // 64
+    absmax = torch.zeros(blocks, dtype=torch.uint8) if nested else _t(blocks)
+    stats = {"absmax2": _t(1), "code2": _t(256), "offset": _t(1)} if nested else {}
+    dequantize_4bit(torch.zeros(M * K // 2, dtype=torch.uint8), _t(16), absmax, (M, K), 64, dtype, **stats)
+
+
 @dataclass(frozen=True)
 class Variant:
     """A launcher call that makes one kernel variant; `matmul_shaped` marks big tile products."""
@@ -296,6 +306,9 @@ def variants() -> list[Variant]:
         for kind in ("shrink", "expand"):
             out.append(Variant(f"bgmv_{kind}/{tag}", lambda d, k=kind, p=dropout: _bgmv(k, d, p)))
     out.append(Variant("dropout_mask", _dropout_mask, dtypes=("fp32",)))
+    for nested in (False, True):
+        name = "nf4_dequant/" + ("nested" if nested else "plain")
+        out.append(Variant(name, lambda d, n=nested: _nf4_dequant(d, n)))
     return out
 
 

@@ -19,6 +19,7 @@ from .peft_model import (  # noqa: E402
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .quant import prepare_model_for_kbit_training  # noqa: E402
 from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
 from .tuners import (  # noqa: E402
     IA3Config,
@@ -67,6 +68,7 @@ __all__ = [
     "load_peft_weights",
     "patch_peft",
     "register_peft_method",
+    "prepare_model_for_kbit_training",
     "set_backend",
     "set_peft_model_state_dict",
     "unpatch_peft",

@@ -1,6 +1,6 @@
 """The `peft-fast` command: `train`, `info` and `bench` subcommands.
 
-peft-fast train [--method lora|ia3] [--model DIR] [--data FILE] ...
+peft-fast train [--method lora|ia3|qlora] [--load-in-4bit] [--model DIR] [--data FILE] ...
 peft-fast info
 peft-fast bench [ARGS...]     (arguments go to peft_fast_bench.main: the suites under bench/)
 peft-fast audit [ARGS...]     (static audit of every kernel variant for sm_90a / sm_80, no GPU needed)
@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from transformers.utils import logging as hf_logging
 
     given_lora_only = [f"--{name}" for name in LORA_ONLY_OPTIONS if getattr(args, name) is not None]
-    if args.method != "lora" and given_lora_only:
+    if args.method not in ("lora", "qlora") and given_lora_only:
         parser.error(f"argument {given_lora_only[0]}: applies to --method lora only, not --method {args.method}")
     values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in values.items() if not (k in LORA_ONLY_OPTIONS and v is None)})
@@ -105,10 +105,16 @@ def format_result(result: TrainResult) -> str:
     else:
         kind = "CUDA max allocated" if result.device.startswith("cuda") else "process peak RSS"
         memory = f"{result.peak_memory_bytes / 2**20:.0f} MiB ({kind})"
+    weights = (
+        f"{result.base_weight_bytes / 2**20:.1f} MiB as held, "
+        f"{result.full_precision_weight_bytes / 2**20:.1f} MiB in fp32 "
+        f"({result.base_weight_bytes / result.full_precision_weight_bytes * 4:.2f} bytes per parameter)"
+    )
     return "\n".join(
         [
             "",
             f"method       {result.method} on {result.device}, backend {result.backend}",
+            f"base weights {weights}",
             f"trainable    {result.trainable_params:,} of {result.total_params:,} parameters",
             (
                 f"training     {result.steps} steps in {result.train_seconds:.1f} s, "
@@ -169,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data", help="JSONL or CSV file with text,label[,split] columns (default: the bundled topics set)"
     )
-    train.add_argument("--method", choices=METHODS, default=defaults.method, help="adapter type (default: %(default)s)")
+    train.add_argument(
+        "--method",
+        choices=METHODS,
+        default=defaults.method,
+        help="adapter type; qlora is lora with --load-in-4bit (default: %(default)s)",
+    )
+    train.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="load the base model in 4 bits (bitsandbytes NF4, double quantization; the head stays fp32): QLoRA",
+    )
     # LoRA-only options default to None here, so that giving one with --method ia3 is refused (cmd_train).
     train.add_argument("--r", type=int, help=f"LoRA rank (default: {defaults.r})")
     train.add_argument("--alpha", type=float, help=f"LoRA alpha, scaling = alpha / r (default: {defaults.alpha})")

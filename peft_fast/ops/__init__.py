@@ -4,6 +4,7 @@ from . import dispatch
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .ia3 import ia3_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
+from .qlora import dequantize_4bit, ia3_linear_4bit, lora_add, lora_linear_4bit
 
 # One folder per kernel backend, one module per op (see ops/triton/__init__.py and
 # ops/cuda/__init__.py); dispatch imports them on first use. The CUDA modules load or
@@ -11,13 +12,18 @@ from .lora import lora_embedding, lora_linear, lora_linear_mixed
 for _backend in ("triton", "cuda"):
     for _op in ("lora", "ia3", "mixed"):
         dispatch.register_backend_module(_backend, f"peft_fast.ops.{_backend}.{_op}")
+dispatch.register_backend_module("triton", "peft_fast.ops.triton.qlora")
 
 __all__ = [
     "available_backends",
+    "dequantize_4bit",
     "get_backend",
     "ia3_linear",
+    "ia3_linear_4bit",
+    "lora_add",
     "lora_embedding",
     "lora_linear",
+    "lora_linear_4bit",
     "lora_linear_mixed",
     "set_backend",
     "use_backend",

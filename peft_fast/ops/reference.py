@@ -14,9 +14,20 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..quant.formats import QuantState4bit, dequantize_4bit
 from .mixed_batch import RowGroups, group_rows
 
-__all__ = ["lora_linear", "ia3_linear", "lora_embedding", "lora_linear_mixed"]
+__all__ = [
+    "dequantize_4bit",
+    "ia3_linear",
+    "ia3_linear_4bit",
+    "linear_4bit",
+    "lora_add",
+    "lora_embedding",
+    "lora_linear",
+    "lora_linear_4bit",
+    "lora_linear_mixed",
+]
 
 
 def lora_linear(
@@ -107,3 +118,92 @@ def lora_linear_mixed(
         delta = F.linear(F.linear(xa, A), B) * scaling
         result = result.index_add(0, rows, delta.to(out_dtype))
     return result
+
+
+# -- 4-bit base weights (bitsandbytes' format; peft_fast/quant/formats.py) --------------------
+# The math and dtypes follow bitsandbytes' Linear4bit (x cast to the compute dtype, the weight
+# dequantized to it, the output cast back to x's dtype) and HF peft's bnb layers around it.
+
+
+class _Linear4bit(torch.autograd.Function):
+    """`x Wᵀ + b` with W dequantized from 4 bits for the product and dropped right after;
+    backward dequantizes again, so no full-precision copy of W lives between the passes
+    (what bitsandbytes' MatMul4Bit does, with the same roundings)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, state: QuantState4bit) -> torch.Tensor:
+        ctx.state = state
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, dequantize_4bit(state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # bitsandbytes: dequantize to the weight's original dtype, then cast to grad's.
+            grad_x = grad @ dequantize_4bit(ctx.state).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+def linear_4bit(
+    x: torch.Tensor, state: QuantState4bit, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """bitsandbytes' Linear4bit forward: `(x Wᵀ + b)` computed in `compute_dtype`, returned in x's dtype."""
+    inp_dtype = x.dtype
+    x = x.to(compute_dtype)
+    if bias is not None:
+        bias = bias.to(compute_dtype)
+    return _Linear4bit.apply(x, bias, state).to(inp_dtype)
+
+
+def lora_add(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """`result + scaling · dropout(x) Aᵀ Bᵀ`, the update computed in the adapter's dtype and
+    cast to result's before the sum (HF peft's bnb layers)."""
+    xa = x.to(lora_A.dtype)
+    if dropout_p > 0.0 and training:
+        xa = F.dropout(xa, p=dropout_p, training=True)
+    delta = F.linear(F.linear(xa, lora_A), lora_B) * scaling
+    return result + delta.to(result.dtype)
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    state: QuantState4bit,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """LoRA on a 4-bit base: bitsandbytes' Linear4bit output plus the LoRA update."""
+    return lora_add(linear_4bit(x, state, bias, compute_dtype), x, lora_A, lora_B, scaling, dropout_p, training)
+
+
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    state: QuantState4bit,
+    bias: torch.Tensor | None,
+    ia3_l: torch.Tensor,
+    feedforward: bool,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """IA³ on a 4-bit base as HF peft's bnb IA³ layer computes it: x goes to fp32 first (outside
+    autocast), the vector scales the input (feed-forward) or the output, the result stays fp32."""
+    scale = ia3_l.flatten()
+    if not torch.is_autocast_enabled() and x.dtype != torch.float32:
+        x = x.float()
+    if feedforward:
+        return linear_4bit(x * scale, state, bias, compute_dtype)
+    return linear_4bit(x, state, bias, compute_dtype) * scale

@@ -40,7 +40,11 @@ class IA3Model(BaseTuner):
             raise ValueError(
                 f"target module {key!r} is a {type(target).__name__}; IA³ supports nn.Linear and transformers' Conv1D"
             )
-        layer = IA3Linear(target, fan_in_fan_out_for(target, config, key), _is_feedforward(config, key))
+        from .bnb import ia3_layer_for  # bitsandbytes' Linear4bit / Linear8bitLt
+
+        layer = ia3_layer_for(target, key, _is_feedforward(config, key)) or IA3Linear(
+            target, fan_in_fan_out_for(target, config, key), _is_feedforward(config, key)
+        )
         layer.update_layer(adapter_name, config.init_ia3_weights)
         return layer
 

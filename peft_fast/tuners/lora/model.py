@@ -36,8 +36,13 @@ class LoraModel(BaseTuner):
 
     def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
         assert isinstance(config, LoraConfig)
+        from .bnb import lora_layer_for  # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)
+
         layer: LoraLayer
-        if isinstance(target, nn.Embedding):
+        quantized = lora_layer_for(target, key)
+        if quantized is not None:
+            layer = quantized
+        elif isinstance(target, nn.Embedding):
             layer = LoraEmbedding(target)
         elif isinstance(target, LINEAR_TYPES):
             layer = LoraLinear(target, fan_in_fan_out=fan_in_fan_out_for(target, config, key))

@@ -1,0 +1,72 @@
+"""QLoRA ops: LoRA and IA³ on a base weight stored in bitsandbytes' 4-bit format, the 4-bit
+dequantizer, and the LoRA update added to a base output computed elsewhere (8-bit layers,
+whose int8 product stays bitsandbytes'). Each dispatches to a backend (see dispatch.py); the
+"torch" backend is `reference.py`: dequantize, `F.linear`, then the adapter."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.formats import QuantState4bit
+from . import dispatch, reference
+
+dispatch.register("dequantize_4bit", "torch", reference.dequantize_4bit)
+dispatch.register("lora_linear_4bit", "torch", reference.lora_linear_4bit)
+dispatch.register("ia3_linear_4bit", "torch", reference.ia3_linear_4bit)
+dispatch.register("lora_add", "torch", reference.lora_add)
+
+
+def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (out, in) weight in `dtype` (default: the dtype it was quantized from), bit-identical
+    to `bitsandbytes.functional.dequantize_4bit` on every backend."""
+    fn = dispatch.select("dequantize_4bit", state.packed, state, dtype)
+    return fn(state, dtype)
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    state: QuantState4bit,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ` with W (out, in) in 4 bits.
+
+    The base product runs in `compute_dtype` (default x's dtype) and comes back in x's dtype,
+    as bitsandbytes' Linear4bit computes it; the update runs in the adapter's dtype and is
+    cast to the base output's before the sum, as HF peft's bnb LoRA layer does."""
+    compute_dtype = x.dtype if compute_dtype is None else compute_dtype
+    args = (x, state, bias, lora_A, lora_B, scaling, dropout_p, training, compute_dtype)
+    return dispatch.select("lora_linear_4bit", *args)(*args)
+
+
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    state: QuantState4bit,
+    bias: torch.Tensor | None,
+    ia3_l: torch.Tensor,
+    feedforward: bool,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """IA³ on a 4-bit linear layer; ia3_l as HF peft stores it ((1, in) feed-forward, else (out, 1))."""
+    compute_dtype = x.dtype if compute_dtype is None else compute_dtype
+    args = (x, state, bias, ia3_l, feedforward, compute_dtype)
+    return dispatch.select("ia3_linear_4bit", *args)(*args)
+
+
+def lora_add(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """`result + scaling · dropout(x) Aᵀ Bᵀ` for a base output `result` computed elsewhere."""
+    args = (result, x, lora_A, lora_B, scaling, dropout_p, training)
+    return dispatch.select("lora_add", *args)(*args)
