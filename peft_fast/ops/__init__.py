@@ -3,6 +3,8 @@
 from . import dispatch
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .ia3 import ia3_linear
+from .loha import loha_conv, loha_linear
+from .lokr import lokr_conv, lokr_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
 
 dispatch.register_backend_module("triton", "peft_fast.ops.lora_triton")
@@ -17,6 +19,10 @@ __all__ = [
     "available_backends",
     "get_backend",
     "ia3_linear",
+    "loha_conv",
+    "loha_linear",
+    "lokr_conv",
+    "lokr_linear",
     "lora_embedding",
     "lora_linear",
     "lora_linear_mixed",
