@@ -228,7 +228,9 @@ def lokr_delta_weight(w1: torch.Tensor, w2: torch.Tensor, scaling: float) -> tor
     before the layer reshapes it to the base weight's shape."""
     if w2.dim() == 4:
         w1 = w1.unsqueeze(2).unsqueeze(2)
-    return torch.kron(w1, w2.contiguous()) * scaling
+    # Fresh standard strides: torch.kron fails on some "contiguous" einsum outputs whose size-1
+    # axes carry odd strides (HF peft's LoKr on Conv1d with use_effective_conv2d hits this).
+    return torch.kron(w1, w2.flatten().reshape(w2.shape)) * scaling
 
 
 def lokr_linear(
