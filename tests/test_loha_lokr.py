@@ -361,3 +361,17 @@ def test_no_warning_for_dividing_factor():
         peft_fast.get_peft_model(
             make_model("llama"), peft_fast.LoKrConfig(target_modules=["q_proj"], decompose_factor=4)
         )
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_bf16_base_keeps_hfs_dtypes_and_outputs(method):
+    """HF peft's autocast_adapter_dtype: fp32 adapters on a bf16 base, output in bf16."""
+    kwargs = {"target_modules": "all-linear", "task_type": "CAUSAL_LM", "init_weights": False}
+    hf, ours = _pair(method, kwargs, lambda: make_model("llama").to(torch.bfloat16))
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in hf.named_parameters()}
+    assert any(p.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        got, want = ours(**inputs).logits, hf(**inputs).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
