@@ -175,14 +175,15 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for round_ in range(args.rounds + 1):
+        took = {}
         for v in VARIANTS:
             t0 = time.perf_counter()
             loss = steps[v]()
-            dt = time.perf_counter() - t0
-            if round_ > 0:
-                times[v].append(dt)
+            took[v] = time.perf_counter() - t0
+            if round_ > 0:  # round 0 warms up
+                times[v].append(took[v])
                 losses[v].append(loss)
-        print(f"round {round_}: " + ", ".join(f"{v} {times[v][-1] if round_ else dt:.3f}s" for v in VARIANTS))
+        print(f"round {round_}: " + ", ".join(f"{v} {t:.3f}s" for v, t in took.items()), flush=True)
     saved = {v: s.saved_for_backward_bytes() for v, s in steps.items()}
     del steps
 

@@ -168,7 +168,7 @@ def test_merge_unmerge_disable_delete_match_hf(method):
         m.delete_adapter("default")
     same("after deleting default")
     with torch.no_grad():
-        merged = ours.merge_and_unload()(**inputs).logits
+        merged = ours.merge_and_unload(safe_merge=True)(**inputs).logits
         hf_merged = hf.merge_and_unload()(**inputs).logits
     torch.testing.assert_close(merged, hf_merged, rtol=1e-5, atol=1e-5)
 
