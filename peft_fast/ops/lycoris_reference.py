@@ -64,6 +64,13 @@ def _conv(ndim: int):
     raise ValueError(f"LoHa/LoKr convolutions take Conv1d or Conv2d weights, got {ndim} spatial dimensions")
 
 
+def _scale_rows(dw: torch.Tensor, row_scale: torch.Tensor | None) -> torch.Tensor:
+    """ΔW with row o (output feature or channel o) times row_scale[o]: HF peft's rank dropout."""
+    if row_scale is None:
+        return dw
+    return dw * row_scale.to(dw.dtype).view(-1, *[1] * (dw.dim() - 1))
+
+
 def _rows_of_conv(x: torch.Tensor, stride: Sequence[int]) -> int:
     """About how many output positions a convolution of x produces (for the cost model only)."""
     n = x.shape[0]
@@ -150,10 +157,7 @@ def loha_linear(
     if form is None:
         form = loha_form(x.numel() // max(1, n_in), n_in, n_out, rank)
     if form == "delta_weight":
-        dw = loha_delta_weight(w1a, w1b, w2a, w2b, scaling)
-        if row_scale is not None:
-            dw = dw * row_scale.to(dw.dtype).unsqueeze(1)
-        return F.linear(x, dw)
+        return F.linear(x, _scale_rows(loha_delta_weight(w1a, w1b, w2a, w2b, scaling), row_scale))
     up, down = _loha_factors(w1a, w1b, w2a, w2b, _out_scale(scaling, row_scale, w1a.dtype))
     return F.linear(F.linear(x, down), up)
 
@@ -194,9 +198,7 @@ def loha_conv(
         else:
             form = "delta_weight"
     if form == "delta_weight":
-        dw = loha_delta_weight(w1a, w1b, w2a, w2b, scaling, t1, t2).reshape(weight_shape)
-        if row_scale is not None:
-            dw = dw * row_scale.to(dw.dtype).view(-1, *[1] * (dw.dim() - 1))
+        dw = _scale_rows(loha_delta_weight(w1a, w1b, w2a, w2b, scaling, t1, t2).reshape(weight_shape), row_scale)
         return conv(x, dw, stride=stride, padding=padding, dilation=dilation, groups=groups)
     up, down = _loha_factors(w1a, w1b, w2a, w2b, _out_scale(scaling, row_scale, w1a.dtype))
     spatial = len(weight_shape) - 2
@@ -254,10 +256,7 @@ def lokr_linear(
     if form is None:
         form = lokr_form(rows, (a, c), (b, d))
     if form == "delta_weight":
-        dw = lokr_delta_weight(w1, w2, scaling)
-        if row_scale is not None:
-            dw = dw * row_scale.to(dw.dtype).unsqueeze(1)
-        return F.linear(x, dw)
+        return F.linear(x, _scale_rows(lokr_delta_weight(w1, w2, scaling), row_scale))
     lead = x.shape[:-1]
     xm = x.reshape(-1, c, d)
     w1s = w1 * scaling
@@ -306,9 +305,7 @@ def lokr_conv(
     if form is None:
         form = lokr_form(_rows_of_conv(x, stride), (a, c), (b, d), kernel) if can_factor else "delta_weight"
     if form == "delta_weight":
-        dw = lokr_delta_weight(w1, w2, scaling).reshape(weight_shape)
-        if row_scale is not None:
-            dw = dw * row_scale.to(dw.dtype).view(-1, *[1] * (dw.dim() - 1))
+        dw = _scale_rows(lokr_delta_weight(w1, w2, scaling).reshape(weight_shape), row_scale)
         return conv(x, dw, stride=stride, padding=padding, dilation=dilation, groups=groups)
     n = x.shape[0]
     filters = w2.reshape(b, d, *weight_shape[2:])
