@@ -2,6 +2,11 @@
 
     python bench/variants.py                       # Llama-shaped ~100M model, CPU, writes bench/results/
     python bench/variants.py --layers 2 --rounds 2 # a quick check of the harness
+    python bench/variants.py --layer-only          # one adapted Linear, many interleaved repeats
+
+`--layer-only` times forward + backward of one adapted nn.Linear (--hidden -> --intermediate,
+batch x seq rows) per variant, --layer-repeats interleaved repeats: short calls whose median
+stays readable on a busy machine, where whole-model steps are noisy.
 
 The model is a randomly initialised LlamaForCausalLM (hidden 768, 12 layers, intermediate 2048,
 vocab 8192: ~98M parameters) built from its config, so nothing is downloaded. Each variant
@@ -139,6 +144,28 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_bytes": peak - before, "rss_before_bytes": before, "peak_mark_reset": reset}))
 
 
+def layer_times(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Forward + backward seconds of one adapted Linear per variant, interleaved repeats."""
+    x = torch.randn(args.batch * args.seq, args.hidden, generator=torch.Generator().manual_seed(3))
+    layers = {}
+    for v in VARIANTS:
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(args.hidden, args.intermediate, bias=False))
+        library, method = v.split("-")
+        lib = __import__("peft" if library == "hf" else "peft_fast")
+        cls = lib.LoHaConfig if method == "loha" else lib.LoKrConfig
+        # init_weights=False: both factors random, so no gradient is trivially zero.
+        layers[v] = lib.get_peft_model(base, cls(target_modules=["0"], init_weights=False)).train()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for rep in range(args.layer_repeats + 1):
+        for v, m in layers.items():
+            t0 = time.perf_counter()
+            m(x).sum().backward()
+            if rep > 0:
+                times[v].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
@@ -150,6 +177,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4, help="timed rounds after one warm-up round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--layer-only", action="store_true", help="time one adapted Linear instead of the model")
+    p.add_argument("--layer-repeats", type=int, default=30)
     p.add_argument("--no-memory-children", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/cpu-variants-<date>.json)")
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -160,12 +189,10 @@ def main() -> None:
         memory_child(args)
         return
 
-    import peft
-    import transformers
-
-    import peft_fast
-
     load_start = os.getloadavg()
+    if args.layer_only:
+        write_layer_result(args, layer_times(args), load_start)
+        return
     batch = make_batch(args)
     steps = {}
     for v in VARIANTS:
@@ -207,23 +234,7 @@ def main() -> None:
         "peft's default r=8, alpha=8 on all linear layers; peft_fast vs HF peft, interleaved rounds, medians",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, "bench/variants.py", *sys.argv[1:]]),
-        "device": {
-            "kind": "cpu",
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": load_start,
-            "load_average_at_end": os.getloadavg(),
-            "note": "shared machine: other jobs were running (see load averages); ratios within one run "
-            "are the meaningful numbers, absolute times are inflated",
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_fast": peft_fast.__version__,
-        },
+        **environment(load_start),
         "model": {
             "layers": args.layers,
             "hidden": args.hidden,
@@ -246,6 +257,55 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("median_step_seconds", "speedup_vs_hf", "saved_for_backward_bytes")}))
+    print(f"wrote {out}")
+
+
+def environment(load_start: tuple[float, float, float]) -> dict:
+    """Device and versions, for a results file."""
+    import peft
+    import transformers
+
+    import peft_fast
+
+    return {
+        "device": {
+            "kind": "cpu",
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": load_start,
+            "load_average_at_end": os.getloadavg(),
+            "note": "shared machine: other jobs were running (see load averages); ratios within one run "
+            "are the meaningful numbers, absolute times are inflated",
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "peft_fast": peft_fast.__version__,
+        },
+    }
+
+
+def write_layer_result(args: argparse.Namespace, times: dict[str, list[float]], load_start) -> None:
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    result = {
+        "suite": "variants-layer",
+        "what": f"forward + backward of one nn.Linear {args.hidden}->{args.intermediate} with LoHa/LoKr "
+        f"(r=8, alpha=8, init_weights=False), {args.batch * args.seq} rows; peft_fast vs HF peft, "
+        "interleaved repeats, medians",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([Path(sys.executable).name, "bench/variants.py", *sys.argv[1:]]),
+        **environment(load_start),
+        "seconds": times,
+        "median_seconds": medians,
+        "speedup_vs_hf": {m: medians[f"hf-{m}"] / medians[f"peft_fast-{m}"] for m in ("loha", "lokr")},
+    }
+    out = args.out or RESULTS / f"cpu-variants-layer-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("median_seconds", "speedup_vs_hf")}))
     print(f"wrote {out}")
 
 
