@@ -18,7 +18,7 @@ from torch import nn
 from ..config import PeftConfig
 from .base import AdapterLayer, BaseTuner, is_conv1d
 from .lora.model import _pattern_value
-from .targets import normalize_targets
+from .targets import LORA_TARGETS, normalize_targets
 
 # The base layers HF peft 0.21 gives LoHa/LoKr adapters (transformers' Conv1D is not one).
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -216,7 +216,7 @@ class LycorisTuner(BaseTuner):
     """Injects LoHa or LoKr layers (`layer_cls`) into Linear, Conv1d and Conv2d modules."""
 
     shorten_targets = True
-    mapping_name = "lora"  # HF peft's default target modules for LoHa/LoKr are LoRA's
+    target_module_mapping = LORA_TARGETS  # HF peft's default target modules for LoHa/LoKr are LoRA's
     method_name = ""
 
     def _create_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, key: str) -> AdapterLayer:
