@@ -24,6 +24,10 @@ from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_pef
 from .tuners import (  # noqa: E402
     IA3Config,
     IA3Model,
+    LoHaConfig,
+    LoHaModel,
+    LoKrConfig,
+    LoKrModel,
     LoraConfig,
     LoraModel,
     PrefixEncoder,
@@ -40,6 +44,10 @@ from .tuners import (  # noqa: E402
 __all__ = [
     "IA3Config",
     "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",

@@ -1,6 +1,6 @@
 """The `peft-fast` command: `train`, `info` and `bench` subcommands.
 
-peft-fast train [--method lora|ia3|qlora] [--load-in-4bit] [--model DIR] [--data FILE] ...
+peft-fast train [--method lora|ia3|qlora|loha|lokr] [--load-in-4bit] [--model DIR] [--data FILE] ...
 peft-fast info
 peft-fast bench [ARGS...]     (arguments go to peft_fast_bench.main: the suites under bench/)
 peft-fast audit [ARGS...]     (static audit of every kernel variant for sm_90a / sm_80, no GPU needed)
@@ -66,19 +66,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# Options of `peft-fast train` that only LoRA uses.
-LORA_ONLY_OPTIONS = ("r", "alpha", "dropout")
+# Options of `peft-fast train` that only some methods use, and those methods.
+METHOD_OPTIONS = {
+    "r": ("lora", "qlora", "loha", "lokr"),
+    "alpha": ("lora", "qlora", "loha", "lokr"),
+    "dropout": ("lora", "qlora"),
+}
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run the training job; argument errors exit 2 naming the flag, a failed reload check returns 1."""
     from transformers.utils import logging as hf_logging
 
-    given_lora_only = [f"--{name}" for name in LORA_ONLY_OPTIONS if getattr(args, name) is not None]
-    if args.method not in ("lora", "qlora") and given_lora_only:
-        parser.error(f"argument {given_lora_only[0]}: applies to --method lora only, not --method {args.method}")
+    for name, methods in METHOD_OPTIONS.items():
+        if getattr(args, name) is not None and args.method not in methods:
+            parser.error(f"argument --{name}: applies to --method {'|'.join(methods)} only, not --method {args.method}")
     values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in values.items() if not (k in LORA_ONLY_OPTIONS and v is None)})
+    config = TrainConfig(**{k: v for k, v in values.items() if not (k in METHOD_OPTIONS and v is None)})
     # The job reports what matters; transformers' per-load report and bars are noise here.
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -186,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load the base model in 4 bits (bitsandbytes NF4, double quantization; the head stays fp32): QLoRA",
     )
-    # LoRA-only options default to None here, so that giving one with --method ia3 is refused (cmd_train).
-    train.add_argument("--r", type=int, help=f"LoRA rank (default: {defaults.r})")
-    train.add_argument("--alpha", type=float, help=f"LoRA alpha, scaling = alpha / r (default: {defaults.alpha})")
+    # Method-specific options default to None here, so that giving one to another method is refused (cmd_train).
+    train.add_argument("--r", type=int, help=f"LoRA/LoHa/LoKr rank (default: {defaults.r})")
+    train.add_argument(
+        "--alpha", type=float, help=f"LoRA/LoHa/LoKr alpha, scaling = alpha / r (default: {defaults.alpha})"
+    )
     train.add_argument("--dropout", type=float, help=f"LoRA dropout (default: {defaults.dropout})")
     train.add_argument(
         "--target-modules",
@@ -201,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps; overrides --epochs")
     train.add_argument(
-        "--lr", type=float, default=defaults.lr, help="learning rate (default: 2e-3 for LoRA, 1e-2 for IA3)"
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help="learning rate (default: 2e-3 for LoRA, LoHa and LoKr, 1e-2 for IA3)",
     )
     train.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="examples per step (default: %(default)s)"

@@ -37,6 +37,8 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
 
     def __str__(self) -> str:
         return self.value

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from . import (
     IA3Config,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftModel,
     TaskType,
@@ -38,10 +40,10 @@ from . import (
 from .ops.dispatch import BACKENDS
 from .text_data import DEFAULT_DATASET, Split, load_text_classification
 
-METHODS = ("lora", "ia3", "qlora")  # "qlora": LoRA with load_in_4bit
+METHODS = ("lora", "ia3", "qlora", "loha", "lokr")  # "qlora": LoRA with load_in_4bit
 # Learning rates that learn the shipped dataset within the default budget; IA³ trains far
 # fewer parameters, each a multiplicative scale, and wants a larger step.
-DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "qlora": 2e-3}
+DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "qlora": 2e-3, "loha": 2e-3, "lokr": 2e-3}
 # Modules kept in full precision when the base is loaded in 4 bits: the new (trained) heads.
 HEAD_MODULES = ["classifier", "score"]
 # Saved and reloaded adapters run the same fp32 math; anything above this is a bug.
@@ -74,9 +76,9 @@ class TrainConfig:
 
     model: str | None = None  # local transformers model folder; None: the bundled MiniLM-L6
     data: str | None = None  # JSONL/CSV file with text,label[,split]; None: the bundled topics set
-    method: str = "lora"  # "lora" or "ia3"
-    r: int = 8  # LoRA rank
-    alpha: float = 16.0  # LoRA alpha (scaling = alpha / r)
+    method: str = "lora"  # one of METHODS
+    r: int = 8  # LoRA / LoHa / LoKr rank
+    alpha: float = 16.0  # LoRA / LoHa / LoKr alpha (scaling = alpha / r)
     dropout: float = 0.1  # LoRA dropout
     target_modules: list[str] | None = None  # None: peft's defaults for the model type
     epochs: int = 3
@@ -260,8 +262,11 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def make_peft_config(config: TrainConfig) -> LoraConfig | IA3Config:
+def make_peft_config(config: TrainConfig) -> LoraConfig | IA3Config | LoHaConfig | LoKrConfig:
     """The peft config for `config.method`, for sequence classification (head trained too)."""
+    if config.method in ("loha", "lokr"):
+        cls = LoHaConfig if config.method == "loha" else LoKrConfig
+        return cls(task_type=TaskType.SEQ_CLS, r=config.r, alpha=config.alpha, target_modules=config.target_modules)
     if config.method in ("lora", "qlora"):
         return LoraConfig(
             task_type=TaskType.SEQ_CLS,

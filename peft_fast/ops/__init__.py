@@ -3,6 +3,8 @@
 from . import dispatch
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .ia3 import ia3_linear
+from .loha import loha_conv, loha_linear
+from .lokr import lokr_conv, lokr_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
 from .qlora import dequantize_4bit, ia3_linear_4bit, lora_add, lora_linear_4bit
 
@@ -20,6 +22,10 @@ __all__ = [
     "get_backend",
     "ia3_linear",
     "ia3_linear_4bit",
+    "loha_conv",
+    "loha_linear",
+    "lokr_conv",
+    "lokr_linear",
     "lora_add",
     "lora_embedding",
     "lora_linear",

@@ -1,9 +1,11 @@
-"""One package per method: LoRA, IA³, and prompt learning (prompt tuning, prefix tuning, P-tuning).
+"""One package per method: LoRA, IA³, LoHa, LoKr, and prompt learning (prompt tuning, prefix tuning, P-tuning).
 
 Each method's package registers its config and tuner classes when imported
 (`peft_fast.config.register_peft_method`); importing this package registers them all."""
 
 from .ia3 import IA3Config, IA3Model
+from .loha import LoHaConfig, LoHaModel
+from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
 from .prompt_learning import (
     PrefixEncoder,
@@ -20,6 +22,10 @@ from .prompt_learning import (
 __all__ = [
     "IA3Config",
     "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoraConfig",
     "LoraModel",
     "PrefixEncoder",
