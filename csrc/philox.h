@@ -59,4 +59,19 @@ PF_HD bool dropout_keep(uint64_t seed, int64_t m, int64_t k, int64_t cols, float
   return static_cast<float>(bits) >= p * 65536.f;
 }
 
+// The keep bits of the 8 elements k0 .. k0 + 7 of row m (k0 a multiple of 8), bit j for element
+// k0 + j: one Philox evaluation for all eight, the same bits as dropout_keep.
+PF_HD uint32_t dropout_keep8(uint64_t seed, int64_t m, int64_t k0, int64_t cols, float p) {
+  uint32_t w[4];
+  philox4(seed, static_cast<uint32_t>(m * ((cols + 7) / 8) + k0 / 8), w[0], w[1], w[2], w[3]);
+  const float threshold = p * 65536.f;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t u = (j % 2) ? (w[j / 2] >> 16) : (w[j / 2] & 0xffffu);
+    bits |= static_cast<uint32_t>(static_cast<float>(u) >= threshold) << j;
+  }
+  return bits;
+}
+
 }  // namespace peft_fast

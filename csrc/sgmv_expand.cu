@@ -119,10 +119,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < 2; ++i) {
     if (!valid[i]) continue;
     float res[V];
+    // n is a multiple of V and V divides 8: the V elements share one Philox evaluation.
+    static_assert(8 % V == 0, "a thread's elements must lie in one 8-element dropout group");
+    const uint32_t keep = p > 0.f ? dropout_keep8(seed, grow[i], n & ~7, N, p) >> (n & 7) : 0xffu;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      float d = alpha * acc[i][v];
-      if (p > 0.f && !dropout_keep(seed, grow[i], n + v, N, p)) d = 0.f;
+      const float d = ((keep >> v) & 1u) ? alpha * acc[i][v] : 0.f;
       res[v] = cur[i][v] + d;
     }
     dev_t<TO>* dst = out + grow[i] * stride_om + n;

@@ -78,6 +78,10 @@ def test_philox_matches_triton_dropout_mask(tmp_path):
         "  unsigned long long seed = std::strtoull(argv[1], nullptr, 10);\n"
         f"  for (long i = 0; i < {M * K}; ++i)\n"
         f"    std::putchar(peft_fast::dropout_keep(seed, i / {K}, i % {K}, {K}, {p}f) ? '1' : '0');\n"
+        # the 8-at-a-time form gives the same bits
+        f"  for (long i = 0; i < {M * K}; ++i)\n"
+        f"    std::putchar((peft_fast::dropout_keep8(seed, i / {K}, (i % {K}) & ~7L, {K}, {p}f)"
+        f" >> ((i % {K}) & 7)) & 1 ? '1' : '0');\n"
         "}\n"
     )
     exe = tmp_path / "mask"
@@ -85,6 +89,8 @@ def test_philox_matches_triton_dropout_mask(tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for seed in seeds:
         out = subprocess.run([str(exe), str(seed)], check=True, capture_output=True, text=True).stdout
-        ours = torch.tensor([c == "1" for c in out]).reshape(M, K)
+        bits = torch.tensor([c == "1" for c in out])
+        ours, ours8 = bits[: M * K].reshape(M, K), bits[M * K :].reshape(M, K)
+        assert torch.equal(ours, ours8), seed
         theirs = dropout_mask(torch.tensor([seed], device=device), M, K, p, device).cpu()
         assert torch.equal(ours, theirs), seed
