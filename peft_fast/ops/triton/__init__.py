@@ -34,6 +34,9 @@ def device_reason(named: dict[str, torch.Tensor | None]) -> str | None:
             return "CPU tensors need TRITON_INTERPRET=1"
         if get_backend() != "triton":
             return "CPU tensors run on Triton's interpreter only when backend 'triton' is chosen"
+        if any(t is not None and t.dtype == torch.bfloat16 for t in named.values()):
+            # Triton 3.9's interpreter returns garbage from bf16 tl.dot (errors up to 4e10).
+            return "Triton's interpreter computes bf16 tl.dot wrongly; bf16 CPU tensors take the torch path"
     elif device.type != "cuda":
         return f"device {device} is neither CUDA nor CPU"
     if torch.is_autocast_enabled(device.type):
