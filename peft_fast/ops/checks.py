@@ -160,11 +160,13 @@ def check_mixed_call(
     dropout_ps: Sequence[float],
     row_adapter: torch.Tensor,
     groups: RowGroups,
+    same_dtype: bool = True,
 ) -> tuple[int, int]:
     """(in_features, out_features) of a `lora_linear_mixed` call whose rows are grouped by
     `groups`; ValueError/TypeError naming the argument when x (batch, ..., in), the linear
-    arguments, the per-adapter lists, row_adapter or the grouping do not fit, or when the
-    adapters (stacked by the kernels) do not share one dtype."""
+    arguments, the per-adapter lists, row_adapter or the grouping do not fit, or (with
+    `same_dtype`, what the kernels that stack the adapters need) when the adapters do not share
+    one dtype."""
     in_f, out_f = check_linear_args(x, weight, bias)
     if x.dim() < 2:
         raise ValueError(f"x must be (batch, ..., in_features) with a batch dimension, got shape {tuple(x.shape)}")
@@ -174,6 +176,6 @@ def check_mixed_call(
     if groups.present and max(groups.present) >= len(lora_As):
         raise ValueError(f"row_adapter refers to adapter {max(groups.present)} but only {len(lora_As)} are given")
     dtypes = {t.dtype for t in (*lora_As, *lora_Bs)}
-    if len(dtypes) > 1:
+    if same_dtype and len(dtypes) > 1:
         raise TypeError(f"all lora_As and lora_Bs must share one dtype, got {sorted(map(str, dtypes))}")
     return in_f, out_f

@@ -1,6 +1,7 @@
-"""LoRA ops: what the LoRA layers call. Each dispatches to a backend (see dispatch.py);
-the "torch" backend is `reference.py`. Kernel backends register themselves here under
-the same op names and signatures."""
+"""LoRA ops: what the LoRA layers call. Each checks its arguments once, here (the same error
+for the same bad input whatever the backend), then dispatches to a backend (see dispatch.py),
+which sees only validated arguments; the "torch" backend is `reference.py`. Kernel backends
+register themselves under the same op names and signatures."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from . import dispatch, reference
-from .mixed_batch import LoraStackCache, RowGroups
+from .checks import check_lora_args, check_mixed_call
+from .mixed_batch import LoraStackCache, RowGroups, group_rows
 
 dispatch.register("lora_linear", "torch", reference.lora_linear)
 dispatch.register("lora_embedding", "torch", reference.lora_embedding)
@@ -32,6 +34,7 @@ def lora_linear(
     lora_A: (r, in); lora_B: (out, r). Returns (..., out) in the base output's dtype.
     Dropout applies only when `training` and `dropout_p > 0`.
     """
+    check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     fn = dispatch.select("lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     return fn(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
 
@@ -75,7 +78,9 @@ def lora_linear_mixed(
     cache of the stacked adapter weights) let every backend skip per-call work: with `plan`
     no backend reads row_adapter back to the host, so the call has no device sync and
     compiles without a graph break. They never change the result."""
-    hints = {"plan": plan, "stack": stack}
+    groups = plan if plan is not None else group_rows(row_adapter, x.device)
+    check_mixed_call(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, groups, same_dtype=False)
+    hints = {"plan": groups, "stack": stack}
     fn = dispatch.select(
         "lora_linear_mixed", x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, row_adapter, training, **hints
     )

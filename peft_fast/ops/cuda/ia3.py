@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .. import dispatch
 from ..autograd import register_ia3_autograd
-from ..checks import check_ia3_args
 from .library import adapter_dtype_reason, cuda_reason, inner_contiguous
 
 
@@ -73,7 +72,6 @@ register_ia3_autograd(ia3_linear_cuda_fwd, torch.ops.peft_fast.ia3_linear_cuda_b
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
     """Same contract as `peft_fast.ops.ia3_linear`, on the CUDA kernels; x may have any leading
     dims and strides. Gradients reach x, ia3_l, and weight/bias when they require grad."""
-    check_ia3_args(x, weight, bias, ia3_l, feedforward)
     in_f, out_f = weight.shape[1], weight.shape[0]
     scale = ia3_l.reshape(-1)
     save_z = (not feedforward) and ia3_l.requires_grad and torch.is_grad_enabled()

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .. import dispatch
 from ..autograd import new_seed, register_lora_autograd
-from ..checks import check_lora_args
 from .library import adapter_dtype_reason, cuda_reason, segmented_backward, segmented_forward
 
 
@@ -90,7 +89,6 @@ def lora_linear(
 ) -> Tensor:
     """Same contract as `peft_fast.ops.lora_linear`, on the CUDA kernels; gradients reach x,
     lora_A, lora_B, and weight/bias when they require grad."""
-    check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     in_f, out_f = weight.shape[1], weight.shape[0]
     p = float(dropout_p) if training else 0.0
     seed = new_seed(x.device) if p > 0.0 else None

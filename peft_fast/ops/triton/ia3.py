@@ -21,7 +21,7 @@ from peft_fast.kernels.ia3_scale import ia3_scaled_matmul
 
 from .. import dispatch
 from ..autograd import register_ia3_autograd
-from ..checks import check_ia3_args, size_reason
+from ..checks import size_reason
 from . import device_reason
 
 
@@ -71,7 +71,6 @@ register_ia3_autograd(ia3_linear_triton_fwd, torch.ops.peft_fast.ia3_linear_trit
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, ia3_l: Tensor, feedforward: bool) -> Tensor:
     """Same contract as `peft_fast.ops.ia3_linear`, on fused Triton kernels; x may have any
     leading dims and strides. Gradients reach x, ia3_l, and weight/bias when they require grad."""
-    check_ia3_args(x, weight, bias, ia3_l, feedforward)
     in_f, out_f = weight.shape[1], weight.shape[0]
     scale = ia3_l.reshape(-1)
     save_z = (not feedforward) and ia3_l.requires_grad and torch.is_grad_enabled()

@@ -30,7 +30,7 @@ from peft_fast.kernels.lora_shrink import lora_shrink
 
 from .. import dispatch
 from ..autograd import new_seed, register_lora_autograd
-from ..checks import check_lora_args, size_reason
+from ..checks import size_reason
 from . import device_reason
 
 
@@ -108,7 +108,6 @@ def lora_linear(
     strides do not allow a view); gradients reach x, lora_A, lora_B, and weight/bias when
     they require grad.
     """
-    check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     in_f, out_f = weight.shape[1], weight.shape[0]
     p = float(dropout_p) if training else 0.0
     x2 = x.reshape(-1, in_f)
