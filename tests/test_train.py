@@ -29,24 +29,27 @@ WEATHER = [
 EXAMPLES = [(t, "sports") for t in SPORTS] + [(t, "weather") for t in WEATHER]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def _save_tiny_bert(folder, hidden: int, intermediate: int):
     """A 2-layer BERT with a word-level vocabulary for EXAMPLES, saved like a Hub checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
     words = sorted({w for text, _ in EXAMPLES for w in text.split()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
     BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=intermediate,
         max_position_embeddings=32,
     )
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), hidden=32, intermediate=64)
 
 
 @pytest.fixture
@@ -164,21 +167,7 @@ def test_default_job_learns(tmp_path):
 def tiny_model_64(tmp_path_factory):
     """Like tiny_model with every in_features a multiple of 64 (bitsandbytes 0.50.2's CPU
     dequantizer mis-reads rows of 32, which would make HF peft's side of the comparison wrong)."""
-    folder = tmp_path_factory.mktemp("tiny_bert_64")
-    words = sorted({w for text, _ in EXAMPLES for w in text.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert_64"), hidden=64, intermediate=128)
 
 
 def test_qlora_run_saves_an_adapter_hf_peft_loads(tiny_model_64, tiny_data, tmp_path):
