@@ -9,10 +9,15 @@ Variants, each on a freshly built model with the same seed:
   peft            HF peft's get_peft_model
   peft_fast_auto  peft_fast's get_peft_model, backend "auto"
   peft_patch      HF peft with `peft_fast.patch_peft` (HF's modules, our ops)
+  peft_fast_fsdp2 peft_fast_auto sharded by FSDP2 (`fully_shard` per decoder layer, then the
+                  root) on a process group of this one process (nccl on CUDA, gloo on CPU):
+                  the parameters are DTensors, all-gathered for each layer's forward and
+                  backward, gradients reduce-scattered; `peft-fast train --distributed fsdp2`'s
+                  wrapping, on one device
 
 Each reports the median step time, tokens/s, the peak CUDA memory of its steps, and the
 first step's loss: LoRA starts with B = 0, so every variant's first loss equals the frozen
-model's (a check that all four train the same model).
+model's (a check that all five train the same model).
 
 Presets: "full" and "quick" are the GPU size (hidden 2048, 16 layers, intermediate 5632,
 16 heads, vocabulary 32000, sequence 2048, bf16: about 0.95 B parameters); "cpu" and "tiny"
@@ -40,7 +45,7 @@ PRESETS = {
              "warmup": 1, "steps": 2},
 }  # fmt: skip
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
-VARIANTS = ("frozen", "peft", "peft_fast_auto", "peft_patch")
+VARIANTS = ("frozen", "peft", "peft_fast_auto", "peft_patch", "peft_fast_fsdp2")
 YLABEL = "training step time / frozen model's forward+backward"
 GPU_NUMBERS = "bench/results/<device>-<date>/ (from bench/gpu_round.sh on a GPU, filed by `peft-fast bench --ingest`)"
 
@@ -92,11 +97,20 @@ def wrap(variant: str, model: torch.nn.Module) -> torch.nn.Module:
     if variant == "frozen":
         model.enable_input_require_grads()  # backward runs through every layer, as under an adapter
         return model
-    if variant == "peft_fast_auto":
+    if variant in ("peft_fast_auto", "peft_fast_fsdp2"):
         import peft_fast
+        from peft_fast.distributed import shard_fsdp2
 
         peft_fast.set_backend("auto")
-        return peft_fast.get_peft_model(model, peft_fast.LoraConfig(task_type="CAUSAL_LM", **LORA))
+        wrapped = peft_fast.get_peft_model(model, peft_fast.LoraConfig(task_type="CAUSAL_LM", **LORA))
+        if variant == "peft_fast_fsdp2":  # needs a process group: run_variant opens one
+            from torch.distributed.tensor import DTensor
+
+            shard_fsdp2(wrapped, next(wrapped.parameters()).device)
+            plain = [n for n, p in wrapped.named_parameters() if not isinstance(p, DTensor)]
+            if plain:
+                raise RuntimeError(f"FSDP2 left {len(plain)} parameters unsharded, e.g. {plain[0]}")
+        return wrapped
     import peft
 
     wrapped = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
@@ -115,7 +129,17 @@ def _sync(device: torch.device) -> None:
 
 
 def run_variant(variant: str, preset: dict, device: torch.device) -> E2eRow:
-    """Build, wrap and train one variant for preset["warmup"] + preset["steps"] steps."""
+    """Build, wrap and train one variant for preset["warmup"] + preset["steps"] steps
+    (peft_fast_fsdp2 inside a process group of world size 1)."""
+    if variant == "peft_fast_fsdp2":
+        from peft_fast.distributed import single_process_group
+
+        with single_process_group(device):
+            return _run_variant(variant, preset, device)
+    return _run_variant(variant, preset, device)
+
+
+def _run_variant(variant: str, preset: dict, device: torch.device) -> E2eRow:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     model = wrap(variant, build_model(preset, device, dtype))
@@ -178,6 +202,8 @@ def run(preset: dict, device: torch.device) -> tuple[list[E2eRow], dict]:
         "optimizer": "AdamW lr 1e-4 on the trainable parameters (none for frozen)",
         "steps": {"warmup": preset["warmup"], "timed": preset["steps"], "statistic": "median step time"},
         "errors": errors,
+        "fsdp2": "peft_fast_fsdp2: fully_shard per LlamaDecoderLayer and the root, world size 1 "
+        f"({'nccl' if cuda else 'gloo'}), parameters DTensors",
     }
     if not cuda:
         extra["gpu_numbers"] = GPU_NUMBERS

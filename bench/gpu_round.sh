@@ -3,7 +3,7 @@
 # the static audit (when `peft-fast audit` exists), the quick benchmarks (LoRA, IA³, mixed
 # batch: ours vs bare frozen linear vs HF peft, one process), the end-to-end training step,
 # then a short table. Every stage has its own time limit (a hang costs that stage only);
-# the limits add up to 555 s. Output: at most 8 files under the output folder, 16 MiB each:
+# the limits add up to 565 s. Output: at most 8 files under the output folder, 16 MiB each:
 #   round.log  every stage's output but the tests'    tests.log  both test stages
 #   <device>-quick-<date>.json/.png   <device>-e2e-<date>.json   audit.json   summary.json
 #
@@ -111,7 +111,7 @@ else
 fi
 
 stage bench 110 "$LOG" "$PY" -m peft_fast_bench --suite quick --preset "$PRESET" "${ROUNDS[@]}" --out "$OUT_DIR"
-stage e2e 80 "$LOG" "$PY" -m peft_fast_bench --suite e2e --preset "$PRESET" --no-plot --out "$OUT_DIR"
+stage e2e 90 "$LOG" "$PY" -m peft_fast_bench --suite e2e --preset "$PRESET" --no-plot --out "$OUT_DIR"
 
 # The transfer back takes at most 8 files of 16 MiB: keep a log's end if it grew past that.
 for f in "$OUT_DIR"/*; do

@@ -65,9 +65,11 @@ def test_dry_run_runs_every_stage_and_its_output_files_in(tmp_path, repo):
         "peft",
         "peft_fast_auto",
         "peft_patch",
+        "peft_fast_fsdp2",
     ]
     first = {r["variant"]: r["first_loss"] for r in e2e["rows"]}
-    assert max(first.values()) - min(first.values()) < 1e-4  # B = 0: all four are the frozen model
+    assert max(first.values()) - min(first.values()) < 1e-4  # B = 0: all five are the frozen model
+    assert "gloo" in e2e["fsdp2"]  # the FSDP2 wrapping ran on a 1-process gloo group
     assert "bench/results/<device>-<date>/" in e2e["gpu_numbers"]
     assert len(rnd.tests) == 2  # both test stages ended with pytest's result line
     tail = proc.stdout.strip().splitlines()
