@@ -64,6 +64,15 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
     return LaunchEnv(world_size, rank, local_rank)
 
 
+def accelerate_fsdp_version(environ: Mapping[str, str] | None = None) -> str | None:
+    """The FSDP version `accelerate launch` asks for with an FSDP config (its ACCELERATE_USE_FSDP
+    and FSDP_VERSION variables), or None when it asks for no FSDP."""
+    environ = os.environ if environ is None else environ
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
+        return None
+    return environ.get("FSDP_VERSION", "1")
+
+
 def backend_for(device: torch.device) -> str:
     """The collective backend for `device`: nccl on CUDA, gloo on CPU."""
     return "nccl" if device.type == "cuda" else "gloo"

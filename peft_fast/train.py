@@ -96,7 +96,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     output_dir: str | None = None  # None: ./runs/<method>-<timestamp>
     load_in_4bit: bool = False  # base weights in 4 bits (bitsandbytes NF4, double quant); method "qlora" sets it
-    distributed: str | None = None  # "ddp" | "fsdp2", under torchrun only; None: "ddp" under torchrun
+    distributed: str | None = None  # "ddp" | "fsdp2", under torchrun only; None: "ddp" there (see parallel_mode)
 
     @property
     def quantized(self) -> bool:
@@ -104,10 +104,13 @@ class TrainConfig:
         return self.load_in_4bit or self.method == "qlora"
 
     def parallel_mode(self, env: dist_utils.LaunchEnv | None) -> str | None:
-        """How a launch `env` trains: "ddp" or "fsdp2"; None for a single process (no launch)."""
+        """How a launch `env` trains: `distributed` when set, else "fsdp2" under `accelerate launch`
+        with an FSDP2 config, else "ddp"; None for a single process (no launch)."""
         if env is None:
             return None
-        return self.distributed or "ddp"
+        if self.distributed is not None:
+            return self.distributed
+        return "fsdp2" if dist_utils.accelerate_fsdp_version() == "2" else "ddp"
 
     def validate(self) -> None:
         """Raise TrainConfigError naming the first field whose value cannot be used.
@@ -191,6 +194,21 @@ class TrainConfig:
                 "batch_size",
                 f"must be a multiple of the world size {env.world_size} (each rank takes batch_size / world size "
                 f"examples of every step), got {self.batch_size}",
+            )
+        fsdp_version = dist_utils.accelerate_fsdp_version()
+        if fsdp_version is not None and (fsdp_version != "2" or self.parallel_mode(env) != "fsdp2"):
+            raise TrainConfigError(
+                "distributed",
+                f"accelerate launch asks for FSDP version {fsdp_version}, but this run would use "
+                f"{self.parallel_mode(env)!r}: peft-fast train shards with FSDP2 only (fsdp_version: 2 in the "
+                "accelerate config, and --distributed fsdp2 or no --distributed)",
+            )
+        if fsdp_version is not None and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("true", "1"):
+            raise TrainConfigError(
+                "distributed",
+                "accelerate's config has fsdp_cpu_ram_efficient_loading: true, with which transformers loads the "
+                "weights of every rank but 0 onto the meta device; peft-fast train loads them on every rank: set "
+                "fsdp_cpu_ram_efficient_loading: false",
             )
         if self.parallel_mode(env) == "fsdp2" and self.quantized:
             raise TrainConfigError(
@@ -415,6 +433,11 @@ def _run(config: TrainConfig, verbose: bool, env: dist_utils.LaunchEnv | None) -
     bits = "4-bit NF4 base, " if config.quantized else ""
     ranks = "" if env is None else f", {env.world_size} processes ({mode})"
     log(f"model: {model_path} ({type(base).__name__}), method: {config.method}, {bits}device: {device}{ranks}")
+    if dist_utils.accelerate_fsdp_version() is not None:
+        log(
+            "accelerate's FSDP config: fsdp_version 2 read; the other fsdp_* options are not: peft-fast train "
+            "applies fully_shard to each transformer block, then to the model"
+        )
     base_bytes, fp32_bytes = weight_bytes(base)
     if config.quantized:
         base = prepare_model_for_kbit_training(base)

@@ -3,8 +3,9 @@
 Started by the test as WORLD_SIZE plain processes with the variables torchrun sets (WORLD_SIZE,
 RANK, LOCAL_RANK, MASTER_ADDR; MASTER_PORT per run), each in its own working folder, so a file
 written by a rank other than 0 shows up in that rank's folder. For each run given on the
-command line (MODE:BACKEND:PORT) it calls `peft-fast train` exactly as a torchrun launch would,
-saving to the relative folder MODE-BACKEND; `peft-fast train` initialises and destroys the
+command line (MODE:BACKEND:PORT) it calls `peft-fast train` exactly as a torchrun launch would
+(MODE "accelerate": with the variables of `accelerate launch` and an fsdp_version 2 config, and
+no --distributed), saving to the relative folder MODE-BACKEND; `peft-fast train` initialises and destroys the
 process group itself. Dispatch's fallback notes (debug level) go to stderr, so the test can
 check that the Triton backend ran rather than fell back.
 
@@ -25,7 +26,12 @@ def run_all(model: str, data: str, runs: list[str]) -> int:
     for spec in runs:
         mode, backend, port = spec.split(":")
         os.environ["MASTER_PORT"] = port
-        args = ["train", "--model", model, "--data", data, "--distributed", mode, "--backend", backend]
+        args = ["train", "--model", model, "--data", data, "--backend", backend]
+        if mode == "accelerate":  # what `accelerate launch` sets with an fsdp_version 2 config
+            os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_CPU_RAM_EFFICIENT_LOADING="false")
+        else:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+            args += ["--distributed", mode]
         args += ["--steps", "2", "--batch-size", "4", "--dropout", "0", "--seed", "0"]
         rc = main(args + ["--output-dir", f"{mode}-{backend}"])
         print(f"[rank {os.environ['RANK']}] {spec}: exit {rc}", flush=True)

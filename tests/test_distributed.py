@@ -95,7 +95,8 @@ def _launch(world: int, model: Path, data: Path, runs: list[tuple[str, str]], ro
 
 def test_ddp_and_fsdp2_on_two_processes_give_the_single_process_weights(tiny, tmp_path):
     model, data = tiny
-    runs = [(mode, backend) for backend in ("torch", "triton") for mode in ("ddp", "fsdp2")]
+    # "accelerate": no --distributed, the variables `accelerate launch` sets with an fsdp_version 2 config
+    runs = [(mode, backend) for backend in ("torch", "triton") for mode in ("ddp", "fsdp2")] + [("accelerate", "torch")]
     wait = _launch(2, model, data, runs, tmp_path)
     singles = {}
     try:
@@ -113,7 +114,7 @@ def test_ddp_and_fsdp2_on_two_processes_give_the_single_process_weights(tiny, tm
         assert any("lora_B" in k for k in expected) and all(  # trained: B moved away from its zero init
             expected[k].abs().max() > 1e-4 for k in expected if "lora_B" in k
         )
-        for mode in ("ddp", "fsdp2"):
+        for mode in [m for m, b in runs if b == backend]:
             folder = rank0 / f"{mode}-{backend}"
             assert {p.name for p in folder.iterdir() if not p.name.startswith(".")} == ADAPTER_FILES | {
                 "train_summary.json"
@@ -128,7 +129,8 @@ def test_ddp_and_fsdp2_on_two_processes_give_the_single_process_weights(tiny, tm
                 err = (got[key] - want).abs().max().item()
                 assert err <= WEIGHT_ATOL, f"{mode}/{backend} {key}: max |diff| {err:.3g} > {WEIGHT_ATOL:g}"
             summary = json.loads((folder / "train_summary.json").read_text())
-            assert summary["world_size"] == 2 and summary["distributed"] == mode and summary["steps"] == 2
+            assert summary["world_size"] == 2 and summary["steps"] == 2
+            assert summary["distributed"] == ("fsdp2" if mode == "accelerate" else mode)
             # the reported loss is the whole batch's mean, as in the single process
             assert summary["final_loss"] == pytest.approx(singles[backend]["final_loss"], abs=1e-6)
     # Rank 1 wrote nothing at all (its working folder is where its files would have gone),
@@ -136,7 +138,9 @@ def test_ddp_and_fsdp2_on_two_processes_give_the_single_process_weights(tiny, tm
     assert list(rank1.iterdir()) == []
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
     for mode, backend in runs:
-        assert logs[0].count(f"method       lora on cpu, backend {backend}, 2 processes ({mode})\n") == 1
+        mode = "fsdp2" if mode == "accelerate" else mode
+        assert logs[0].count(f"method       lora on cpu, backend {backend}, 2 processes ({mode})\n") >= 1
+    assert logs[0].count("accelerate's FSDP config: fsdp_version 2 read") == 1
     assert "adapter saved" not in logs[1] and "processes (" not in logs[1]
     # The Triton runs ran the Triton kernels: dispatch never fell back.
     assert not any("falling back" in log for log in logs)
@@ -234,14 +238,38 @@ def test_bad_distributed_settings_name_the_field(monkeypatch, env, kwargs, field
     assert e.value.field == field
 
 
+def test_accelerate_fsdp2_config_selects_fsdp2_and_other_versions_are_refused(monkeypatch):
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP and FSDP_VERSION (and
+    torchrun's variables); peft-fast train follows fsdp_version 2 and refuses what it cannot do."""
+    for name, value in TORCHRUN_2.items():
+        monkeypatch.setenv(name, value)
+    env = launch_env()
+    assert TrainConfig(device="cpu").parallel_mode(env) == "ddp"
+    assert TrainConfig(device="cpu").parallel_mode(None) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    TrainConfig(device="cpu").validate()
+    assert TrainConfig(device="cpu").parallel_mode(env) == "fsdp2"
+    with pytest.raises(TrainConfigError, match="asks for FSDP version 2, but this run would use 'ddp'") as e:
+        TrainConfig(device="cpu", distributed="ddp").validate()
+    assert e.value.field == "distributed"
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(TrainConfigError, match="set fsdp_cpu_ram_efficient_loading: false"):
+        TrainConfig(device="cpu").validate()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(TrainConfigError, match="FSDP version 1.*shards with FSDP2 only"):
+        TrainConfig(device="cpu").validate()
+
+
 def test_ragged_last_batch_smaller_than_the_world_is_refused(tiny, monkeypatch, tmp_path):
-    """8 training examples in batches of 6 leave a last batch of 2; with 3 ranks one would get nothing.
+    """7 training examples in batches of 6 leave a last batch of 1; with 3 ranks two would get nothing.
     Refused before any process group is needed."""
     model, data = tiny
     for name, value in {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("peft_fast.distributed.process_group", _no_group)
-    with pytest.raises(TrainConfigError, match="last batch of each epoch holds 2 .* fewer than the world size 3"):
+    with pytest.raises(TrainConfigError, match="last batch of each epoch holds 1 .* fewer than the world size 3"):
         run(TrainConfig(model=str(model), data=str(data), batch_size=6, output_dir=str(tmp_path / "o")), verbose=False)
     assert not (tmp_path / "o").exists()
 
