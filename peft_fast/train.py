@@ -469,15 +469,25 @@ def _run(config: TrainConfig, verbose: bool, env: dist_utils.LaunchEnv | None) -
         log(f"test accuracy after training:  {acc_after:.3f} (loss {loss_after:.4f})")
 
         state = dist_utils.full_state_dict(model) if mode == "fsdp2" else None
+        failure, outcome = None, None
         if main:
-            model.save_pretrained(str(output_dir), state_dict=state)
-            fresh, _ = load_model_and_tokenizer(*load)
-            reloaded = PeftModel.from_pretrained(fresh, str(output_dir)).to(device)
-            reloaded_logits = predict(reloaded, *eval_args)
-            diff = (logits - reloaded_logits).abs().max().item()
-            reload_acc = accuracy(reloaded_logits, data.test.labels)
-        if env is not None:
-            diff, reload_acc = dist_utils.broadcast((diff, reload_acc) if main else None)
+            try:
+                model.save_pretrained(str(output_dir), state_dict=state)
+                fresh, _ = load_model_and_tokenizer(*load)
+                reloaded = PeftModel.from_pretrained(fresh, str(output_dir)).to(device)
+                reloaded_logits = predict(reloaded, *eval_args)
+                outcome = ((logits - reloaded_logits).abs().max().item(), accuracy(reloaded_logits, data.test.labels))
+            except Exception as e:
+                if env is None:
+                    raise
+                failure, outcome = e, repr(e)
+        if env is not None:  # rank 0's outcome: the other ranks must not wait for it forever
+            outcome = dist_utils.broadcast(outcome)
+            if failure is not None:
+                raise failure
+            if isinstance(outcome, str):
+                raise RuntimeError(f"rank 0 failed to save or reload the adapter: {outcome}")
+        diff, reload_acc = outcome
 
     result = TrainResult(
         method=config.method,

@@ -211,6 +211,33 @@ def test_fsdp2_in_one_process_matches_the_plain_model():
     assert not torch.distributed.is_initialized()
 
 
+def test_torchrun_of_one_process_in_process_and_a_rank_0_failure(tiny, tmp_path, monkeypatch):
+    """torchrun's variables for a world of 1: `run` opens a gloo group itself, trains with DDP,
+    saves, and destroys the group; when rank 0's reload fails, the error still comes out
+    (after rank 0 has told the other ranks) and the group is gone."""
+    model, data = tiny
+    port = _free_ports(1)[0]
+    env = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = TrainConfig(model=str(model), data=str(data), steps=1, batch_size=4, output_dir=str(tmp_path / "a"))
+    result = run(config, verbose=False)
+    assert (result.world_size, result.distributed) == (1, "ddp")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert not torch.distributed.is_initialized()
+
+    class Broken:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise OSError("disk gone")
+
+    monkeypatch.setattr("peft_fast.train.PeftModel", Broken)
+    monkeypatch.setenv("MASTER_PORT", str(_free_ports(1)[0]))
+    with pytest.raises(OSError, match="disk gone"):
+        run(TrainConfig(**{**config.__dict__, "output_dir": str(tmp_path / "b")}), verbose=False)
+    assert not torch.distributed.is_initialized()
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 TORCHRUN_2 = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
 
