@@ -2,7 +2,7 @@
 
     out = scale · Pᵀ · dropout(Q)        P: M × r,  Q: M × N,  out: r × N
 
-dA = dhᵀ · dropout(x) / (1 - p)   (P = dh, Q = x, mask regenerated from the forward's seed)
+dA = dhᵀ · dropout(x) / (1 - p)   (P = dh, Q = x, mask read from the forward's keep bytes)
 dB = s · dyᵀ · h                  (P = h, Q = dy, no dropout; `transpose=True` returns the
                                    r × N product in dB's (N, r) layout)
 
@@ -19,16 +19,16 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, num_sms, on_gpu, skinny_config, tl_dtype
-from .dropout import check_dropout, dropout_keep
+from .dropout import check_keep_bytes, load_keep
 from .tiles import load_tile, store_tile
 
 
 @triton.jit
 def _lora_adapter_grad_kernel(
-    p_ptr, q_ptr, out_ptr, seed_ptr,
+    p_ptr, q_ptr, out_ptr, keep_ptr,
     M, N, R, rows_per_split,
-    stride_pm, stride_pr, stride_qm, stride_qn, stride_os, stride_or, stride_on,
-    scale, p,
+    stride_pm, stride_pr, stride_qm, stride_qn, stride_os, stride_or, stride_on, stride_keep,
+    scale,
     DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -37,8 +37,6 @@ def _lora_adapter_grad_kernel(
     pid_s = tl.program_id(2)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -47,7 +45,7 @@ def _lora_adapter_grad_kernel(
         pt = load_tile(p_ptr, offs_r, offs_m, stride_pr, stride_pm, R, m_end)
         q = load_tile(q_ptr, offs_m, offs_n, stride_qm, stride_qn, m_end, N)
         if DROPOUT:
-            q = tl.where(dropout_keep(seed, offs_m, offs_n, N, p), q, 0.0)
+            q = tl.where(load_keep(keep_ptr, stride_keep, offs_m, offs_n, m_end, N), q, 0.0)
         acc = tl.dot(pt.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
     store_tile(out_ptr + pid_s * stride_os, acc * scale, offs_r, offs_n, stride_or, stride_on, R, N)
 
@@ -57,16 +55,16 @@ def lora_adapter_grad(
     Q: torch.Tensor,
     dtype: torch.dtype,
     scale: float = 1.0,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     transpose: bool = False,
 ) -> torch.Tensor:
     """`scale · Pᵀ · dropout(Q)` as a new contiguous (r, N) tensor of `dtype`; (N, r) holding
     the transpose when `transpose`.
 
     P: (M, r), Q: (M, N), any strides and float dtypes; both are cast to `dtype` for the
-    product (fp32 accumulation). With `dropout_p > 0` Q's elements are gated by the keep-mask
-    of `seed` numbered over Q's M × N (no rescaling here: fold 1/(1-p) into `scale`).
+    product (fp32 accumulation). With `keep` (the (M, ceil(N/8)) uint8 keep bytes of a dropout
+    mask over Q's M × N, dropout.py) Q's elements are gated by that mask (no rescaling here:
+    fold 1/(1-p) into `scale`).
     """
     if P.dim() != 2 or Q.dim() != 2 or P.shape[0] != Q.shape[0]:
         raise ValueError(f"P (M, r) and Q (M, N) do not fit: {tuple(P.shape)} and {tuple(Q.shape)}")
@@ -74,7 +72,9 @@ def lora_adapter_grad(
         raise ValueError(f"P and Q must share a device, got {P.device} and {Q.device}")
     M, R = P.shape
     N = Q.shape[1]
-    dropout = check_dropout(dropout_p, seed, Q.device, M, N)
+    dropout = keep is not None
+    if dropout:
+        check_keep_bytes(keep, M, N, Q.device)
     if M == 0 or R == 0 or N == 0:
         return torch.zeros((N, R) if transpose else (R, N), dtype=dtype, device=Q.device)
     cfg = skinny_config(Q.device, R, dtype)
@@ -90,11 +90,11 @@ def lora_adapter_grad(
     partial = torch.empty((split, R, N), dtype=torch.float32, device=Q.device)
     grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n), split)
     _lora_adapter_grad_kernel[grid](
-        P, Q, partial, seed if dropout else partial,
+        P, Q, partial, keep if dropout else partial,
         M, N, R, rows_per_split,
         P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        float(scale), float(dropout_p),
+        partial.stride(0), partial.stride(1), partial.stride(2), keep.stride(0) if dropout else 0,
+        float(scale),
         DROPOUT=dropout, DOT_DTYPE=tl_dtype(dtype), PRECISION=dot_precision(dtype),
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_M=block_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

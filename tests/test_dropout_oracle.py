@@ -110,6 +110,12 @@ def test_triton_debug_mask_equals_oracle(seed, M, K, p):
     assert torch.equal(got, _oracle_keep(seed, M, K, p))
 
 
+def _unpack(keep_bytes: torch.Tensor, K: int) -> torch.Tensor:
+    """(M, K) bools from (M, ceil(K/8)) keep bytes: bit j of byte g is element 8g + j."""
+    bits = (keep_bytes.long()[:, :, None] >> torch.arange(8)) & 1
+    return bits.reshape(keep_bytes.shape[0], -1)[:, :K].bool()
+
+
 def _lora_expected(x, W, b, A, B, s, keep, p, dy):
     """float64 y and (dx, dA, dB) of `y = x Wᵀ + b + s · (x ⊙ keep / (1-p)) Aᵀ Bᵀ`."""
     x, A, B = (t.detach().double().cpu().requires_grad_() for t in (x, A, B))
@@ -120,8 +126,10 @@ def _lora_expected(x, W, b, A, B, s, keep, p, dy):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("M, p", [(33, 0.3), (70, 0.6)])
 def test_triton_lora_kernels_apply_the_oracle_mask_forward_and_backward(seed, M, p):
-    """With A = I the fused forward's h is x's dropped copy, so its zeros are the mask; dx (the
-    backward expand's epilogue) and dA (the adapter-grad kernel) regenerate it."""
+    """With A = I the fused forward's h is x's dropped copy, so its zeros are the mask; the keep
+    bytes it stores for backward unpack to the oracle's mask, and dx (the backward expand's
+    epilogue) and dA (the adapter-grad kernel) apply it. A = I has rank K = 32, above the
+    interpreter's rank block (16): the bytes are drawn in their own pass, then read."""
     _require("triton")
     K, N, s = 32, 24, 0.75
     x = _randn(M, K, seed=1).float().to(DEVICE).requires_grad_()
@@ -130,9 +138,10 @@ def test_triton_lora_kernels_apply_the_oracle_mask_forward_and_backward(seed, M,
     B = _randn(N, K, seed=4).float().to(DEVICE).requires_grad_()
     dy = _randn(M, N, seed=5).float().to(DEVICE)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
-    y, h = torch.ops.peft_fast.lora_linear_triton_fwd(x, W, b, A, B, s, p, seed_t)
+    y, h, keep_bytes = torch.ops.peft_fast.lora_linear_triton_fwd(x, W, b, A, B, s, p, seed_t)
     keep = _oracle_keep(seed, M, K, p)
     assert torch.equal(h.detach().cpu() != 0, keep)
+    assert torch.equal(_unpack(keep_bytes.cpu(), K), keep)
     got = [y, *torch.autograd.grad(y, (x, A, B), dy)]
     want_y, want_g = _lora_expected(x, W, b, A, B, s, keep.double(), p, dy)
     for name, g, w in zip(("y", "dx", "dA", "dB"), got, [want_y, *want_g]):

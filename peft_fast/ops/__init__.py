@@ -15,6 +15,8 @@ for _backend in ("triton", "cuda"):
     for _op in ("lora", "ia3", "mixed"):
         dispatch.register_backend_module(_backend, f"peft_fast.ops.{_backend}.{_op}")
 dispatch.register_backend_module("triton", "peft_fast.ops.triton.qlora")
+# The cuBLAS composite: Triton adapter passes around torch's base products ("auto"'s LoRA default).
+dispatch.register_backend_module("triton_composite", "peft_fast.ops.triton.lora_composite")
 
 __all__ = [
     "available_backends",

@@ -1,19 +1,32 @@
-"""Backend choice for every op: "auto" | "torch" | "triton" | "cuda".
+"""Backend choice for every op: "auto" | "torch" | "triton" | "triton_composite" | "cuda".
 
 Each op family registers one implementation per backend together with a `supports`
 predicate. `select(op, ...)` returns the implementation to run for the current backend
 setting and the op's tensors:
 
 * an explicit backend ("triton", say) must be available, else `set_backend` raises;
-  when it is available but cannot take this particular input (dtype, device, shape),
-  dispatch falls back to the next backend in `FALLBACK_ORDER` and says so once at
+  when it is available but cannot take this particular input (dtype, device, shape), or
+  has no implementation of the op, dispatch falls back to the next backend in
+  `FALLBACK_ORDER` ("triton_composite": in the op's AUTO_DEFAULT) and says so once at
   debug level;
 * "auto" tries the fastest backends first and ends on "torch", which takes anything;
   on CPU tensors it uses "torch" (Triton's interpreter is a test vehicle, not a fast path).
   "Fastest" comes from the backend table (per op and shape class, measured on a GPU by
   `peft-fast bench --write-table PATH`): the file named by $PEFT_FAST_BACKEND_TABLE, else the
-  shipped default backend_table.json, or whatever `load_backend_table(path)` last loaded;
-  where it has no entry, FALLBACK_ORDER (triton first).
+  shipped default backend_table.json, or whatever `load_backend_table(path)` last loaded.
+  Where it has no entry, AUTO_DEFAULT: for each op, only backends that are never slower than
+  the unfused torch composition by construction (cuBLAS base products plus adapter passes
+  that move no more bytes than torch's), so an unmeasured fully fused kernel is never the
+  default:
+    lora_linear        triton_composite, cuda, torch   (cuBLAS + Triton adapter passes; the
+                                                        fused "triton" kernel only by name or
+                                                        where the table measured it faster)
+    ia3_linear         cuda, torch                     (cuBLAS + one-pass scale kernels; the
+                                                        fused "triton" matmul only by name or
+                                                        table)
+    lora_linear_mixed  triton, cuda, torch             (both are cuBLAS + SGMV/BGMV adapter
+                                                        passes, composites already)
+  Other ops follow FALLBACK_ORDER.
 
 Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
 """
@@ -33,10 +46,17 @@ from typing import Any
 
 logger = logging.getLogger("peft_fast.dispatch")
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
-# The order "auto" tries on CUDA tensors when the backend table (below) has no measurement
-# for the op and shape class; an explicit backend that cannot take an input falls back along it.
-FALLBACK_ORDER = ("triton", "cuda", "torch")
+BACKENDS = ("auto", "torch", "triton", "triton_composite", "cuda")
+# The order an explicit backend that cannot take an input falls back along, and "auto"'s order
+# for ops without an AUTO_DEFAULT entry.
+FALLBACK_ORDER = ("triton", "triton_composite", "cuda", "torch")
+# The order "auto" tries on CUDA tensors when the backend table has no measurement for the op
+# and shape class: composites only (see the module docstring).
+AUTO_DEFAULT: dict[str, tuple[str, ...]] = {
+    "lora_linear": ("triton_composite", "cuda", "torch"),
+    "ia3_linear": ("cuda", "torch"),
+    "lora_linear_mixed": ("triton", "cuda", "torch"),
+}
 # The backend table shipped with the package (read-only: nothing writes into an install).
 BACKEND_TABLE = Path(__file__).with_name("backend_table.json")
 # Environment variable naming a user's measured table, read instead of the shipped one.
@@ -54,7 +74,7 @@ class Impl:
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
 # Modules that register the implementations of a backend, imported on first use.
-_BACKEND_MODULES: dict[str, tuple[str, ...]] = {"torch": (), "triton": (), "cuda": ()}
+_BACKEND_MODULES: dict[str, tuple[str, ...]] = {"torch": (), "triton": (), "triton_composite": (), "cuda": ()}
 _state = threading.local()
 _global_backend = "auto"
 _warned: set[tuple[str, str, str]] = set()
@@ -79,13 +99,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_status() -> str | None:
+def _triton_status(backend: str = "triton") -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         return f"triton is not importable ({type(e).__name__}: {e})"
-    if not _BACKEND_MODULES.get("triton"):
-        return "no Triton kernels are registered in this version of peft_fast"
+    if not _BACKEND_MODULES.get(backend):
+        return f"no {backend} kernels are registered in this version of peft_fast"
     import torch
 
     if not torch.cuda.is_available() and not interpreter_enabled():
@@ -105,6 +125,7 @@ def _cuda_status() -> str | None:
 _STATUS: dict[str, Callable[[], str | None]] = {
     "torch": lambda: None,
     "triton": _triton_status,
+    "triton_composite": lambda: _triton_status("triton_composite"),
     "cuda": _cuda_status,
 }
 _loaded: dict[str, str | None] = {}
@@ -252,14 +273,18 @@ def backend_table() -> dict[str, Any]:
     return _table_cache if _table_cache is not None else load_backend_table()
 
 
-def auto_order(op: str, x: Any) -> tuple[str, ...]:
-    """The order "auto" tries for `op` on CUDA tensor `x`: the table's measured order for the
-    op and x's shape class (then any backend it left out), else FALLBACK_ORDER."""
-    measured = backend_table().get("entries", {}).get(op, {}).get(shape_class(x))
+def auto_order(op: str, x: Any, table: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The order "auto" tries for `op` on CUDA tensor `x` (anything with `shape`/`numel`): the
+    measured order of `table` (default: the table in force) for the op and x's shape class,
+    then the op's default order without those; where it has no entry, the default order:
+    AUTO_DEFAULT[op] (composites only), else FALLBACK_ORDER."""
+    default = AUTO_DEFAULT.get(op, FALLBACK_ORDER)
+    table = backend_table() if table is None else table
+    measured = table.get("entries", {}).get(op, {}).get(shape_class(x))
     if not measured:
-        return FALLBACK_ORDER
+        return default
     known = [b for b in measured if b in FALLBACK_ORDER]
-    return tuple(known) + tuple(b for b in FALLBACK_ORDER if b not in known)
+    return tuple(known) + tuple(b for b in default if b not in known)
 
 
 def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -274,7 +299,9 @@ def select(op: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         x = _first_tensor(args)
         order = auto_order(op, x) if x is not None and x.device.type == "cuda" else ("torch",)
     else:
-        order = (chosen,) + tuple(b for b in FALLBACK_ORDER if b != chosen)
+        # Choosing the composite chooses the safe path: its fallbacks are the op's composites too.
+        rest = AUTO_DEFAULT.get(op, FALLBACK_ORDER) if chosen == "triton_composite" else FALLBACK_ORDER
+        order = (chosen,) + tuple(b for b in rest if b != chosen)
     for backend in order:
         # Availability first: it imports the backend's modules, which register its impls.
         if backend != "torch" and unavailable_reason(backend) is not None:

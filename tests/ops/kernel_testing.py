@@ -117,11 +117,14 @@ def ia3_check(backend, case, feedforward, dtype, l_dtype):
 # Kernel backends the op tests run on: "triton" (on CPU under Triton's interpreter) and
 # "cuda" (GPU only; skipped cleanly, with the reason, where the CUDA backend cannot run).
 BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+# LoRA has a third: "triton_composite", the cuBLAS composite (torch's base products, Triton's
+# adapter passes), on CPU under the interpreter too.
+LORA_BACKENDS = ["triton", "triton_composite", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def require_backend(backend: str) -> str:
     """Skip the calling test when `backend` cannot run here; return its name."""
-    (require_triton if backend == "triton" else require_cuda_kernels)()
+    (require_triton if backend in ("triton", "triton_composite") else require_cuda_kernels)()
     return backend
 
 
@@ -141,7 +144,7 @@ def dropout_keep_mask(backend: str, seed: torch.Tensor, M: int, K: int, p: float
     y = dropout(x)/(1-p) is x's dropped copy. The mixed-batch kernels number elements alike."""
     x = torch.rand(M, K, device=DEVICE) + 0.5  # never zero
     eye = torch.eye(K, device=DEVICE)
-    y, _ = kernel_op("lora_linear", backend)(x, torch.zeros(K, K, device=DEVICE), None, eye, eye, 1.0, p, seed)
+    y = kernel_op("lora_linear", backend)(x, torch.zeros(K, K, device=DEVICE), None, eye, eye, 1.0, p, seed)[0]
     keep = y != 0
     torch.testing.assert_close(y[keep], x[keep] / (1 - p))
     return keep

@@ -2,8 +2,9 @@
 kernels/lora_shrink.py, lora_expand.py, lora_adapter_grad.py, dropout.py, tiles.py, configs.py;
 peft_fast/ops/cuda/lora.py with csrc/sgmv_*.cu) against the float64 reference
 (peft_fast/ops/reference.py). Tests taking `backend` run on both: "triton" on CPU under
-Triton's interpreter (set in tests/conftest.py, so shapes stay tiny), "cuda" on a GPU only
-(skipped cleanly, with the reason, elsewhere).
+Triton's interpreter (set in tests/conftest.py, so shapes stay tiny), "triton_composite" (the
+cuBLAS composite, peft_fast/ops/triton/lora_composite.py with kernels/lora_grad_dy.py and
+lora_expand_add_) likewise, "cuda" on a GPU only (skipped cleanly, with the reason, elsewhere).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import (
-    BACKENDS,
     DEVICE,
     KERNEL_DTYPES,
+    LORA_BACKENDS,
     assert_close_to_oracle,
     dropout_keep_mask,
     gpu_only,
@@ -32,7 +33,7 @@ import peft_fast
 from peft_fast.ops import dispatch, reference
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=LORA_BACKENDS)
 def backend(request):
     return require_backend(request.param)
 
@@ -150,7 +151,7 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
     keep = dropout_keep_mask(backend, seed, M, K, p).double()
     assert 0.6 < keep.mean().item() < 0.8
     xs, As, Bs = leaf(x, dtype), leaf(A, dtype), leaf(B, dtype)
-    y, _ = kernel_op("lora_linear", backend)(xs, W.to(dtype), b.to(dtype), As, Bs, s, p, seed)
+    y = kernel_op("lora_linear", backend)(xs, W.to(dtype), b.to(dtype), As, Bs, s, p, seed)[0]
     got = [y] + grads_of(y, dy, [xs, As, Bs])
     x64, A64, B64 = (leaf(t.to(dtype), torch.float64) for t in (x, A, B))
     W64, b64 = W.to(dtype).double(), b.to(dtype).double()
@@ -232,7 +233,9 @@ def test_op_errors_name_the_argument(backend):
 def test_dispatch_selects_the_backend_and_falls_back(backend):
     import importlib
 
-    module = importlib.import_module(f"peft_fast.ops.{backend}.lora")
+    module = importlib.import_module(
+        {"triton_composite": "peft_fast.ops.triton.lora_composite"}.get(backend, f"peft_fast.ops.{backend}.lora")
+    )
     x, W, b, A, B = (randn(*s, dtype=torch.float32) for s in ((4, 8), (6, 8), (6,), (2, 8), (6, 2)))
     with peft_fast.use_backend(backend):
         assert dispatch.select("lora_linear", x, W, b, A, B, 1.0) is module.lora_linear

@@ -4,6 +4,8 @@ autograd, public function, `supports`, registration with dispatch):
     lora.py    lora_linear          peft_fast::lora_linear_triton_{fwd,bwd}
     ia3.py     ia3_linear           peft_fast::ia3_linear_triton_{fwd,bwd}
     mixed.py   lora_linear_mixed    peft_fast::lora_linear_mixed_triton_{fwd,bwd}
+    lora_composite.py  lora_linear  peft_fast::lora_linear_composite_{fwd,bwd}, the "triton_composite"
+                                    backend (cuBLAS base products + Triton adapter passes)
 
 Kernels live in `peft_fast.kernels` (kernels/ at the repo root). This file holds what the
 three share: can a call run on Triton (`device_reason`); argument checks are ops/checks.py,
@@ -32,8 +34,8 @@ def device_reason(named: dict[str, torch.Tensor | None]) -> str | None:
     if device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensors need TRITON_INTERPRET=1"
-        if get_backend() != "triton":
-            return "CPU tensors run on Triton's interpreter only when backend 'triton' is chosen"
+        if get_backend() not in ("triton", "triton_composite"):
+            return "CPU tensors run on Triton's interpreter only when backend 'triton' or 'triton_composite' is chosen"
         if any(t is not None and t.dtype == torch.bfloat16 for t in named.values()):
             # Triton 3.9's interpreter returns garbage from bf16 tl.dot (errors up to 4e10).
             return "Triton's interpreter computes bf16 tl.dot wrongly; bf16 CPU tensors take the torch path"
