@@ -202,7 +202,7 @@ def draw_keep_bytes(seed: torch.Tensor, M: int, K: int, p: float, device: torch.
     out = torch.empty(keep_bytes_shape(M, K), dtype=torch.uint8, device=device)
     G = out.shape[1]
     if M and G:
-        block_m, block_g = 32, 32
+        block_m, block_g = 32, min(32, max(16, triton.next_power_of_2(G)))
         grid = (triton.cdiv(M, block_m), triton.cdiv(G, block_g))
         record_draws("keep_bytes", grid[0] * block_m * grid[1] * block_g)
         _keep_bytes_kernel[grid](seed, out, M, K, G, p, BLOCK_M=block_m, BLOCK_G=block_g)

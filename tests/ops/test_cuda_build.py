@@ -48,17 +48,18 @@ def test_auto_order_comes_from_the_table(monkeypatch):
     monkeypatch.setattr(dispatch, "_table_cache", {"entries": {"lora_linear": {"tokens<=256": ["cuda", "torch"]}}})
     small, big = torch.empty(4, 3, 8), torch.empty(5000, 8)
     assert dispatch.shape_class(small) == "tokens<=256" and dispatch.shape_class(big) == "tokens>4096"
-    assert dispatch.auto_order("lora_linear", small) == ("cuda", "torch", "triton")
-    assert dispatch.auto_order("lora_linear", big) == dispatch.FALLBACK_ORDER
-    assert dispatch.auto_order("ia3_linear", small) == dispatch.FALLBACK_ORDER
+    # measured first, then the op's composite-only default without them
+    assert dispatch.auto_order("lora_linear", small) == ("cuda", "torch", "triton_composite")
+    assert dispatch.auto_order("lora_linear", big) == ("triton_composite", "cuda", "torch")
+    assert dispatch.auto_order("ia3_linear", small) == ("cuda", "torch")
 
 
-def test_shipped_table_is_unmeasured_and_prefers_triton():
+def test_shipped_table_is_unmeasured_and_auto_prefers_the_composite():
     import json
 
     table = json.loads(dispatch.BACKEND_TABLE.read_text())
     assert table["entries"] == {} and table["source"] is None  # no invented numbers
-    assert dispatch.FALLBACK_ORDER[0] == "triton"
+    assert dispatch.AUTO_DEFAULT["lora_linear"][0] == "triton_composite"
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")

@@ -49,7 +49,7 @@ def _fake_op(**impls):
 # -- names -----------------------------------------------------------------------------------------
 def test_available_backends():
     backends = peft_fast.available_backends()
-    assert set(backends) == {"torch", "triton", "cuda"}
+    assert set(backends) == {"torch", "triton", "triton_composite", "cuda"}
     assert backends["torch"] is None
     for name, reason in backends.items():
         assert reason is None or (isinstance(reason, str) and reason), name
