@@ -159,21 +159,36 @@ def _seed() -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int64)
 
 
+def _keep(rows: int, cols: int) -> torch.Tensor:
+    """Keep bytes of a rows × cols dropout mask (dropout.py)."""
+    from .dropout import keep_bytes_shape
+
+    return torch.zeros(keep_bytes_shape(rows, cols), dtype=torch.uint8)
+
+
 def _lora_shrink(dtype: torch.dtype, mode: str) -> None:
     from .lora_shrink import lora_shrink
 
     if mode == "bwd_dh":  # dh = s · dy B, B read through its transpose view
         lora_shrink(_t(M, N, dtype=dtype), _t(N, RANK, dtype=dtype).t(), 2.0)
-    else:
+    elif mode == "dropout_store":  # training forward: draws the mask and stores its keep bytes
+        lora_shrink(_t(M, K, dtype=dtype), _t(RANK, K, dtype=dtype), 1.0, 0.1, _seed(), _keep(M, K))
+    elif mode == "dropout_keep_in":  # r above the rank block: keep bytes drawn first, then read
+        lora_shrink(_t(M, K, dtype=dtype), _t(8 * RANK, K, dtype=dtype), 1.0, 0.1, _seed(), _keep(M, K))
+    else:  # no dropout, or dropout without grad (drawn, not stored)
         lora_shrink(_t(M, K, dtype=dtype), _t(RANK, K, dtype=dtype), 1.0, 0.1 if mode == "dropout" else 0.0, _seed())
 
 
 def _lora_expand(dtype: torch.dtype, mode: str) -> None:
-    from .lora_expand import lora_expand
+    from .lora_expand import lora_expand, lora_expand_add_
 
     if mode == "bwd_dx_dropout":  # dx = dy W + mask ⊙ (dh A) / (1-p), W and A through transposes
         w_t, a_t = _t(N, K, dtype=dtype).t(), _t(RANK, K, dtype=dtype).t()
-        lora_expand(_t(M, N, dtype=dtype), w_t, None, _t(M, RANK), a_t, 1.25, 0.1, _seed())
+        lora_expand(_t(M, N, dtype=dtype), w_t, None, _t(M, RANK), a_t, 1.25, _keep(M, K))
+    elif mode == "add_fwd":  # the composite's forward epilogue: y += s · h Bᵀ into cuBLAS's y
+        lora_expand_add_(_t(M, N, dtype=dtype), _t(M, RANK), _t(N, RANK, dtype=dtype), 2.0)
+    elif mode == "add_bwd_dx_dropout":  # the composite's dx += mask ⊙ (dh A) / (1-p) into cuBLAS's dy W
+        lora_expand_add_(_t(M, K, dtype=dtype), _t(M, RANK), _t(RANK, K, dtype=dtype).t(), 1.25, _keep(M, K))
     else:
         b = _t(N, dtype=dtype) if mode == "fwd_bias" else None
         lora_expand(_t(M, K, dtype=dtype), _t(N, K, dtype=dtype), b, _t(M, RANK), _t(N, RANK, dtype=dtype), 2.0)
@@ -185,9 +200,14 @@ def _lora_adapter_grad(dtype: torch.dtype, mode: str) -> None:
     if mode == "dB":
         lora_adapter_grad(_t(M, RANK), _t(M, N, dtype=dtype), dtype, 2.0, transpose=True)
     else:  # dA = dhᵀ dropout(x) / (1-p)
-        lora_adapter_grad(
-            _t(M, RANK), _t(M, K, dtype=dtype), dtype, 1.25, 0.1 if mode == "dA_dropout" else 0.0, _seed()
-        )
+        keep = _keep(M, K) if mode == "dA_dropout" else None
+        lora_adapter_grad(_t(M, RANK), _t(M, K, dtype=dtype), dtype, 1.25, keep)
+
+
+def _lora_grad_dy(dtype: torch.dtype) -> None:
+    from .lora_grad_dy import lora_grad_dy
+
+    lora_grad_dy(_t(M, N, dtype=dtype), _t(N, RANK, dtype=dtype), _t(M, RANK), 2.0)
 
 
 def _ia3(dtype: torch.dtype, mode: str) -> None:
@@ -229,21 +249,21 @@ def _sgmv(kind: str, dtype: torch.dtype, dropout: bool, seg_rows: int) -> None:
     from .sgmv_shrink import sgmv_shrink
 
     segs, ranks, n = _segments(seg_rows)
-    ps, seed = (_t(n) + 0.1, _seed()) if dropout else (None, None)
+    keep = _keep(M, K) if dropout else None
     scales = _t(n) + 1
     if kind == "shrink":  # forward h (dropout) or backward dh = s · dy B (B through its transpose)
         if dropout:
-            sgmv_shrink(_t(M, K, dtype=dtype), _t(n * RANK, K, dtype=dtype), segs, ranks, scales, ps, seed)
+            sgmv_shrink(_t(M, K, dtype=dtype), _t(n * RANK, K, dtype=dtype), segs, ranks, scales, keep)
         else:
             sgmv_shrink(_t(M, N, dtype=dtype), _t(N, n * RANK, dtype=dtype).t(), segs, ranks, scales)
     elif kind == "expand":  # forward y += s · h B, or backward dx += mask ⊙ (dh A) / (1-p)
         if dropout:
             b = _t(n * RANK, K, dtype=dtype).t()
-            sgmv_expand(_t(M, K, dtype=dtype), _t(M, RANK), b, segs, ranks, scales, ps, seed)
+            sgmv_expand(_t(M, K, dtype=dtype), _t(M, RANK), b, segs, ranks, scales, keep)
         else:
             sgmv_expand(_t(M, N, dtype=dtype), _t(M, RANK), _t(N, n * RANK, dtype=dtype), segs, ranks, scales)
     else:  # dB from (h, dy), dA from (dh, dropout(x))
-        sgmv_adapter_grad(_t(M, RANK), _t(M, K, dtype=dtype), n * RANK, segs, ranks, scales, dtype, ps, seed)
+        sgmv_adapter_grad(_t(M, RANK), _t(M, K, dtype=dtype), n * RANK, segs, ranks, scales, dtype, keep)
 
 
 def _bgmv(kind: str, dtype: torch.dtype, dropout: bool) -> None:
@@ -252,18 +272,25 @@ def _bgmv(kind: str, dtype: torch.dtype, dropout: bool) -> None:
 
     _, ranks, n = _segments(16)
     rows = torch.arange(M, dtype=torch.int32) % n
-    ps, seed = (_t(n) + 0.1, _seed()) if dropout else (None, None)
     scales = _t(n) + 1
     if kind == "shrink":
-        bgmv_shrink(_t(M, K, dtype=dtype), _t(n * RANK, K, dtype=dtype), rows, 1, ranks, scales, ps, seed)
+        keep = _keep(M, K) if dropout else None
+        bgmv_shrink(_t(M, K, dtype=dtype), _t(n * RANK, K, dtype=dtype), rows, 1, ranks, scales, keep)
     else:
-        bgmv_expand(_t(M, N, dtype=dtype), _t(M, RANK), _t(N, n * RANK, dtype=dtype), rows, 1, ranks, scales, ps, seed)
+        keep = _keep(M, N) if dropout else None
+        bgmv_expand(_t(M, N, dtype=dtype), _t(M, RANK), _t(N, n * RANK, dtype=dtype), rows, 1, ranks, scales, keep)
 
 
 def _dropout_mask(dtype: torch.dtype) -> None:
     from .dropout import dropout_mask
 
     dropout_mask(_seed(), M, K, 0.1, "cpu")
+
+
+def _keep_bytes(row_p: bool) -> None:
+    from .dropout import draw_keep_bytes
+
+    draw_keep_bytes(_seed(), M, K, 0.1, "cpu", _t(M) if row_p else None)
 
 
 def _nf4_dequant(dtype: torch.dtype, nested: bool) -> None:
@@ -288,9 +315,11 @@ class Variant:
 def variants() -> list[Variant]:
     """Every launch the backends make through the launchers of this folder, one Variant per
     constexpr combination and operand layout (forward, backward, dropout, bias, reduce modes)."""
-    out = [Variant(f"lora_shrink/{m}", lambda d, m=m: _lora_shrink(d, m)) for m in ("fwd", "dropout", "bwd_dh")]
-    for m in ("fwd", "fwd_bias", "bwd_dx_dropout"):
+    shrinks = ("fwd", "dropout", "dropout_store", "dropout_keep_in", "bwd_dh")
+    out = [Variant(f"lora_shrink/{m}", lambda d, m=m: _lora_shrink(d, m)) for m in shrinks]
+    for m in ("fwd", "fwd_bias", "bwd_dx_dropout", "add_fwd", "add_bwd_dx_dropout"):
         out.append(Variant(f"lora_expand/{m}", lambda d, m=m: _lora_expand(d, m), matmul_shaped=True))
+    out.append(Variant("lora_grad_dy", _lora_grad_dy))
     out += [
         Variant(f"lora_adapter_grad/{m}", lambda d, m=m: _lora_adapter_grad(d, m)) for m in ("dB", "dA", "dA_dropout")
     ]
@@ -306,6 +335,10 @@ def variants() -> list[Variant]:
         for kind in ("shrink", "expand"):
             out.append(Variant(f"bgmv_{kind}/{tag}", lambda d, k=kind, p=dropout: _bgmv(k, d, p)))
     out.append(Variant("dropout_mask", _dropout_mask, dtypes=("fp32",)))
+    for row_p in (False, True):
+        out.append(
+            Variant("keep_bytes/" + ("row_p" if row_p else "p"), lambda d, r=row_p: _keep_bytes(r), dtypes=("fp32",))
+        )
     for nested in (False, True):
         name = "nf4_dequant/" + ("nested" if nested else "plain")
         out.append(Variant(name, lambda d, n=nested: _nf4_dequant(d, n)))

@@ -12,16 +12,16 @@ import triton
 import triton.language as tl
 
 from .configs import bgmv_config, rank_block, rank_cap, tl_dtype
-from .dropout import dropout_keep
-from .segments import StackedRanks, check_dropout_ps, check_expand_args, check_per_adapter, check_rows
+from .dropout import check_keep_bytes, load_keep
+from .segments import StackedRanks, check_expand_args, check_per_adapter, check_rows
 from .tiles import load_tile, store_tile
 
 
 @triton.jit
 def _bgmv_expand_kernel(
-    out_ptr, h_ptr, b_ptr, scale_ptr, p_ptr, seed_ptr, row_adapter_ptr, rank_ptr, offset_ptr,
+    out_ptr, h_ptr, b_ptr, scale_ptr, keep_ptr, row_adapter_ptr, rank_ptr, offset_ptr,
     M, N, T,
-    stride_om, stride_on, stride_hm, stride_hr, stride_bn, stride_br,
+    stride_om, stride_on, stride_hm, stride_hr, stride_bn, stride_br, stride_keep,
     DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     tok = tl.program_id(0)
@@ -41,8 +41,7 @@ def _bgmv_expand_kernel(
         acc += tl.sum(h.to(DOT_DTYPE).to(tl.float32) * b.to(DOT_DTYPE).to(tl.float32), axis=0)
     delta = acc[None, :] * tl.load(scale_ptr + adapter)
     if DROPOUT:
-        seed = tl.load(seed_ptr)
-        delta = tl.where(dropout_keep(seed, offs_m, offs_n, N, tl.load(p_ptr + adapter)), delta, 0.0)
+        delta = tl.where(load_keep(keep_ptr, stride_keep, offs_m, offs_n, M, N), delta, 0.0)
     out = load_tile(out_ptr, offs_m, offs_n, stride_om, stride_on, M, N)
     store_tile(out_ptr, out.to(tl.float32) + delta, offs_m, offs_n, stride_om, stride_on, M, N)
 
@@ -55,8 +54,7 @@ def bgmv_expand(
     tokens_per_row: int,
     ranks: StackedRanks,
     scales: torch.Tensor,
-    dropout_ps: torch.Tensor | None = None,
-    seed: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as `sgmv_expand` (adds into `out` in place and returns it), with the
     grouping given per batch row: `row_adapter` (M // tokens_per_row,) int32, -1 = none."""
@@ -64,16 +62,19 @@ def bgmv_expand(
     check_rows(row_adapter, tokens_per_row, M, out.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, out.device)
-    dropout = check_dropout_ps(dropout_ps, seed, n, out.device, M, N)
+    dropout = keep is not None
+    if dropout:
+        check_keep_bytes(keep, M, N, out.device)
     if M == 0 or N == 0 or ranks.max_rank == 0:
         return out
     cfg = bgmv_config(out.device)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(out.device))
     _bgmv_expand_kernel[(M, triton.cdiv(N, cfg.block_n))](
-        out, h, b_stacked, scales, dropout_ps if dropout else scales, seed if dropout else scales,
+        out, h, b_stacked, scales, keep if dropout else scales,
         row_adapter, ranks.rank, ranks.offset,
         M, N, tokens_per_row,
         out.stride(0), out.stride(1), h.stride(0), h.stride(1), b_stacked.stride(0), b_stacked.stride(1),
+        keep.stride(0) if dropout else 0,
         DROPOUT=dropout, DOT_DTYPE=tl_dtype(b_stacked.dtype), BLOCK_N=cfg.block_n, BLOCK_R=block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -15,16 +15,16 @@ import triton
 import triton.language as tl
 
 from .configs import bgmv_config, rank_block, rank_cap, tl_dtype
-from .dropout import dropout_keep
-from .segments import StackedRanks, check_dropout_ps, check_per_adapter, check_rows, check_shrink_args
+from .dropout import check_keep_bytes, load_keep
+from .segments import StackedRanks, check_per_adapter, check_rows, check_shrink_args
 from .tiles import load_tile, store_tile
 
 
 @triton.jit
 def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, h_ptr, scale_ptr, p_ptr, seed_ptr, row_adapter_ptr, rank_ptr, offset_ptr,
+    x_ptr, a_ptr, h_ptr, scale_ptr, keep_ptr, row_adapter_ptr, rank_ptr, offset_ptr,
     M, K, T,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr, stride_keep,
     DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     tok = tl.program_id(0)
@@ -38,15 +38,12 @@ def _bgmv_shrink_kernel(
     offs_m = tok + tl.arange(0, 1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     a_base = a_ptr + tl.load(offset_ptr + adapter) * stride_ar
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        p = tl.load(p_ptr + adapter)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)  # (1, BLOCK_K)
         if DROPOUT:
-            x = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            x = tl.where(load_keep(keep_ptr, stride_keep, offs_m, offs_k, M, K), x, 0.0)
         a = load_tile(a_base, offs_r, offs_k, stride_ar, stride_ak, rank, K)  # (BLOCK_R, BLOCK_K)
         acc += tl.sum(x.to(DOT_DTYPE).to(tl.float32) * a.to(DOT_DTYPE).to(tl.float32), axis=1)
     acc = acc * tl.load(scale_ptr + adapter)
@@ -60,8 +57,7 @@ def bgmv_shrink(
     tokens_per_row: int,
     ranks: StackedRanks,
     scales: torch.Tensor,
-    dropout_ps: torch.Tensor | None = None,
-    seed: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as `sgmv_shrink` (an fp32 (M, ranks.max_rank) tensor, zero outside each
     token's adapter ranks and on tokens of no adapter), with the grouping given per batch
@@ -70,17 +66,20 @@ def bgmv_shrink(
     check_rows(row_adapter, tokens_per_row, M, x.device)
     n = ranks.rank.shape[0]
     check_per_adapter("scales", scales, n, x.device)
-    dropout = check_dropout_ps(dropout_ps, seed, n, x.device, M, K)
+    dropout = keep is not None
+    if dropout:
+        check_keep_bytes(keep, M, K, x.device)
     h = torch.zeros((M, ranks.max_rank), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0 or ranks.max_rank == 0:
         return h
     cfg = bgmv_config(x.device)
     block_r = rank_block(ranks.max_rank, cap=rank_cap(x.device))
     _bgmv_shrink_kernel[(M, triton.cdiv(ranks.max_rank, block_r))](
-        x, a_stacked, h, scales, dropout_ps if dropout else scales, seed if dropout else scales,
+        x, a_stacked, h, scales, keep if dropout else scales,
         row_adapter, ranks.rank, ranks.offset,
         M, K, tokens_per_row,
         x.stride(0), x.stride(1), a_stacked.stride(0), a_stacked.stride(1), h.stride(0), h.stride(1),
+        keep.stride(0) if dropout else 0,
         DROPOUT=dropout, DOT_DTYPE=tl_dtype(a_stacked.dtype), BLOCK_R=block_r, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -141,10 +141,15 @@ def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _keep_bytes_kernel(seed_ptr, out_ptr, M, K, G, p, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+def _keep_bytes_kernel(
+    seed_ptr, row_p_ptr, out_ptr, M, K, G, p, ROW_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    kb = keep_bytes(tl.load(seed_ptr), offs_m, offs_g, K, p)
+    if ROW_P:  # each row's own p (mixed-adapter batches: its adapter's)
+        kb = keep_bytes(tl.load(seed_ptr), offs_m, offs_g, K, tl.load(row_p_ptr + offs_m, mask=offs_m < M)[:, None])
+    else:
+        kb = keep_bytes(tl.load(seed_ptr), offs_m, offs_g, K, p)
     mask = (offs_m[:, None] < M) & (offs_g[None, :] < G)
     tl.store(out_ptr + offs_m[:, None] * G + offs_g[None, :], kb.to(tl.uint8), mask=mask)
 
@@ -191,21 +196,29 @@ def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float, device: torch.dev
     return out.bool()
 
 
-def draw_keep_bytes(seed: torch.Tensor, M: int, K: int, p: float, device: torch.device | str) -> torch.Tensor:
+def draw_keep_bytes(
+    seed: torch.Tensor, M: int, K: int, p: float, device: torch.device | str, row_p: torch.Tensor | None = None
+) -> torch.Tensor:
     """The (M, ceil(K/8)) uint8 keep bytes of an M × K input for this seed and p (bit j of
-    byte (m, g): element (m, 8g + j) kept), one Philox evaluation per byte."""
+    byte (m, g): element (m, 8g + j) kept), one Philox evaluation per byte. `row_p`, an (M,)
+    fp32 tensor of probabilities in [0, 1) on `device`, gives each row its own p instead."""
     device = torch.device(device)
     check_seed(seed, device)
     check_numbering(M, K)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
+    if row_p is not None and (row_p.shape != (M,) or row_p.dtype != torch.float32 or row_p.device != device):
+        raise ValueError(f"row_p must be an ({M},) float32 tensor on {device}, got {tuple(row_p.shape)} {row_p.dtype}")
     out = torch.empty(keep_bytes_shape(M, K), dtype=torch.uint8, device=device)
     G = out.shape[1]
     if M and G:
         block_m, block_g = 32, min(32, max(16, triton.next_power_of_2(G)))
         grid = (triton.cdiv(M, block_m), triton.cdiv(G, block_g))
         record_draws("keep_bytes", grid[0] * block_m * grid[1] * block_g)
-        _keep_bytes_kernel[grid](seed, out, M, K, G, p, BLOCK_M=block_m, BLOCK_G=block_g)
+        _keep_bytes_kernel[grid](
+            seed, row_p if row_p is not None else out, out, M, K, G, p,
+            ROW_P=row_p is not None, BLOCK_M=block_m, BLOCK_G=block_g,
+        )  # fmt: skip
     return out
 
 

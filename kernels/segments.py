@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import check_numbering, check_seed
 from .row_groups import RowGroups
 
 
@@ -110,21 +109,6 @@ def check_expand_args(out: torch.Tensor, h: torch.Tensor, b_stacked: torch.Tenso
     if h.dim() != 2 or h.shape[0] != M or h.shape[1] < max_rank or h.device != out.device:
         raise ValueError(f"h must be ({M}, >= {max_rank}) on {out.device}, got {tuple(h.shape)} on {h.device}")
     return M, N
-
-
-def check_dropout_ps(
-    dropout_ps: torch.Tensor | None, seed: torch.Tensor | None, n: int, device: torch.device, M: int, K: int
-) -> bool:
-    """Whether a launcher applies per-adapter dropout; ValueError when the probabilities,
-    seed or the int32 mask numbering of an M × K tensor do not fit."""
-    if dropout_ps is None:
-        return False
-    check_per_adapter("dropout_ps", dropout_ps, n, device)
-    if seed is None:
-        raise ValueError("seed is required when dropout_ps is given")
-    check_seed(seed, device)
-    check_numbering(M, K)
-    return True
 
 
 @triton.jit

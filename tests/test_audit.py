@@ -78,7 +78,7 @@ def test_specialization_follows_the_jit(probe):
     # backward reads W and A through transposes: the unit stride moves to the other dimension
     bwd = probe["bwd90"]
     assert bwd["constexprs"]["stride_wn"] == 1 and bwd["signature"]["stride_wk"] == "i32"
-    assert bwd["constexprs"]["DROPOUT"] is True and bwd["signature"]["seed_ptr"] == "*i64"
+    assert bwd["constexprs"]["DROPOUT"] is True and bwd["signature"]["keep_ptr"] == "*u8"
 
 
 def test_a_real_compile_reads_registers_and_tensor_core_instructions(probe):

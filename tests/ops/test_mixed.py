@@ -332,8 +332,8 @@ def test_launcher_errors_name_the_argument(triton_backend):
         sgmv_shrink(x, A, segs._replace(seg_start=segs.seg_start.long()), ranks, one)
     with pytest.raises(ValueError, match="scales"):
         sgmv_shrink(x, A, segs, ranks, torch.ones(2, device=DEVICE))
-    with pytest.raises(ValueError, match="seed"):
-        sgmv_shrink(x, A, segs, ranks, one, dropout_ps=one * 0.1)
+    with pytest.raises(ValueError, match="keep must be uint8 keep bytes of shape \\(2, 1\\)"):
+        sgmv_shrink(x, A, segs, ranks, one, keep=torch.ones(2, 8, dtype=torch.uint8, device=DEVICE))
     with pytest.raises(ValueError, match="h must be"):
         sgmv_expand(torch.zeros(2, 4, device=DEVICE), torch.zeros(2, 1, device=DEVICE), A[:, :4].t(), segs, ranks, one)
     with pytest.raises(ValueError, match="divide"):

@@ -4,13 +4,15 @@
 Forward, with a = the adapter of each token's batch row, s_a its scaling, p_a its dropout:
     y = x Wᵀ + b                                  cuBLAS (F.linear): the base product is the
                                                   same for every row, nothing to fuse per adapter
+    keep bytes of x's mask, each row's p_a    dropout.draw_keep_bytes: Philox once per 8
+                                                  elements of x, 1 bit per element stored
     h = dropout_a(x) A_aᵀ / (1 - p_a)             sgmv_shrink | bgmv_shrink, fp32 (M × max r)
     y += s_a · h B_aᵀ                             sgmv_expand | bgmv_expand, in place
-Backward (saves x, h and the dropout seed; never the mask or the dropped x):
+Backward (saves x, h and the keep bytes; never a byte mask or the dropped x; no Philox):
     dh = s_a · dy B_a                             shrink with the stacked Bᵀ view
     dB_a = s_a · dy_aᵀ h_a, dA_a = dh_aᵀ dropout_a(x_a)/(1-p_a)
                                                   sgmv_adapter_grad, each adapter over its
-                                                  own tokens, mask regenerated
+                                                  own tokens, mask from the keep bytes
     dx = dy W + mask_a ⊙ (dh A_a)/(1-p_a)         torch mm + expand with the stacked Aᵀ view
     dW = dyᵀ x, db = Σ dy                         torch, only when W / b require grad
 
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from peft_fast.kernels.bgmv_expand import bgmv_expand
 from peft_fast.kernels.bgmv_shrink import bgmv_shrink
-from peft_fast.kernels.dropout import MAX_ELEMENTS
+from peft_fast.kernels.dropout import MAX_ELEMENTS, draw_keep_bytes, keep_bytes_shape
 from peft_fast.kernels.segments import StackedRanks
 from peft_fast.kernels.sgmv_adapter_grad import sgmv_adapter_grad
 from peft_fast.kernels.sgmv_expand import sgmv_expand
@@ -63,27 +65,36 @@ def choose_path(groups: RowGroups, tokens_per_row: int) -> str:
 
 class _Launch:
     """The kernels of one call, given the op's arguments: the grouping, the stacked ranks, the
-    per-adapter numbers ((4, n): scaling, p, 1/(1-p), 1), the seed and the path."""
+    per-adapter numbers ((4, n): scaling, p, 1/(1-p), 1), the keep bytes of x's dropout mask
+    (None without dropout) and the path."""
 
-    def __init__(self, groups: RowGroups, ints: Tensor, numbers: Tensor, max_rank: int, seed, path: str, M: int):
-        self.groups, self.seed, self.path = groups, seed, path
+    def __init__(self, groups: RowGroups, ints: Tensor, numbers: Tensor, max_rank: int, keep, path: str, M: int):
+        self.groups, self.keep, self.path = groups, keep, path
         self.T = M // groups.batch_size
         self.ranks = StackedRanks(ints[0], ints[1], max_rank)
         self.scaling = numbers[0]
-        self.ps = numbers[1] if seed is not None else None
-        self.keep_scale = numbers[2] if seed is not None else numbers[3]
+        self.keep_scale = numbers[2] if keep is not None else numbers[3]
 
     def shrink(self, x: Tensor, a_stacked: Tensor, scales: Tensor, dropout: bool) -> Tensor:
-        ps, seed = (self.ps, self.seed) if dropout else (None, None)
+        keep = self.keep if dropout else None
         if self.path == "bgmv":
-            return bgmv_shrink(x, a_stacked, self.groups.row_adapter, self.T, self.ranks, scales, ps, seed)
-        return sgmv_shrink(x, a_stacked, self.groups, self.ranks, scales, ps, seed)
+            return bgmv_shrink(x, a_stacked, self.groups.row_adapter, self.T, self.ranks, scales, keep)
+        return sgmv_shrink(x, a_stacked, self.groups, self.ranks, scales, keep)
 
     def expand(self, out: Tensor, h: Tensor, b_stacked: Tensor, scales: Tensor, dropout: bool) -> Tensor:
-        ps, seed = (self.ps, self.seed) if dropout else (None, None)
+        keep = self.keep if dropout else None
         if self.path == "bgmv":
-            return bgmv_expand(out, h, b_stacked, self.groups.row_adapter, self.T, self.ranks, scales, ps, seed)
-        return sgmv_expand(out, h, b_stacked, self.groups, self.ranks, scales, ps, seed)
+            return bgmv_expand(out, h, b_stacked, self.groups.row_adapter, self.T, self.ranks, scales, keep)
+        return sgmv_expand(out, h, b_stacked, self.groups, self.ranks, scales, keep)
+
+
+def draw_mixed_keep(x: Tensor, row_adapter: Tensor, ps: Tensor, seed: Tensor) -> Tensor:
+    """The keep bytes of 2-D x's dropout mask, each token drawn with its row's adapter's p
+    (`ps[row_adapter[row]]`; p = 0 on base-only rows, which no kernel reads)."""
+    M, K = x.shape
+    adapter = row_adapter.long()
+    row_p = torch.where(adapter >= 0, ps[adapter.clamp(min=0)], 0.0).to(torch.float32)
+    return draw_keep_bytes(seed, M, K, 0.0, x.device, row_p.repeat_interleave(M // max(1, row_adapter.shape[0])))
 
 
 @torch.library.custom_op("peft_fast::lora_linear_mixed_triton_fwd", mutates_args=())
@@ -104,23 +115,28 @@ def lora_linear_mixed_triton_fwd(
     max_rank: int,
     seed: Optional[Tensor],
     path: str,
-) -> tuple[Tensor, Tensor]:
-    """(y, h) for 2-D x (M, in) whose rows are grouped by the `RowGroups` given field by field:
-    y (M, out) in x's dtype, h = dropout_a(x) A_aᵀ / (1 - p_a) (M, max_rank) fp32. A, B: the
-    stacked adapters; ints (2, n) rank/offset, numbers (4, n) as `StackedLora`'s."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, keep) for 2-D x (M, in) whose rows are grouped by the `RowGroups` given field by
+    field: y (M, out) in x's dtype, h = dropout_a(x) A_aᵀ / (1 - p_a) (M, max_rank) fp32, keep
+    the keep bytes of x's dropout mask (empty without a seed). A, B: the stacked adapters; ints
+    (2, n) rank/offset, numbers (4, n) as `StackedLora`'s."""
     groups = RowGroups(row_adapter, row_order, seg_adapter, seg_start, tuple(present), tuple(seg_rows))
-    launch = _Launch(groups, ints, numbers, max_rank, seed, path, x.shape[0])
+    keep = (
+        draw_mixed_keep(x, row_adapter, numbers[1], seed) if seed is not None else x.new_empty((0,), dtype=torch.uint8)
+    )
+    launch = _Launch(groups, ints, numbers, max_rank, keep if seed is not None else None, path, x.shape[0])
     y = F.linear(x, weight, bias)
     h = launch.shrink(x, A, launch.keep_scale, dropout=True)
     launch.expand(y, h, B, launch.scaling, dropout=False)
-    return y, h
+    return y, h, keep
 
 
 @lora_linear_mixed_triton_fwd.register_fake
 def _(x, weight, bias, A, B, row_adapter, row_order, seg_adapter, seg_start, present, seg_rows, ints, numbers,
       max_rank, seed, path):  # fmt: skip
     M = x.shape[0]
-    return x.new_empty((M, weight.shape[0])), x.new_empty((M, max_rank), dtype=torch.float32)
+    keep = x.new_empty(keep_bytes_shape(*x.shape) if seed is not None else (0,), dtype=torch.uint8)
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, max_rank), dtype=torch.float32), keep
 
 
 @torch.library.custom_op("peft_fast::lora_linear_mixed_triton_bwd", mutates_args=())
@@ -139,42 +155,44 @@ def lora_linear_mixed_triton_bwd(
     seg_rows: list[int],
     ints: Tensor,
     numbers: Tensor,
-    seed: Optional[Tensor],
+    keep: Optional[Tensor],
     path: str,
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA, dB) of lora_linear_mixed_triton_fwd's y; dA, dB are the stacked adapters'
-    gradients (each adapter's from its own rows only); dx is an empty tensor when not `need_dx`."""
+    """(dx, dA, dB) of lora_linear_mixed_triton_fwd's y, the dropout mask read from its keep
+    bytes (None without dropout); dA, dB are the stacked adapters' gradients (each adapter's
+    from its own rows only); dx is an empty tensor when not `need_dx`."""
     groups = RowGroups(row_adapter, row_order, seg_adapter, seg_start, tuple(present), tuple(seg_rows))
-    launch = _Launch(groups, ints, numbers, h.shape[1], seed, path, x.shape[0])
+    launch = _Launch(groups, ints, numbers, h.shape[1], keep, path, x.shape[0])
     r_total = A.shape[0]
     dh = launch.shrink(dy, B.t(), launch.scaling, dropout=False)
     dB = sgmv_adapter_grad(h, dy, r_total, groups, launch.ranks, launch.scaling, B.dtype).t().contiguous()
-    dA = sgmv_adapter_grad(dh, x, r_total, groups, launch.ranks, launch.keep_scale, A.dtype, launch.ps, seed)
+    dA = sgmv_adapter_grad(dh, x, r_total, groups, launch.ranks, launch.keep_scale, A.dtype, keep)
     dx = launch.expand(dy.mm(weight), dh, A.t(), launch.keep_scale, dropout=True) if need_dx else dy.new_empty((0,))
     return dx, dA, dB
 
 
 @lora_linear_mixed_triton_bwd.register_fake
 def _(dy, x, weight, A, B, h, row_adapter, row_order, seg_adapter, seg_start, present, seg_rows, ints, numbers,
-      seed, path, need_dx):  # fmt: skip
+      keep, path, need_dx):  # fmt: skip
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
     return dx, A.new_empty(A.shape), B.new_empty(B.shape)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, _, A, B, *grouping, ints, numbers, _, seed, path = inputs
-    ctx.save_for_backward(x, weight, A, B, output[1], *grouping[:4], ints, numbers, seed)
+    keep = output[2] if seed is not None else None
+    ctx.save_for_backward(x, weight, A, B, output[1], *grouping[:4], ints, numbers, keep)
     ctx.host = (grouping[4], grouping[5], path)
 
 
-def _backward(ctx, dy, _dh):
-    x, weight, A, B, h, row_adapter, row_order, seg_adapter, seg_start, ints, numbers, seed = ctx.saved_tensors
+def _backward(ctx, dy, *_):
+    x, weight, A, B, h, row_adapter, row_order, seg_adapter, seg_start, ints, numbers, keep = ctx.saved_tensors
     present, seg_rows, path = ctx.host
     need = ctx.needs_input_grad
     dx, dA, dB = torch.ops.peft_fast.lora_linear_mixed_triton_bwd(
         dy, x, weight, A, B, h, row_adapter, row_order, seg_adapter, seg_start, present, seg_rows, ints, numbers,
-        seed, path, need[0],
+        keep, path, need[0],
     )  # fmt: skip
     dW, db = base_grads(dy, x, need[1], need[2])
     grads = (dx if need[0] else None, dW, db, dA if need[3] else None, dB if need[4] else None)
@@ -227,7 +245,7 @@ def lora_linear_mixed(
     T = tokens_per_row(x)
     seed = new_seed(x.device) if training and any(dropout_ps[a] > 0.0 for a in groups.present) else None
     max_rank = max(st.ranks[a] for a in groups.present)
-    y, _ = torch.ops.peft_fast.lora_linear_mixed_triton_fwd(
+    y, _, _ = torch.ops.peft_fast.lora_linear_mixed_triton_fwd(
         x.reshape(-1, in_f), weight, bias, st.A, st.B, *groups[:4], list(groups.present), list(groups.seg_rows),
         st.ints, st.numbers, max_rank, seed, path or choose_path(groups, T),
     )  # fmt: skip
