@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": as_dicts(rows),
             "findings": findings,
             "roofline": [roofline.predict(*s, gpu=gpu) for s in roofline.BENCH_SHAPES for gpu in (roofline.H100,)],
+            "dropout_cost": [roofline.dropout_cost(m, k) for m, k, _, _ in roofline.BENCH_SHAPES],
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))

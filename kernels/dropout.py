@@ -13,15 +13,20 @@ mask packs into one byte per counter: the *keep bytes*, a (M, ceil(K/8)) uint8 t
 (m, g) bit j = keep(m, 8g + j) (`keep_bytes`, the same packing as csrc's `dropout_keep8`).
 The forward shrink draws them once, gates x with them and stores them (M·K/8 bytes, 1/16 of a
 bf16 x); backward's dx epilogue and dA read them (`load_keep`) instead of drawing again.
-Chosen with the roofline model (kernels/roofline.py, `dropout_cost`): regenerating the mask in
-the three passes costs 3/8 evaluation per element (about 0.10 ms per step at 8192 × 4096 on an
-H100 at ~1e12 Philox evaluations/s, over the issue's 1/4 budget); 8-bit uniforms (3/16) would
-quantize p to steps of 1/256; the keep bytes cost 1/8 evaluation (~0.03 ms) plus M·K/8 bytes
-written once and read twice (12 MiB, ~4 µs at 3 TB/s) and M·K/8 bytes of memory held from
-forward to backward. When the shrink's grid has several rank blocks (r above its rank block)
-`draw_keep_bytes` draws the bytes in a pass of its own first, so every counter is evaluated
-once per step whatever the rank. Launchers report each draw to `count_philox` (a debug hook
-counting evaluations from their grids and blocks; tests assert the 1/8 per element).
+Chosen with the roofline model (kernels/roofline.py, `dropout_cost`; H100 model, ~1e12 Philox
+evaluations/s, 3.0 TB/s, at x = 8192 × 4096): regenerating the 16-bit mask in the three passes
+costs 3/8 evaluation per element (12.6 M evaluations, ~13 µs per step), over the issue's 1/4
+budget; 8-bit uniforms regenerated three times (3/16, ~6 µs) would quantize p to steps of
+1/256; the keep bytes cost 1/8 evaluation per element (4.2 M, ~4 µs) plus M·K/8 bytes written
+once and read twice (12 MiB, ~4 µs as a separate pass, less where it overlaps the kernels' own
+traffic), keep p's 1/65536 steps and hold M·K/8 bytes from forward to backward.
+When the shrink's grid has several rank blocks (r above its rank block), and for mixed-adapter
+batches (each row with its adapter's p), `draw_keep_bytes` draws the bytes in a pass of their
+own first and the kernels read them, so every counter is evaluated once per step whatever the
+rank. Launchers report each draw to `count_philox` (a debug hook counting evaluations from their
+grids and blocks, padding lanes included: exactly 1/8 per element when x fills the tiles, at
+most 1/4 once M and K reach a tile; tests count them at `tl.randint4x` too). The CUDA C++
+kernels (csrc/) draw the same mask but still regenerate it in each pass.
 
 `dropout_mask` is a small debug launcher that materializes the mask (as bools) for tests.
 """
