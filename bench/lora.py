@@ -7,7 +7,8 @@ the same run:
   peft_bf16     HF peft's lora.Linear with bf16 adapters
   peft_fp32     HF peft's lora.Linear with fp32 adapters (peft's default under autocast_adapter_dtype)
   torch_bf16    peft_fast.ops.lora_linear on the "torch" backend (the unfused composition)
-  triton_bf16   the same on the "triton" backend; cuda_bf16 on the "cuda" backend (csrc/)
+  triton_bf16   the same on the "triton" backend (fully fused); triton_composite_bf16 on the
+                cuBLAS composite ("auto"'s default); cuda_bf16 on the "cuda" backend (csrc/)
   *_fp32        the same with fp32 adapters
 
 forward, backward and forward+backward separately, the peak memory of one forward+backward,
@@ -60,13 +61,13 @@ class Row:
     fwd_bwd_ratio: float = float("nan")
 
 
-def kernel_backends(left_out: dict[str, str]) -> list[str]:
-    """The kernel backends that can run here ("triton", "cuda"); each one that cannot goes
-    into `left_out` (backend -> reason) and is printed once."""
+def kernel_backends(left_out: dict[str, str], names: tuple[str, ...] = ("triton", "cuda")) -> list[str]:
+    """The kernel backends of `names` that can run here; each one that cannot goes into
+    `left_out` (backend -> reason) and is printed once."""
     from peft_fast.ops import dispatch
 
     out = []
-    for b in ("triton", "cuda"):
+    for b in names:
         why = dispatch.unavailable_reason(b)
         if why is None:
             out.append(b)
@@ -116,7 +117,7 @@ def run_case(
     W = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
     fwds: dict[str, Callable[[], torch.Tensor]] = {"linear": lambda: F.linear(x, W)}
     params: dict[str, list[torch.Tensor]] = {"linear": [x]}
-    backends = ["torch"] + (kernel_backends(left_out) if cuda else [])
+    backends = ["torch"] + (kernel_backends(left_out, ("triton", "triton_composite", "cuda")) if cuda else [])
     for ad in (torch.bfloat16, torch.float32) if cuda else (torch.float32,):
         tag = "bf16" if ad == torch.bfloat16 else "fp32"
         layer = hf_lora_layer(W, r, p, ad)
@@ -190,7 +191,7 @@ def backend_table_from_rows(rows: list[Row] | list[dict], source: str, device: s
     by_class: dict[str, dict[str, list[float]]] = {}
     for row in rows:
         row = row if isinstance(row, dict) else row.__dict__
-        backend, _, tag = row["variant"].partition("_")
+        backend, _, tag = row["variant"].rpartition("_")
         if backend not in dispatch.FALLBACK_ORDER or tag != "bf16" or math.isnan(row["fwd_bwd_ms"]):
             continue
         cls = dispatch.shape_class(torch.empty(row["M"], 1, device="meta"))

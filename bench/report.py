@@ -19,7 +19,7 @@ from typing import Any
 
 STAGE_SKIPPED = 99  # exit status gpu_round.sh records for a stage that does not apply (e.g. no audit yet)
 TIMED_OUT = (124, 137)  # `timeout`'s statuses: the limit was reached (TERM, then KILL)
-KERNEL_BACKENDS = ("triton", "cuda")
+KERNEL_BACKENDS = ("triton", "triton_composite", "cuda")
 PYTEST_RESULT = re.compile(r"^=*\s*(\d+ (passed|failed|skipped|error|errors|deselected|xfailed|xpassed)\b.*)$")
 
 

@@ -3,7 +3,8 @@
 The oracle is checked first against Random123's published known-answer vectors; then the
 masks the kernels actually apply are recovered from their outputs and gradients (not from
 `kernels.dropout.dropout_mask`, the helper the kernels share) and compared with it:
-- the Triton LoRA kernels (forward shrink, backward dx and dA) under the interpreter on CPU;
+- the Triton LoRA kernels (forward shrink, the keep bytes it stores, backward dx and dA), fused
+  and as the cuBLAS composite, under the interpreter on CPU;
 - the Triton SGMV/BGMV kernels (mixed-adapter batches), forward and backward;
 - the CUDA C++ kernels (csrc/philox.h), on a GPU (gpu-marked).
 """
@@ -148,9 +149,11 @@ def test_triton_lora_kernels_apply_the_oracle_mask_forward_and_backward(seed, M,
         assert _rel_err(g, w) < 1e-5, name
 
 
-def test_triton_lora_linear_draws_its_seed_from_torch_and_applies_the_oracle_mask():
-    """The public op (dispatch -> Triton): the seed is torch's next draw; the mask is the oracle's."""
-    _require("triton")
+@pytest.mark.parametrize("backend", ["triton", "triton_composite"])
+def test_triton_lora_linear_draws_its_seed_from_torch_and_applies_the_oracle_mask(backend):
+    """The public op (dispatch -> the fused Triton path, or the cuBLAS composite): the seed is
+    torch's next draw; the mask forward and backward is the oracle's."""
+    _require(backend)
     M, K, N, r, s, p = 3 * 5, 48, 20, 16, 0.5, 0.25
     x = _randn(3, 5, K, seed=11).float().to(DEVICE).requires_grad_()
     W, b = (_randn(N, K, seed=12) / K**0.5).float().to(DEVICE), _randn(N, seed=13).float().to(DEVICE)
@@ -160,7 +163,7 @@ def test_triton_lora_linear_draws_its_seed_from_torch_and_applies_the_oracle_mas
     torch.manual_seed(2024)
     seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64))
     torch.manual_seed(2024)
-    with peft_fast.use_backend("triton"):
+    with peft_fast.use_backend(backend):
         y = peft_fast.ops.lora_linear(x, W, b, A, B, s, p, True)
     got = [y, *torch.autograd.grad(y, (x, A, B), dy)]
     keep = _oracle_keep(seed, M, K, p).double().reshape(3, 5, K)
