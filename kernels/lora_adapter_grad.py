@@ -79,8 +79,9 @@ def lora_adapter_grad(
         return torch.zeros((N, R) if transpose else (R, N), dtype=dtype, device=Q.device)
     cfg = skinny_config(Q.device, R, dtype)
     block_r = cfg.block_n
-    # fp32 Q tiles take 64 columns, not 128: the 128-column fp32 dropout variant spills on sm_90a.
-    block_n = (128 if dtype != torch.float32 else 64) if on_gpu(Q.device) else 32
+    # fp32 Q tiles and masked (dropout) tiles take 64 columns, not 128: the 128-column variants
+    # spill on sm_90a (fp32 by 100s of bytes; bf16/fp16 reading the keep bytes by 8).
+    block_n = (128 if dtype != torch.float32 and not dropout else 64) if on_gpu(Q.device) else 32
     block_m = cfg.block_k
     tiles = triton.cdiv(R, block_r) * triton.cdiv(N, block_n)
     # Enough programs for about two waves, each with at least a few BLOCK_M steps.
