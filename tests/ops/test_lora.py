@@ -143,7 +143,7 @@ def test_frozen_base_grads_when_required(backend):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_dropout_backward_uses_forward_mask(backend, dtype):
     """Forward and every gradient equal the float64 formula applied to x ⊙ mask / (1-p),
-    with the mask the forward applies for the seed: backward regenerated the forward's mask."""
+    with the mask the forward applies for the seed: backward applied the forward's mask."""
     p, s, r = 0.3, 0.5, 5
     M, K, N = (67, 136, 48) if DEVICE == "cuda" else (33, 40, 24)  # tiny under the interpreter
     x, W, b, A, B, dy = lora_case(M, K, N, r)
