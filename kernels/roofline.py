@@ -45,8 +45,10 @@ class Kernel:
 
 
 def kernel_seconds(k: Kernel, gpu: dict) -> float:
-    """The roofline time of one kernel: its slowest roof plus the launch cost."""
-    return max(k.flops / gpu["flops"], k.bytes / gpu["bytes_per_s"], k.philox / gpu["philox_per_s"]) + gpu["launch_s"]
+    """The roofline time of one kernel: its slowest roof plus the launch cost (a `gpu` without a
+    Philox rate takes the H100 model's estimate)."""
+    philox = k.philox / gpu.get("philox_per_s", H100["philox_per_s"])
+    return max(k.flops / gpu["flops"], k.bytes / gpu["bytes_per_s"], philox) + gpu["launch_s"]
 
 
 def _mm(name: str, m: int, n: int, k: int, b_in: float, b_out: float) -> Kernel:

@@ -90,4 +90,6 @@ def test_backend_table_orders_backends_by_measured_time(tmp_path, monkeypatch):
     path.write_text(json.dumps(table))
     monkeypatch.setattr(dispatch, "_table_cache", None)
     dispatch.load_backend_table(path)
-    assert dispatch.auto_order("lora_linear", torch.empty(100, 8, device="meta")) == ("cuda", "triton", "torch")
+    # measured first, then "auto"'s composite-only default without them
+    small = torch.empty(100, 8, device="meta")
+    assert dispatch.auto_order("lora_linear", small) == ("cuda", "triton", "triton_composite", "torch")
