@@ -15,6 +15,8 @@ for _backend in ("triton", "cuda"):
     for _op in ("lora", "ia3", "mixed"):
         dispatch.register_backend_module(_backend, f"peft_fast.ops.{_backend}.{_op}")
 dispatch.register_backend_module("triton", "peft_fast.ops.triton.qlora")
+for _op in ("loha", "lokr"):
+    dispatch.register_backend_module("triton", f"peft_fast.ops.triton.{_op}")
 
 __all__ = [
     "available_backends",

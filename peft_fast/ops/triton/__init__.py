@@ -4,6 +4,8 @@ autograd, public function, `supports`, registration with dispatch):
     lora.py    lora_linear          peft_fast::lora_linear_triton_{fwd,bwd}
     ia3.py     ia3_linear           peft_fast::ia3_linear_triton_{fwd,bwd}
     mixed.py   lora_linear_mixed    peft_fast::lora_linear_mixed_triton_{fwd,bwd}
+    loha.py    loha_linear          peft_fast::loha_linear_triton_{fwd,bwd}
+    lokr.py    lokr_linear          peft_fast::lokr_linear_triton_{fwd,bwd}
 
 Kernels live in `peft_fast.kernels` (kernels/ at the repo root). This file holds what the
 three share: can a call run on Triton (`device_reason`); argument checks are ops/checks.py,
