@@ -6,6 +6,7 @@ Suites (each in its own module of this package):
   sgmv    one linear layer serving many LoRA adapters in one batch (sgmv.py)
   quick   lora, ia3 and sgmv in one process, one record and one figure (the GPU round's preset)
   e2e     a training step of a Llama-shaped model: frozen, HF peft, peft_fast, HF peft + patch_peft (e2e.py)
+  variants  LoRA's variants (LoHa, LoKr, ...: variants.METHODS) vs HF peft: model step and one layer (variants.py)
 
 Presets: "full" and "quick" are GPU sizes (default on CUDA: full; --quick: quick); "cpu" is
 the CPU default (small shapes, the harness only: GPU numbers are not measured); "tiny" is
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, ia3, lora, sgmv
+from . import e2e, ia3, lora, sgmv, variants
 from .plot import plot_ratios
 from .timing import CPU_ROUNDS, device_name, make_record, write_record
 
@@ -43,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peft-fast bench",
         description="Benchmarks: peft_fast's ops against bare frozen linear layers and HF peft, in one run.",
         epilog="Suites: lora, ia3, sgmv (many adapters per batch), quick (lora + ia3 + sgmv, one record), "
-        "e2e (training step of a Llama-shaped model).",
+        "e2e (training step of a Llama-shaped model), variants (LoHa, LoKr, ... vs HF peft).",
     )
-    parser.add_argument("--suite", choices=(*SUITES, "quick", "e2e"), default="lora", help="default: %(default)s")
+    parser.add_argument(
+        "--suite", choices=(*SUITES, "quick", "e2e", "variants"), default="lora", help="default: %(default)s"
+    )
     parser.add_argument(
         "--preset",
         choices=PRESETS,
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="GPU, suites lora/quick: write the backend table measured by this run to PATH",
     )
+    parser.add_argument("--methods", help="suite variants: comma-separated methods (default: all of variants.METHODS)")
     parser.add_argument("--ingest", type=Path, metavar="DIR", help="file a GPU round's output folder (see ingest.py)")
     parser.add_argument(
         "--repo", type=Path, help="with --ingest: the repository checkout to update (default: the one holding bench/)"
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --rounds: must be >= 1, got {args.rounds}")
     if args.suite == "e2e" and _given(argv, "--rounds"):
         parser.error("argument --rounds: the e2e suite times whole training steps (its preset sets the steps)")
+    if args.methods is not None and args.suite != "variants":
+        parser.error("argument --methods: goes with --suite variants")
     if args.quick and args.preset is not None:
         parser.error(f"argument --quick: give either --quick or --preset {args.preset}, not both")
     if args.no_plot and args.out is None:
@@ -126,6 +132,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(CPU: a harness check. GPU numbers: {e2e.GPU_NUMBERS})")
         record = make_record("e2e", device, rows, argv=argv, extra={"preset": preset, **extra})
         figure, ylabel = e2e.ratios(record["rows"]), e2e.YLABEL
+    elif args.suite == "variants":
+        methods = args.methods.split(",") if args.methods is not None else None
+        if methods is not None and (not methods or any(m not in variants.METHODS for m in methods)):
+            parser.error(f"argument --methods: choose from {sorted(variants.METHODS)}, got {args.methods!r}")
+        rounds = args.rounds if _given(argv, "--rounds") else None
+        rows, extra = variants.run(variants.PRESETS[preset], device, rounds, methods)
+        print(f"\n[variants] {preset} preset on {device_name(device)}")
+        print(variants.table(rows))
+        record = make_record("variants", device, variants.as_dicts(rows), argv=argv, extra={"preset": preset, **extra})
+        for method, t in extra["targets"].items():
+            print(
+                f"target {method}: {t['speedup_vs_hf']:.2f}x HF's step (>= {t['speedup_target']}: "
+                f"{'met' if t['speedup_met'] else 'MISSED'}), peak {t['peak_vs_hf']:.2f} of HF's "
+                f"(<= 1: {'met' if t['peak_met'] else 'MISSED'})"
+            )
+        figure, ylabel = variants.ratios(record["rows"]), variants.YLABEL
     else:
         record, figure = _run_op_suites(args.suite, preset, device, args.rounds, argv)
         ylabel = "time / bare frozen linear (lower is better)"

@@ -1,83 +1,149 @@
-"""One training step of LoHa and LoKr: peft_fast vs HF peft, same run, interleaved.
+"""Variants suite (`--suite variants`): LoRA's variants trained with peft_fast and with HF peft,
+in the same run, interleaved.
 
-    python bench/variants.py                       # Llama-shaped ~100M model, CPU, writes bench/results/
-    python bench/variants.py --layers 2 --rounds 2 # a quick check of the harness
-    python bench/variants.py --layer-only          # one adapted Linear, many interleaved repeats
+Two cases per method:
 
-`--layer-only` times forward + backward of one adapted nn.Linear (--hidden -> --intermediate,
-batch x seq rows) per variant, --layer-repeats interleaved repeats: short calls whose median
-stays readable on a busy machine, where whole-model steps are noisy.
+  model   one training step (forward + backward + AdamW) of a Llama-shaped causal LM built
+          from a config (random weights, nothing downloaded), the method's HF-default config
+          on all linear layers;
+  layer   forward + backward of one adapted nn.Linear (`layer_in` -> `layer_out`, `layer_rows`
+          rows), the method on that layer alone.
 
-The model is a randomly initialised LlamaForCausalLM (hidden 768, 12 layers, intermediate 2048,
-vocab 8192: ~98M parameters) built from its config, so nothing is downloaded. Each variant
-(method x library) wraps its own copy of the same base weights with HF peft's default config
-(r=8, alpha=8) on all linear layers. A step is forward + backward + AdamW step on a fixed batch.
-Rounds run the variants one after another (interleaved), so load changes on the machine hit
-all of them alike; the numbers are medians over rounds.
+Methods come from `METHODS` (name -> builder): a builder takes the library module (`peft` or
+`peft_fast`, which share config names) and the target modules, and returns that library's config.
+Another method joins the suite with one `register_method` call; nothing else changes.
 
-Memory, two ways per variant:
-- `saved_for_backward_bytes`: the bytes of distinct tensors autograd holds for backward at the
-  end of the forward (parameters excluded), measured in this process with saved-tensor hooks;
-  this is where HF peft's per-layer ΔW shows up.
-- `peak_rss_bytes`: the peak resident memory of a fresh child process that builds the model and
-  runs two steps, minus its resident memory just before the first step.
+Timing: every variant (method x library) of a case is built first; then rounds run the variants
+one after another (interleaved, rotated each round), so load from other processes falls on all of
+them alike; each reports the median over rounds. On CUDA each call is synchronized.
+
+Peak memory, measured so that variants compare:
+- CPU: the peak resident memory of a fresh child process (`python -m peft_fast_bench.variants
+  --memory-child ...`) that builds the model, wraps it and runs two steps, minus its resident
+  memory just before the first step (Linux's VmHWM, reset by /proc/self/clear_refs);
+- CUDA: `torch.cuda.max_memory_allocated` over the variant's steps, minus the memory allocated
+  before them (the other variants' models stay resident, the same for all).
+`saved_for_backward_mib` adds the bytes autograd holds for backward at the end of one forward
+(parameters excluded): where HF peft's per-layer ΔW shows up.
+
+Presets: "cpu" is the target's model (hidden 768, 12 layers, intermediate 2048, vocabulary 8192,
+~100M parameters, batch 2 x 64 tokens, fp32) and a 768 -> 2048 layer; "full"/"quick" (GPU, bf16)
+the same model at batch 8 x 512 and the 4096 -> 4096 layer at 8192 rows; "tiny" checks the harness.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+from typing import Any
 
 import torch
 
-VARIANTS = ("hf-loha", "peft_fast-loha", "hf-lokr", "peft_fast-lokr")
-RESULTS = Path(__file__).resolve().parent / "results"
+# method name -> builder(library module, target_modules) -> that library's config
+MethodBuilder = Callable[[ModuleType, Any], Any]
+METHODS: dict[str, MethodBuilder] = {}
+LIBRARIES = ("hf", "peft_fast")
+YLABEL = "time / HF peft's (lower is better)"
+# The target (issue 14): each method's model step at least this much faster than HF peft's,
+# with a peak memory no higher than HF's.
+TARGET_SPEEDUP = 1.3
+
+_MODEL = {"hidden": 768, "layers": 12, "intermediate": 2048, "heads": 12, "vocab": 8192}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {**_MODEL, "batch": 2, "seq": 64, "layer_in": 768, "layer_out": 2048, "layer_rows": 128, "rounds": 5},
+    "full": {**_MODEL, "batch": 8, "seq": 512, "layer_in": 4096, "layer_out": 4096, "layer_rows": 8192, "rounds": 10},
+    "quick": {**_MODEL, "batch": 8, "seq": 512, "layer_in": 4096, "layer_out": 4096, "layer_rows": 8192, "rounds": 4},
+    "tiny": {"hidden": 32, "layers": 1, "intermediate": 64, "heads": 2, "vocab": 128, "batch": 1, "seq": 16,
+             "layer_in": 32, "layer_out": 48, "layer_rows": 16, "rounds": 2},
+}  # fmt: skip
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
+def register_method(name: str, builder: MethodBuilder) -> None:
+    """Add (or replace) a method of the suite: `builder(lib, target_modules)` returns the config of
+    `lib` (the `peft` or `peft_fast` module) for that method, at HF peft's defaults."""
+    if not name or "-" in name:
+        raise ValueError(f"method name must be non-empty without '-', got {name!r}")
+    METHODS[name] = builder
+
+
+register_method("loha", lambda lib, targets: lib.LoHaConfig(target_modules=targets))
+register_method("lokr", lambda lib, targets: lib.LoKrConfig(target_modules=targets))
+
+
+@dataclass
+class VariantRow:
+    """One method x library on one case: median time, raw times, peak memory, parameters."""
+
+    case: str  # "model" or "layer"
+    method: str
+    library: str  # "hf" or "peft_fast"
+    median_ms: float
+    times_ms: list[float]
+    peak_mib: float
+    peak_how: str
+    saved_for_backward_mib: float
+    trainable_params: int
+    first_loss: float
+    speedup_vs_hf: float = float("nan")
+    peak_vs_hf: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The Llama-shaped causal LM of `preset`, random weights from seed 0, on `device` in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(512, args.seq),
+        vocab_size=preset["vocab"],
+        hidden_size=preset["hidden"],
+        intermediate_size=preset["intermediate"],
+        num_hidden_layers=preset["layers"],
+        num_attention_heads=preset["heads"],
+        num_key_value_heads=preset["heads"],
+        max_position_embeddings=max(512, preset["seq"]),
     )
-    return LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def wrap(variant: str, model: torch.nn.Module) -> torch.nn.Module:
-    """The model with the variant's adapter: HF peft's default LoHa/LoKr config on all linear layers."""
-    library, method = variant.split("-")
-    if library == "hf":
-        import peft as lib
-    else:
-        import peft_fast as lib
-    cls = lib.LoHaConfig if method == "loha" else lib.LoKrConfig
+def _library(library: str) -> ModuleType:
+    if library not in LIBRARIES:
+        raise ValueError(f"library must be one of {LIBRARIES}, got {library!r}")
+    import importlib
+
+    return importlib.import_module("peft" if library == "hf" else "peft_fast")
+
+
+def wrap(method: str, library: str, model: torch.nn.Module, targets: Any) -> torch.nn.Module:
+    """`model` with `method`'s adapter from `library` on `targets` (adapter weights from seed 1)."""
+    lib = _library(library)
     torch.manual_seed(1)
-    return lib.get_peft_model(model, cls(target_modules="all-linear", task_type="CAUSAL_LM"))
+    return lib.get_peft_model(model, METHODS[method](lib, targets))
 
 
-def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def make_batch(preset: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A fixed batch of token ids (seed 2), used as its own labels."""
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    ids = torch.randint(0, preset["vocab"], (preset["batch"], preset["seq"]), generator=g).to(device)
     return {"input_ids": ids, "labels": ids}
 
 
 class Step:
-    """One training step of a wrapped model (forward, backward, AdamW)."""
+    """One training step of a wrapped model (forward, backward, AdamW on its trainable parameters)."""
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
         self.model = model.train()
@@ -93,7 +159,7 @@ class Step:
         return loss.item()
 
     def saved_for_backward_bytes(self) -> int:
-        """Bytes of distinct non-parameter tensors that autograd keeps for the backward of one forward."""
+        """Bytes of the distinct non-parameter tensors autograd keeps for the backward of one forward."""
         param_ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         storages: dict[int, int] = {}
 
@@ -110,19 +176,17 @@ class Step:
         return sum(storages.values())
 
 
+# ---- peak memory -------------------------------------------------------------------------------
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS mark (Linux >= 4.0)
+        f.write("5")
 
 
 def _peak_rss_bytes() -> int:
@@ -130,184 +194,250 @@ def _peak_rss_bytes() -> int:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
-def memory_child(args: argparse.Namespace) -> None:
-    """Run in a fresh process: print the variant's peak RSS over two steps, above the RSS before them."""
-    step = Step(wrap(args.memory_child, build_model(args)), make_batch(args))
+def memory_child(variant: str, preset: dict[str, Any]) -> dict[str, int]:
+    """In a fresh process: the variant's peak resident memory over two model steps, above the
+    resident memory just before them (bytes)."""
+    method, library = variant.split("-", 1)
+    device = torch.device("cpu")
+    step = Step(
+        wrap(method, library, build_model(preset, device, torch.float32), "all-linear"), make_batch(preset, device)
+    )
+    gc.collect()
     before = _rss_bytes()
-    reset = _reset_peak_rss()
+    _reset_peak_rss()
     step()
     step()
-    peak = _peak_rss_bytes()
-    print(json.dumps({"peak_rss_bytes": peak - before, "rss_before_bytes": before, "peak_mark_reset": reset}))
+    return {"peak_above_start_bytes": _peak_rss_bytes() - before, "rss_before_bytes": before}
 
 
-def layer_times(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Forward + backward seconds of one adapted Linear per variant, interleaved repeats."""
-    x = torch.randn(args.batch * args.seq, args.hidden, generator=torch.Generator().manual_seed(3))
-    layers = {}
-    for v in VARIANTS:
-        torch.manual_seed(0)
-        base = torch.nn.Sequential(torch.nn.Linear(args.hidden, args.intermediate, bias=False))
-        library, method = v.split("-")
-        lib = __import__("peft" if library == "hf" else "peft_fast")
-        cls = lib.LoHaConfig if method == "loha" else lib.LoKrConfig
-        # init_weights=False: both factors random, so no gradient is trivially zero.
-        layers[v] = lib.get_peft_model(base, cls(target_modules=["0"], init_weights=False)).train()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for rep in range(args.layer_repeats + 1):
-        for v, m in layers.items():
+def peak_rss_in_children(variants: list[str], preset: dict[str, Any], at_once: int = 2) -> dict[str, int]:
+    """Each variant's `memory_child` result (bytes), from a fresh child process per variant; up to
+    `at_once` children run together (each measures only its own process, so they do not mix)."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    args = ["--preset-json", json.dumps(preset), "--threads", str(torch.get_num_threads())]
+    out: dict[str, int] = {}
+    for start in range(0, len(variants), at_once):
+        procs = {
+            v: subprocess.Popen(
+                [sys.executable, "-m", "peft_fast_bench.variants", "--memory-child", v, *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for v in variants[start : start + at_once]
+        }
+        for v, proc in procs.items():
+            stdout, stderr = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child for {v} failed (exit {proc.returncode}): {stderr[-2000:]}")
+            out[v] = json.loads(stdout.strip().splitlines()[-1])["peak_above_start_bytes"]
+    return out
+
+
+# ---- the two cases ---------------------------------------------------------------------------
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds of each call over `rounds` interleaved rounds (rotated), after one warm-up round."""
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for k in range(rounds + 1):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            _sync(device)
             t0 = time.perf_counter()
-            m(x).sum().backward()
-            if rep > 0:
-                times[v].append(time.perf_counter() - t0)
+            calls[name]()
+            _sync(device)
+            if k > 0:
+                times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=4, help="timed rounds after one warm-up round")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--layer-only", action="store_true", help="time one adapted Linear instead of the model")
-    p.add_argument("--layer-repeats", type=int, default=30)
-    p.add_argument("--no-memory-children", action="store_true", help="skip the peak-RSS child processes")
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/cpu-variants-<date>.json)")
-    p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_child:
-        memory_child(args)
-        return
+def _variants(methods: list[str]) -> list[str]:
+    return [f"{m}-{lib}" for m in methods for lib in LIBRARIES]
 
-    load_start = os.getloadavg()
-    if args.layer_only:
-        write_layer_result(args, layer_times(args), load_start)
-        return
-    batch = make_batch(args)
-    steps = {}
-    for v in VARIANTS:
-        steps[v] = Step(wrap(v, build_model(args)), batch)
-    n_params = sum(p.numel() for p in steps[VARIANTS[0]].model.parameters())
+
+def run_model_case(preset: dict[str, Any], device: torch.device, methods: list[str], rounds: int) -> list[VariantRow]:
+    """The training-step case: one row per method x library."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    batch = make_batch(preset, device)
+    steps: dict[str, Step] = {}
+    for v in _variants(methods):
+        method, library = v.split("-", 1)
+        steps[v] = Step(wrap(method, library, build_model(preset, device, dtype), "all-linear"), batch)
+    first = {v: s() for v, s in steps.items()}  # also the warm-up of the optimizer state
+    peaks: dict[str, float] = {}
+    if cuda:  # peak over one step each, above what is resident before it
+        for v, s in steps.items():
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            s()
+            _sync(device)
+            peaks[v] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    times = _interleaved(dict(steps), rounds, device)
+    saved = {v: s.saved_for_backward_bytes() / 2**20 for v, s in steps.items()}
     trainable = {v: sum(p.numel() for p in s.params) for v, s in steps.items()}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for round_ in range(args.rounds + 1):
-        took = {}
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            loss = steps[v]()
-            took[v] = time.perf_counter() - t0
-            if round_ > 0:  # round 0 warms up
-                times[v].append(took[v])
-                losses[v].append(loss)
-        print(f"round {round_}: " + ", ".join(f"{v} {t:.3f}s" for v, t in took.items()), flush=True)
-    saved = {v: s.saved_for_backward_bytes() for v, s in steps.items()}
     del steps
+    gc.collect()
+    if not cuda:
+        peaks = {v: b / 2**20 for v, b in peak_rss_in_children(_variants(methods), preset).items()}
+    how = (
+        "torch.cuda.max_memory_allocated above the step's start"
+        if cuda
+        else "peak RSS of a fresh process above its start"
+    )
+    return [
+        VariantRow(
+            "model",
+            v.split("-", 1)[0],
+            v.split("-", 1)[1],
+            statistics.median(times[v]),
+            times[v],
+            peaks[v],
+            how,
+            saved[v],
+            trainable[v],
+            first[v],
+        )  # fmt: skip
+        for v in _variants(methods)
+    ]
 
-    peak_rss: dict[str, dict | None] = {v: None for v in VARIANTS}
-    if not args.no_memory_children:
-        shape = ("layers", "hidden", "intermediate", "heads", "vocab", "batch", "seq", "threads")
-        forwarded = [f"--{name}={getattr(args, name)}" for name in shape]
-        for v in VARIANTS:
-            out = subprocess.run(
-                [sys.executable, __file__, *forwarded, "--memory-child", v],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            peak_rss[v] = json.loads(out.strip().splitlines()[-1])
 
-    medians = {v: statistics.median(t) for v, t in times.items()}
-    result = {
-        "suite": "variants",
-        "what": "one training step (forward + backward + AdamW) of a Llama-shaped model, LoHa/LoKr at HF "
-        "peft's default r=8, alpha=8 on all linear layers; peft_fast vs HF peft, interleaved rounds, medians",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([Path(sys.executable).name, "bench/variants.py", *sys.argv[1:]]),
-        **environment(load_start),
-        "model": {
-            "layers": args.layers,
-            "hidden": args.hidden,
-            "intermediate": args.intermediate,
-            "heads": args.heads,
-            "vocab": args.vocab,
-            "parameters": n_params,
-            "batch": args.batch,
-            "seq": args.seq,
-        },
-        "trainable_parameters": trainable,
-        "step_seconds": times,
-        "median_step_seconds": medians,
-        "losses": losses,
-        "speedup_vs_hf": {m: medians[f"hf-{m}"] / medians[f"peft_fast-{m}"] for m in ("loha", "lokr")},
-        "saved_for_backward_bytes": saved,
-        "peak_rss": peak_rss,
+def run_layer_case(preset: dict[str, Any], device: torch.device, methods: list[str], rounds: int) -> list[VariantRow]:
+    """The one-layer case: forward + backward of one adapted Linear per method x library."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(preset["layer_rows"], preset["layer_in"], generator=g).to(device=device, dtype=dtype)
+    layers: dict[str, torch.nn.Module] = {}
+    for v in _variants(methods):
+        method, library = v.split("-", 1)
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(preset["layer_in"], preset["layer_out"], bias=False))
+        layers[v] = wrap(method, library, base.to(device=device, dtype=dtype), ["0"]).train()
+
+    def call(m: torch.nn.Module) -> None:
+        m(x).float().square().mean().backward()
+        for p in m.parameters():
+            p.grad = None
+
+    peaks: dict[str, float] = {}
+    for v, m in layers.items():
+        if cuda:
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        call(m)
+        peaks[v] = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else float("nan")
+    times = _interleaved({v: (lambda m=m: call(m)) for v, m in layers.items()}, 3 * rounds, device)
+    how = "torch.cuda.max_memory_allocated above the call's start" if cuda else "not measured (CPU layer case)"
+    return [
+        VariantRow(
+            "layer",
+            v.split("-", 1)[0],
+            v.split("-", 1)[1],
+            statistics.median(times[v]),
+            times[v],
+            peaks[v],
+            how,
+            float("nan"),
+            sum(p.numel() for p in layers[v].parameters() if p.requires_grad),
+            float("nan"),
+        )  # fmt: skip
+        for v in _variants(methods)
+    ]
+
+
+def _compare_with_hf(rows: list[VariantRow]) -> None:
+    hf = {(r.case, r.method): r for r in rows if r.library == "hf"}
+    for r in rows:
+        ref = hf[(r.case, r.method)]
+        r.speedup_vs_hf = ref.median_ms / r.median_ms
+        r.peak_vs_hf = r.peak_mib / ref.peak_mib if ref.peak_mib > 0 else float("nan")
+
+
+def targets(rows: list[VariantRow]) -> dict[str, dict[str, Any]]:
+    """Per method, the model case's speedup and peak memory against HF peft's, and whether each
+    meets the target (speedup >= TARGET_SPEEDUP, peak <= HF's)."""
+    out = {}
+    for r in rows:
+        if r.case == "model" and r.library == "peft_fast":
+            out[r.method] = {
+                "speedup_vs_hf": r.speedup_vs_hf,
+                "speedup_target": TARGET_SPEEDUP,
+                "speedup_met": r.speedup_vs_hf >= TARGET_SPEEDUP,
+                "peak_vs_hf": r.peak_vs_hf,
+                "peak_met": r.peak_vs_hf <= 1.0,
+            }
+    return out
+
+
+def run(
+    preset: dict[str, Any], device: torch.device, rounds: int | None = None, methods: list[str] | None = None
+) -> tuple[list[VariantRow], dict[str, Any]]:
+    """Every method of `methods` (default: all of METHODS) with both libraries, both cases, on
+    `device`: (rows, facts for the record: model shape, load averages, targets)."""
+    methods = list(METHODS) if methods is None else methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty list from {sorted(METHODS)}, got {methods!r}")
+    rounds = preset["rounds"] if rounds is None else rounds
+    load_start = os.getloadavg()
+    rows = run_model_case(preset, device, methods, rounds) + run_layer_case(preset, device, methods, rounds)
+    _compare_with_hf(rows)
+    extra = {
+        "model": {k: preset[k] for k in ("hidden", "layers", "intermediate", "heads", "vocab", "batch", "seq")},
+        "layer": {k: preset[k] for k in ("layer_in", "layer_out", "layer_rows")},
+        "dtype": "bf16" if device.type == "cuda" else "fp32",
+        "methods": {m: "HF peft's default config (r=8, alpha=8 for LoHa/LoKr)" for m in methods},
+        "rounds": {"model": rounds, "layer": 3 * rounds, "statistic": "median of interleaved rounds after a warm-up"},
+        "load_average_at_start": load_start,
+        "load_average_at_end": os.getloadavg(),
+        "torch_threads": torch.get_num_threads(),
+        "targets": targets(rows),
     }
-    out = args.out or RESULTS / f"cpu-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_step_seconds", "speedup_vs_hf", "saved_for_backward_bytes")}))
-    print(f"wrote {out}")
+    return rows, extra
 
 
-def environment(load_start: tuple[float, float, float]) -> dict:
-    """Device and versions, for a results file."""
-    import peft
-    import transformers
-
-    import peft_fast
-
-    return {
-        "device": {
-            "kind": "cpu",
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": load_start,
-            "load_average_at_end": os.getloadavg(),
-            "note": "shared machine: other jobs were running (see load averages); ratios within one run "
-            "are the meaningful numbers, absolute times are inflated",
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "peft_fast": peft_fast.__version__,
-        },
-    }
+def table(rows: list[VariantRow]) -> str:
+    """A printable table of `rows`."""
+    head = f"{'case':<6} {'method':<8} {'library':<10} {'median ms':>10} {'vs HF':>6} {'peak MiB':>9} {'peak/HF':>7} {'saved MiB':>9} {'trainable':>10}"  # noqa: E501
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.case:<6} {r.method:<8} {r.library:<10} {r.median_ms:>10.2f} {r.speedup_vs_hf:>5.2f}x "
+            f"{r.peak_mib:>9.1f} {r.peak_vs_hf:>7.2f} {r.saved_for_backward_mib:>9.1f} {r.trainable_params:>10,}"
+        )
+    return "\n".join(lines)
 
 
-def write_layer_result(args: argparse.Namespace, times: dict[str, list[float]], load_start) -> None:
-    medians = {v: statistics.median(t) for v, t in times.items()}
-    result = {
-        "suite": "variants-layer",
-        "what": f"forward + backward of one nn.Linear {args.hidden}->{args.intermediate} with LoHa/LoKr "
-        f"(r=8, alpha=8, init_weights=False), {args.batch * args.seq} rows; peft_fast vs HF peft, "
-        "interleaved repeats, medians",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([Path(sys.executable).name, "bench/variants.py", *sys.argv[1:]]),
-        **environment(load_start),
-        "seconds": times,
-        "median_seconds": medians,
-        "speedup_vs_hf": {m: medians[f"hf-{m}"] / medians[f"peft_fast-{m}"] for m in ("loha", "lokr")},
-    }
-    out = args.out or RESULTS / f"cpu-variants-layer-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_seconds", "speedup_vs_hf")}))
-    print(f"wrote {out}")
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Each variant's median time over HF peft's, per case (for the plot)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        out.setdefault(f"variants {r['case']}", {})[f"{r['method']}-{r['library']}"] = 1.0 / r["speedup_vs_hf"]
+    return out
+
+
+def as_dicts(rows: list[VariantRow]) -> list[dict[str, Any]]:
+    """The rows as JSON-ready dicts."""
+    return [asdict(r) for r in rows]
+
+
+def _child_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="peak-memory child of the variants suite (internal)")
+    p.add_argument("--memory-child", required=True)
+    p.add_argument("--preset-json", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(json.dumps(memory_child(args.memory_child, json.loads(args.preset_json))))
 
 
 if __name__ == "__main__":
-    main()
+    _child_main()

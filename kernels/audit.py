@@ -281,6 +281,45 @@ def _bgmv(kind: str, dtype: torch.dtype, dropout: bool) -> None:
         bgmv_expand(_t(M, N, dtype=dtype), _t(M, RANK), _t(N, n * RANK, dtype=dtype), rows, 1, ranks, scales, keep)
 
 
+LOHA_RANK = 8  # HF peft's default r: r² = 64 columns, one chunk on GPUs
+LOKR_SIDE = 64  # a = b = c = d = 64: factorization(4096), a Llama-7B projection
+
+
+def _loha(kind: str, dtype: torch.dtype, mode: str) -> None:
+    from .loha_expand import loha_expand
+    from .loha_factor_grad import loha_factor_grad
+    from .loha_shrink import loha_shrink
+
+    r = LOHA_RANK
+    w_out, w_in = _t(N, r, dtype=dtype), _t(r, K, dtype=dtype)  # w1a/w2a (out, r), w1b/w2b (r, in)
+    row_scale = _t(N, dtype=dtype)
+    if kind == "shrink":
+        if mode == "fwd":  # h = x (w1b • w2b)ᵀ, the factors through their transposes
+            loha_shrink(_t(M, K, dtype=dtype), w_in.t(), w_in.t())
+        else:  # bwd_dh: dh = s (dy ⊙ row_scale) (w1a • w2a)
+            loha_shrink(_t(M, N, dtype=dtype), w_out, w_out, row_scale, 2.0)
+    elif kind == "expand":
+        if mode == "fwd":  # y = s row_scale ⊙ h (w1a • w2a)ᵀ
+            loha_expand(_t(M, r * r), w_out, w_out, row_scale, 2.0)
+        else:  # bwd_dx: dx = dh (w1b • w2b)
+            loha_expand(_t(M, r * r), w_in.t(), w_in.t())
+    elif mode == "out_side":  # dw1a, dw2a from dyᵀ h, row_scale and s
+        loha_factor_grad(_t(M, r * r), _t(M, N, dtype=dtype), w_out, w_out, row_scale, 2.0)
+    else:  # in_side: dw1b, dw2b from dhᵀ x
+        loha_factor_grad(_t(M, r * r), _t(M, K, dtype=dtype), w_in.t(), w_in.t())
+
+
+def _lokr(dtype: torch.dtype, mode: str) -> None:
+    from .lokr_apply import lokr_apply
+
+    s = LOKR_SIDE
+    w1, w2 = _t(s, s, dtype=dtype), _t(s, s, dtype=dtype)
+    if mode == "fwd":  # y = s row_scale ⊙ (w1 X w2ᵀ)
+        lokr_apply(_t(M, s * s, dtype=dtype), w1, w2, 2.0, out_scale=_t(s * s))
+    else:  # bwd_dx: dx = w1ᵀ (s row_scale ⊙ dY) w2
+        lokr_apply(_t(M, s * s, dtype=dtype), w1.t(), w2.t(), 2.0, in_scale=_t(s * s))
+
+
 def _dropout_mask(dtype: torch.dtype) -> None:
     from .dropout import dropout_mask
 
@@ -334,6 +373,16 @@ def variants() -> list[Variant]:
                 )
         for kind in ("shrink", "expand"):
             out.append(Variant(f"bgmv_{kind}/{tag}", lambda d, k=kind, p=dropout: _bgmv(k, d, p)))
+    for kind, modes in (
+        ("shrink", ("fwd", "bwd_dh")),
+        ("expand", ("fwd", "bwd_dx")),
+        ("factor_grad", ("out_side", "in_side")),
+    ):
+        for m in modes:
+            out.append(
+                Variant(f"loha_{kind}/{m}", lambda d, k=kind, m=m: _loha(k, d, m), matmul_shaped=kind == "expand")
+            )
+    out += [Variant(f"lokr_apply/{m}", lambda d, m=m: _lokr(d, m)) for m in ("fwd", "bwd_dx")]
     out.append(Variant("dropout_mask", _dropout_mask, dtypes=("fp32",)))
     for row_p in (False, True):
         out.append(

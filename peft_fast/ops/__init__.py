@@ -17,6 +17,8 @@ for _backend in ("triton", "cuda"):
 dispatch.register_backend_module("triton", "peft_fast.ops.triton.qlora")
 # The cuBLAS composite: Triton adapter passes around torch's base products ("auto"'s LoRA default).
 dispatch.register_backend_module("triton_composite", "peft_fast.ops.triton.lora_composite")
+for _op in ("loha", "lokr"):
+    dispatch.register_backend_module("triton", f"peft_fast.ops.triton.{_op}")
 
 __all__ = [
     "available_backends",

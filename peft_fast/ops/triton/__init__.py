@@ -6,6 +6,8 @@ autograd, public function, `supports`, registration with dispatch):
     mixed.py   lora_linear_mixed    peft_fast::lora_linear_mixed_triton_{fwd,bwd}
     lora_composite.py  lora_linear  peft_fast::lora_linear_composite_{fwd,bwd}, the "triton_composite"
                                     backend (cuBLAS base products + Triton adapter passes)
+    loha.py    loha_linear          peft_fast::loha_linear_triton_{fwd,bwd}
+    lokr.py    lokr_linear          peft_fast::lokr_linear_triton_{fwd,bwd}
 
 Kernels live in `peft_fast.kernels` (kernels/ at the repo root). This file holds what the
 three share: can a call run on Triton (`device_reason`); argument checks are ops/checks.py,
