@@ -26,6 +26,9 @@ setting and the op's tensors:
                                                         table)
     lora_linear_mixed  triton, cuda, torch             (both are cuBLAS + SGMV/BGMV adapter
                                                         passes, composites already)
+    loha_linear        triton, torch                   (adapter-only passes around torch's base
+    lokr_linear        triton, torch                    product: fewer bytes and launches than
+                                                        torch's factored form, see ops/triton/)
   Other ops follow FALLBACK_ORDER.
 
 Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
@@ -56,6 +59,8 @@ AUTO_DEFAULT: dict[str, tuple[str, ...]] = {
     "lora_linear": ("triton_composite", "cuda", "torch"),
     "ia3_linear": ("cuda", "torch"),
     "lora_linear_mixed": ("triton", "cuda", "torch"),
+    "loha_linear": ("triton", "torch"),
+    "lokr_linear": ("triton", "torch"),
 }
 # The backend table shipped with the package (read-only: nothing writes into an install).
 BACKEND_TABLE = Path(__file__).with_name("backend_table.json")

@@ -94,6 +94,9 @@ def test_auto_defaults_are_composites_only():
     assert dispatch.AUTO_DEFAULT["lora_linear"] == ("triton_composite", "cuda", "torch")
     assert dispatch.AUTO_DEFAULT["ia3_linear"] == ("cuda", "torch")
     assert dispatch.AUTO_DEFAULT["lora_linear_mixed"] == ("triton", "cuda", "torch")
+    # LoHa/LoKr's Triton kernels are adapter-only passes; the base product stays on torch
+    assert dispatch.AUTO_DEFAULT["loha_linear"] == ("triton", "torch")
+    assert dispatch.AUTO_DEFAULT["lokr_linear"] == ("triton", "torch")
     for op in ("lora_linear", "ia3_linear"):
         assert "triton" not in dispatch.AUTO_DEFAULT[op], op
 
