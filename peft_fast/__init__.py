@@ -22,6 +22,8 @@ from .peft_model import (  # noqa: E402
 from .quant import prepare_model_for_kbit_training  # noqa: E402
 from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
 from .tuners import (  # noqa: E402
+    AdaLoraConfig,
+    AdaLoraModel,
     IA3Config,
     IA3Model,
     LoHaConfig,
@@ -39,9 +41,13 @@ from .tuners import (  # noqa: E402
     PromptLearningConfig,
     PromptTuningConfig,
     PromptTuningInit,
+    VeraConfig,
+    VeraModel,
 )
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "IA3Config",
     "IA3Model",
     "LoHaConfig",
@@ -81,4 +87,6 @@ __all__ = [
     "set_peft_model_state_dict",
     "unpatch_peft",
     "use_backend",
+    "VeraConfig",
+    "VeraModel",
 ]

@@ -39,6 +39,8 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
     LOHA = "LOHA"
     LOKR = "LOKR"
+    ADALORA = "ADALORA"
+    VERA = "VERA"
 
     def __str__(self) -> str:
         return self.value
@@ -237,7 +239,8 @@ def register_peft_method(
 
     `name` is lower case without a trailing "_"; `config_cls.PEFT_TYPE` must be `name.upper()`;
     `prefix` (default `name + "_"`) must equal `model_cls.prefix` where the class has one. Names
-    and prefixes are unique: registering one twice raises KeyError."""
+    and prefixes are unique (except that a method whose model class subclasses another's may share its
+    prefix, as AdaLoRA shares LoRA's "lora_"): registering one twice raises KeyError."""
     if not isinstance(name, str) or not name or not name.islower() or name.endswith("_"):
         raise ValueError(f"name must be a lower-case method name without a trailing '_', got {name!r}")
     peft_type = name.upper()
@@ -259,7 +262,8 @@ def register_peft_method(
         raise ValueError(f"prefix {prefix!r} differs from {model_cls.__name__}.prefix {model_prefix!r}")
     if peft_type in _METHODS:
         raise KeyError(f"a method named {name!r} is already registered")
-    if any(m.prefix == prefix for m in _METHODS.values()):
+    # A method derived from another (AdaLoRA's model class subclasses LoRA's, as in HF peft) may share its prefix.
+    if any(m.prefix == prefix and not issubclass(model_cls, m.model_cls) for m in _METHODS.values()):
         raise KeyError(f"the prefix {prefix!r} is already registered; choose a unique prefix")
     _METHODS[peft_type] = PeftMethod(name, peft_type, config_cls, model_cls, prefix)
 

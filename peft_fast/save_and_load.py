@@ -32,7 +32,7 @@ from torch import nn
 
 from .adapter_files import committed_path, folder_lock, write_adapter_files
 from .config import CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_PT
-from .tuners.base import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper
+from .tuners.base import BASE_ADAPTER, AdapterLayer, BaseTuner, ModulesToSaveWrapper
 from .tuners.prompt_learning import PROMPT_FILE_KEY
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -79,7 +79,15 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for pname in module.modules_to_save[adapter_name].state_dict():
                 mapping[f"{prefix}{pname}"] = f"{prefix}modules_to_save.{adapter_name}.{pname}"
+        elif isinstance(module, BaseTuner) and adapter_name in module.peft_config:
+            for file_key, model_key in module.shared_adapter_keys(adapter_name).items():
+                mapping[f"{prefix}{file_key}"] = f"{prefix}{model_key}"
     return mapping
+
+
+def _tuner_of(model: nn.Module) -> BaseTuner | None:
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, BaseTuner) else None
 
 
 def _extra_base_keys(model: nn.Module, adapter_name: str, save_embedding_layers: bool | Literal["auto"]) -> list[str]:
@@ -134,7 +142,8 @@ def get_peft_model_state_dict(
         out[PROMPT_FILE_KEY] = model.get_prompt_embedding_to_save(adapter_name)
     for key in _extra_base_keys(model, adapter_name, save_embedding_layers):
         out[key] = state_dict[key]
-    return out
+    tuner = _tuner_of(model)
+    return out if tuner is None else tuner.adapter_state_for_save(adapter_name, out)
 
 
 def set_peft_model_state_dict(
@@ -153,6 +162,9 @@ def set_peft_model_state_dict(
         raise ValueError("ignore_mismatched_sizes=True is not supported: adapter weights must fit the model exactly")
     if adapter_name not in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} does not exist; add it first (adapters: {list(model.peft_config)})")
+    tuner = _tuner_of(model)
+    if tuner is not None:
+        peft_model_state_dict = tuner.prepare_adapter_load(adapter_name, peft_model_state_dict)
     mapping = adapter_key_map(model, adapter_name)
     model_sd = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}

@@ -1,12 +1,14 @@
 """The seam between layers and kernels: ops take tensors and numbers, dispatch picks a backend."""
 
 from . import dispatch
+from .adalora import adalora_linear
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .ia3 import ia3_linear
 from .loha import loha_conv, loha_linear
 from .lokr import lokr_conv, lokr_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
 from .qlora import dequantize_4bit, ia3_linear_4bit, lora_add, lora_linear_4bit
+from .vera import vera_linear
 
 # One folder per kernel backend, one module per op (see ops/triton/__init__.py and
 # ops/cuda/__init__.py); dispatch imports them on first use. The CUDA modules load or
@@ -21,6 +23,7 @@ for _op in ("loha", "lokr"):
     dispatch.register_backend_module("triton", f"peft_fast.ops.triton.{_op}")
 
 __all__ = [
+    "adalora_linear",
     "available_backends",
     "dequantize_4bit",
     "get_backend",
@@ -37,4 +40,5 @@ __all__ = [
     "lora_linear_mixed",
     "set_backend",
     "use_backend",
+    "vera_linear",
 ]

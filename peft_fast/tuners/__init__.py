@@ -1,8 +1,10 @@
-"""One package per method: LoRA, IA³, LoHa, LoKr, and prompt learning (prompt tuning, prefix tuning, P-tuning).
+"""One package per method: LoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, and prompt learning (prompt tuning, prefix
+tuning, P-tuning).
 
 Each method's package registers its config and tuner classes when imported
 (`peft_fast.config.register_peft_method`); importing this package registers them all."""
 
+from .adalora import AdaLoraConfig, AdaLoraModel
 from .ia3 import IA3Config, IA3Model
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
@@ -18,8 +20,11 @@ from .prompt_learning import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from .vera import VeraConfig, VeraModel
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "IA3Config",
     "IA3Model",
     "LoHaConfig",
@@ -37,4 +42,6 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "VeraConfig",
+    "VeraModel",
 ]

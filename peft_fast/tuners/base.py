@@ -543,6 +543,21 @@ class BaseTuner(nn.Module):
             if isinstance(m, AdapterLayer):
                 m.set_adapter(self.active_adapters)
 
+    # -- adapter files (hooks for methods whose files differ from their modules' state) -------
+    def shared_adapter_keys(self, adapter_name: str) -> dict[str, str]:
+        """{file key: model key}, both relative to this tuner, of adapter weights held by the
+        tuner itself rather than by a layer (VeRA's shared projections); none by default."""
+        return {}
+
+    def adapter_state_for_save(self, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's weights (file keys) as they go into the file; unchanged by default."""
+        return state
+
+    def prepare_adapter_load(self, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit the model to a file's weights (file keys) before they are checked and copied, and
+        return the weights to load; unchanged by default."""
+        return state
+
     # -- layers -----------------------------------------------------------------------------
     def adapter_layers(self) -> Iterable[AdapterLayer]:
         return (m for m in self.model.modules() if isinstance(m, AdapterLayer))

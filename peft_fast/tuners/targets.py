@@ -110,3 +110,33 @@ def normalize_targets(config: PeftConfig) -> None:
         raise ValueError("layers_pattern cannot be used when target_modules is a regex string; pass a list")
     if config.modules_to_save is not None and not isinstance(config.modules_to_save, list):
         config.modules_to_save = list(config.modules_to_save)
+
+
+# HF peft's AdaLoRA defaults (gemma4's entry there is a regex string; it is left out here).
+ADALORA_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": _QV_PROJ,
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": _QV_PROJ,
+    "llama": _QV_PROJ,
+    "llama4": _QV_PROJ,
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": _QV_PROJ,
+    "gemma2": _QV_PROJ,
+    "gemma3_text": _QV_PROJ,
+    "qwen2": _QV_PROJ,
+    "qwen3": _QV_PROJ,
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+# HF peft's VeRA defaults: LoRA's, with phi's attention projections only.
+VERA_TARGETS: dict[str, list[str]] = {**LORA_TARGETS, "phi": _QV_PROJ}
