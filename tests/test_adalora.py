@@ -292,7 +292,7 @@ def test_files_match_hf_and_load_both_ways(tmp_path):
     torch.testing.assert_close(hf(**inputs).logits, want, rtol=1e-5, atol=1e-6)
     for (n, p), (m, q) in zip(mine.named_parameters(), hf.named_parameters()):
         assert n == m and p.shape == q.shape
-    for name, layer in mine.base_model.model.named_modules():
+    for _name, layer in mine.base_model.model.named_modules():
         if hasattr(layer, "ranknum"):
             assert layer._ranknum_value["default"] == float(SCHEDULE["init_r"]) == float(layer.ranknum["default"])
 
@@ -313,7 +313,7 @@ def test_merge_unmerge_disable_delete_as_hf(kind):
         ours.merge_adapter()
         theirs.merge_adapter()
         torch.testing.assert_close(ours(**inputs).logits, adapted, rtol=1e-5, atol=1e-5)
-        for (n, p), (m, q) in zip(theirs.named_parameters(), ours.named_parameters()):
+        for (_n, p), (_m, q) in zip(theirs.named_parameters(), ours.named_parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
         ours.unmerge_adapter()
         torch.testing.assert_close(ours(**inputs).logits, adapted, rtol=1e-5, atol=1e-5)

@@ -164,7 +164,7 @@ def test_merge_unmerge_disable_delete_as_hf(kind):
             torch.testing.assert_close(ours(**inputs).logits, base, rtol=1e-5, atol=1e-6)
         ours.merge_adapter()
         theirs.merge_adapter()
-        for (n, p), (_, q) in zip(theirs.named_parameters(), ours.named_parameters()):
+        for (_n, p), (_, q) in zip(theirs.named_parameters(), ours.named_parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ours(**inputs).logits, adapted, rtol=1e-5, atol=1e-5)
         ours.unmerge_adapter()
