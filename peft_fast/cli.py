@@ -1,6 +1,6 @@
 """The `peft-fast` command: `train`, `info` and `bench` subcommands.
 
-peft-fast train [--method lora|ia3|qlora|loha|lokr] [--load-in-4bit] [--model DIR] [--data FILE] ...
+peft-fast train [--method lora|ia3|qlora|loha|lokr|adalora|vera] [--load-in-4bit] [--model DIR] [--data FILE] ...
 torchrun --nproc-per-node N -m peft_fast.cli train [--distributed ddp|fsdp2] ...
 peft-fast info
 peft-fast bench [ARGS...]     (arguments go to peft_fast_bench.main: the suites under bench/)
@@ -70,9 +70,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Options of `peft-fast train` that only some methods use, and those methods.
 METHOD_OPTIONS = {
-    "r": ("lora", "qlora", "loha", "lokr"),
-    "alpha": ("lora", "qlora", "loha", "lokr"),
-    "dropout": ("lora", "qlora"),
+    "r": ("lora", "qlora", "loha", "lokr", "adalora", "vera"),
+    "alpha": ("lora", "qlora", "loha", "lokr", "adalora"),
+    "dropout": ("lora", "qlora", "adalora", "vera"),
 }
 
 
@@ -195,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the base model in 4 bits (bitsandbytes NF4, double quantization; the head stays fp32): QLoRA",
     )
     # Method-specific options default to None here, so that giving one to another method is refused (cmd_train).
-    train.add_argument("--r", type=int, help=f"LoRA/LoHa/LoKr rank (default: {defaults.r})")
+    train.add_argument("--r", type=int, help=f"LoRA/LoHa/LoKr/VeRA rank, AdaLoRA's init_r (default: {defaults.r})")
     train.add_argument(
-        "--alpha", type=float, help=f"LoRA/LoHa/LoKr alpha, scaling = alpha / r (default: {defaults.alpha})"
+        "--alpha", type=float, help=f"LoRA/LoHa/LoKr/AdaLoRA alpha, scaling = alpha / r (default: {defaults.alpha})"
     )
-    train.add_argument("--dropout", type=float, help=f"LoRA dropout (default: {defaults.dropout})")
+    train.add_argument("--dropout", type=float, help=f"LoRA/AdaLoRA/VeRA dropout (default: {defaults.dropout})")
     train.add_argument(
         "--target-modules",
         type=lambda s: [m.strip() for m in s.split(",") if m.strip()],

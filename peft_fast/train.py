@@ -1,7 +1,7 @@
 """A small end-to-end fine-tuning job: the engine behind `peft-fast train`.
 
 `run(TrainConfig(...))` fine-tunes a local transformers model for sequence classification
-with LoRA or IA³, measures test accuracy before and after, saves the adapter, reloads it
+with LoRA, IA³, LoHa, LoKr, AdaLoRA or VeRA, measures test accuracy before and after, saves the adapter, reloads it
 into a fresh base model with `PeftModel.from_pretrained` and checks the reloaded model gives
 the same logits. With `load_in_4bit` (or method "qlora") the base model is loaded in 4 bits
 (bitsandbytes NF4 with double quantization; the classification head stays fp32) and
@@ -30,12 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import (
+    AdaLoraConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
     PeftModel,
     TaskType,
+    VeraConfig,
     available_backends,
     get_peft_model,
     prepare_model_for_kbit_training,
@@ -45,10 +47,10 @@ from . import distributed as dist_utils
 from .ops.dispatch import BACKENDS
 from .text_data import DEFAULT_DATASET, Split, load_text_classification
 
-METHODS = ("lora", "ia3", "qlora", "loha", "lokr")  # "qlora": LoRA with load_in_4bit
+METHODS = ("lora", "ia3", "qlora", "loha", "lokr", "adalora", "vera")  # "qlora": LoRA with load_in_4bit
 # Learning rates that learn the shipped dataset within the default budget; IA³ trains far
 # fewer parameters, each a multiplicative scale, and wants a larger step.
-DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "qlora": 2e-3, "loha": 2e-3, "lokr": 2e-3}
+DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "qlora": 2e-3, "loha": 2e-3, "lokr": 2e-3, "adalora": 2e-3, "vera": 1e-2}
 # Modules kept in full precision when the base is loaded in 4 bits: the new (trained) heads.
 HEAD_MODULES = ["classifier", "score"]
 # Saved and reloaded adapters run the same fp32 math; anything above this is a bug.
@@ -82,9 +84,9 @@ class TrainConfig:
     model: str | None = None  # local transformers model folder; None: the bundled MiniLM-L6
     data: str | None = None  # JSONL/CSV file with text,label[,split]; None: the bundled topics set
     method: str = "lora"  # one of METHODS
-    r: int = 8  # LoRA / LoHa / LoKr rank
-    alpha: float = 16.0  # LoRA / LoHa / LoKr alpha (scaling = alpha / r)
-    dropout: float = 0.1  # LoRA dropout
+    r: int = 8  # LoRA / LoHa / LoKr / VeRA rank; AdaLoRA's init_r (its target_r is r // 2)
+    alpha: float = 16.0  # LoRA / LoHa / LoKr / AdaLoRA alpha (scaling = alpha / r; AdaLoRA: alpha / init_r)
+    dropout: float = 0.1  # LoRA / AdaLoRA / VeRA dropout
     target_modules: list[str] | None = None  # None: peft's defaults for the model type
     epochs: int = 3
     steps: int | None = None  # optimiser steps; overrides epochs when set
@@ -329,8 +331,31 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def make_peft_config(config: TrainConfig) -> LoraConfig | IA3Config | LoHaConfig | LoKrConfig:
-    """The peft config for `config.method`, for sequence classification (head trained too)."""
+def make_peft_config(
+    config: TrainConfig, total_steps: int | None = None
+) -> LoraConfig | IA3Config | LoHaConfig | LoKrConfig | AdaLoraConfig | VeraConfig:
+    """The peft config for `config.method`, for sequence classification (head trained too).
+
+    AdaLoRA needs the number of optimizer steps (`total_steps`): it starts at rank r, prunes to
+    an average of r // 2 between the first tenth of the steps and the last fifth."""
+    if config.method == "adalora":
+        if total_steps is None:
+            raise ValueError("AdaLoRA needs total_steps, the number of optimizer steps of the run")
+        return AdaLoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            init_r=config.r,
+            target_r=max(1, config.r // 2),
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=config.target_modules,
+            total_step=total_steps,
+            tinit=total_steps // 10,
+            tfinal=total_steps // 5,
+        )
+    if config.method == "vera":
+        return VeraConfig(
+            task_type=TaskType.SEQ_CLS, r=config.r, vera_dropout=config.dropout, target_modules=config.target_modules
+        )
     if config.method in ("loha", "lokr"):
         cls = LoHaConfig if config.method == "loha" else LoKrConfig
         return cls(task_type=TaskType.SEQ_CLS, r=config.r, alpha=config.alpha, target_modules=config.target_modules)
@@ -445,7 +470,7 @@ def _run(config: TrainConfig, verbose: bool, env: dist_utils.LaunchEnv | None) -
     with use_backend(config.backend):
         torch.manual_seed(config.seed)
         try:
-            model = get_peft_model(base, make_peft_config(config))
+            model = get_peft_model(base, make_peft_config(config, _total_steps(config, len(data.train))))
         except ValueError as e:  # e.g. target modules that match nothing in this model
             raise TrainConfigError("target_modules", str(e)) from None
         model.to(device)
@@ -568,6 +593,11 @@ def _shuffled_batches(split: Split, batch_size: int, seed: int) -> Iterator[tupl
             yield [split.texts[i] for i in idx], [split.labels[i] for i in idx]
 
 
+def _total_steps(config: TrainConfig, n_train: int) -> int:
+    """The run's optimizer steps: `config.steps`, or `config.epochs` passes over the train split."""
+    return config.steps or config.epochs * math.ceil(n_train / config.batch_size)
+
+
 class _TrainStats(NamedTuple):
     losses: list[float]
     seconds: float
@@ -585,12 +615,15 @@ def _train(
     verbose: bool,
     env: dist_utils.LaunchEnv | None = None,
 ) -> _TrainStats:
-    """AdamW with linear warm-up and decay over `config.steps` (or `config.epochs`) steps.
+    """AdamW with linear warm-up and decay over `config.steps` (or `config.epochs`) steps; with
+    AdaLoRA, its rank allocation after every optimizer step.
 
     Under a launch `env`, `model` is the DDP/FSDP2-wrapped one and this rank trains on its
     share of each batch (see `run`); the losses and tokens recorded are the whole batch's."""
     rank, world = (0, 1) if env is None else (env.rank, env.world_size)
-    steps = config.steps or config.epochs * math.ceil(len(train) / config.batch_size)
+    steps = _total_steps(config, len(train))
+    # AdaLoRA's allocator (on the PeftModel inside a DDP wrapper); every rank sees the same reduced gradients.
+    allocator = getattr(model, "module", model).base_model if config.method == "adalora" else None
     warmup = max(1, steps // 10)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -615,6 +648,8 @@ def _train(
             loss = model(**batch, labels=torch.tensor(labels, device=device)).loss
             (loss * weight if env is not None else loss).backward()
             optimizer.step()
+            if allocator is not None:  # after the step, before the gradients are zeroed (HF peft's rule)
+                allocator.update_and_allocate(len(losses))
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_tokens = loss.item(), int(batch["attention_mask"].sum())

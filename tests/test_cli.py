@@ -75,8 +75,11 @@ def test_train_end_to_end(tmp_path, capsys):
         (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
         (["--steps", "-3"], "argument --steps: must be > 0"),
         (["--backend", "metal"], "argument --backend: invalid choice: 'metal'"),
-        (["--method", "ia3", "--r", "4"], "argument --r: applies to --method lora|qlora|loha|lokr only"),
-        (["--method", "ia3", "--dropout", "0.2"], "argument --dropout: applies to --method lora|qlora only"),
+        (["--method", "ia3", "--r", "4"], "argument --r: applies to --method lora|qlora|loha|lokr|adalora|vera only"),
+        (
+            ["--method", "ia3", "--dropout", "0.2"],
+            "argument --dropout: applies to --method lora|qlora|adalora|vera only",
+        ),
     ],
 )
 def test_train_bad_arguments_exit_2_naming_the_argument(args, expected, capsys):

@@ -91,7 +91,7 @@ def test_built_in_methods_are_registered_as_in_hf_peft():
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     ours = peft_fast.config._METHODS
-    assert set(ours) == {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "LOHA", "LOKR"}
+    assert set(ours) == {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "LOHA", "LOKR", "ADALORA", "VERA"}
     for peft_type, method in ours.items():
         hf_type = peft.PeftType(peft_type)
         assert method.peft_type == peft_type and method.name == peft_type.lower()
@@ -199,3 +199,17 @@ def test_register_peft_method_refuses_bad_registrations(registry, kwargs, error,
     with pytest.raises(error, match=match):
         register_peft_method(**kwargs)
     assert registry == before
+
+
+def test_a_derived_method_may_share_its_parents_prefix(registry):
+    """AdaLoRA's tuner subclasses LoRA's and shares "lora_" (as in HF peft); an unrelated class may not."""
+    from peft_fast.tuners.adalora import AdaLoraModel
+
+    assert registered_method("ADALORA").prefix == registered_method("LORA").prefix == "lora_"
+    assert issubclass(AdaLoraModel, LoraModel)
+
+    class OtherModel(LoraModel):
+        pass
+
+    register_peft_method(name="other", config_cls=_OtherConfig, model_cls=OtherModel, prefix="lora_")
+    assert registered_method("OTHER").model_cls is OtherModel

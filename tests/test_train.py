@@ -61,7 +61,7 @@ def tiny_data(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "lokr"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "lokr", "adalora", "vera"])
 def test_run_trains_saves_and_reloads(tiny_model, tiny_data, tmp_path, method):
     out = tmp_path / "adapter"
     result = run(

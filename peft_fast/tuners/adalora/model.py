@@ -53,6 +53,17 @@ class AdaLoraModel(LoraModel):
         self._penalty_hook = self.model.register_forward_hook(self._add_orthogonal_penalty)
 
     # -- layers -------------------------------------------------------------------------------
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        # rank_pattern is the allocator's output ({lora_E name: [kept, ...]}, used when loading),
+        # not LoRA's {pattern: rank}: LoRA's "pattern matches no module" warning does not apply.
+        pattern, config.rank_pattern = config.rank_pattern, None
+        try:
+            super().inject_adapter(model, adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        finally:
+            config.rank_pattern = pattern
+
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         super()._check_new_adapter_config(config)
         trainable = sum(not c.inference_mode for c in self.peft_config.values()) + (not config.inference_mode)
