@@ -263,7 +263,8 @@ def register_peft_method(
     if peft_type in _METHODS:
         raise KeyError(f"a method named {name!r} is already registered")
     # A method derived from another (AdaLoRA's model class subclasses LoRA's, as in HF peft) may share its prefix.
-    if any(m.prefix == prefix and not issubclass(model_cls, m.model_cls) for m in _METHODS.values()):
+    sharing = [m.model_cls for m in _METHODS.values() if m.prefix == prefix]
+    if sharing and not any(issubclass(model_cls, cls) for cls in sharing):
         raise KeyError(f"the prefix {prefix!r} is already registered; choose a unique prefix")
     _METHODS[peft_type] = PeftMethod(name, peft_type, config_cls, model_cls, prefix)
 
