@@ -5,7 +5,8 @@ frozen shared projections, `λ_b ⊙ ((λ_d ⊙ (x A_sᵀ)) B_sᵀ)`, plus two v
 the vectors into LoRA factors (A' = λ_d A_s, B' = λ_b B_s) to reuse `lora_linear`'s kernels
 would make backward form the full gradients of A' (r·in·M multiplies) and B' (out·r·M), work
 HF peft never does since A and B are frozen; the unfused form needs only M·r and M·out for
-the two vectors. A fused backend can register under "vera_linear" with this signature."""
+the two vectors. The torch path adds `λ_b ⊙ v` onto the base output in one pass (addcmul). A
+fused backend can register under "vera_linear" with this signature."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def _vera_linear_reference(
         xa = F.dropout(xa, p=dropout_p, training=True)
     sliced_A = vera_A[:, :in_f].to(xa.device)
     sliced_B = vera_B[:out_f, :].to(xa.device)
-    delta = lambda_b * F.linear(lambda_d * F.linear(xa, sliced_A), sliced_B)
-    return (result + delta).to(out_dtype)
+    v = F.linear(lambda_d * F.linear(xa, sliced_A), sliced_B)
+    if v.dtype == result.dtype:
+        return torch.addcmul(result, lambda_b, v)  # λ_b ⊙ v added in one pass (HF peft: two)
+    return (result + lambda_b * v).to(out_dtype)
 
 
 dispatch.register("vera_linear", "torch", _vera_linear_reference)
