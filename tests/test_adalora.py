@@ -329,3 +329,8 @@ def test_merge_unmerge_disable_delete_as_hf(kind):
     theirs.delete_adapter("default")
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert ours.active_adapters == theirs.active_adapters == ["second"]
+    # The trainable adapter is gone: the loss has no penalty term, and allocation says why it cannot run.
+    ours.train()
+    assert torch.isfinite(_loss(ours, kind))
+    with pytest.raises(ValueError, match="trainable AdaLoRA adapter"):
+        ours.base_model.update_and_allocate(0)

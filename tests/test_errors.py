@@ -118,7 +118,9 @@ def test_ia3_feedforward_not_subset():
 def test_from_dict_peft_type():
     with pytest.raises(ValueError, match="peft_type 'NOT_A_METHOD'"):
         PeftConfig.from_dict({"peft_type": "NOT_A_METHOD", "r": 8})
-    with pytest.raises(ValueError, match="peft_type 'ADALORA'.*not supported"):
+    with pytest.raises(ValueError, match="peft_type 'OFT'.*not supported"):
+        PeftConfig.from_dict({"peft_type": "OFT"})
+    with pytest.raises(ValueError, match="total_step"):  # a method we have, with a config it refuses
         PeftConfig.from_dict({"peft_type": "ADALORA"})
     assert type(PeftConfig.from_dict({"peft_type": "PROMPT_TUNING"})).__name__ == "PromptTuningConfig"
     with pytest.raises(ValueError, match="peft_type"):

@@ -162,6 +162,14 @@ class AdaLoraModel(LoraModel):
         self._penalty_hook.remove()  # the plain model no longer adds AdaLoRA's penalty
         return model
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; deleting the trainable one leaves no allocator (HF peft keeps a dangling
+        name and fails with KeyError at the next loss)."""
+        super().delete_adapter(adapter_name)
+        if adapter_name == self.trainable_adapter_name:
+            self.trainable_adapter_name = None
+            self.__dict__.pop("rankallocator", None)
+
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Not supported for AdaLoRA (as in HF peft)."""
         raise TypeError("AdaLoraModel does not support add_weighted_adapter; use LoRA")
