@@ -334,3 +334,16 @@ def test_merge_unmerge_disable_delete_as_hf(kind):
     assert torch.isfinite(_loss(ours, kind))
     with pytest.raises(ValueError, match="trainable AdaLoRA adapter"):
         ours.base_model.update_and_allocate(0)
+
+
+@pytest.mark.parametrize("init_lora_weights", [True, False])
+def test_initialisation_is_hf_peft_s_seed_for_seed(init_lora_weights):
+    """init_lora_weights=False keeps the standard-normal draws; True: E = 0, A and B normal(0, 0.02)."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(make_model("gpt2"), _config(peft, "gpt2", init_lora_weights=init_lora_weights))
+    torch.manual_seed(0)
+    ours = get_peft_model(make_model("gpt2"), _config(peft_fast, "gpt2", init_lora_weights=init_lora_weights))
+    hs, fs = theirs.state_dict(), ours.state_dict()
+    assert list(hs) == list(fs) and all(torch.equal(fs[k], hs[k]) for k in hs)
+    lora_e = next(p for n, p in ours.named_parameters() if "lora_E" in n)
+    assert bool(torch.all(lora_e == 0)) == init_lora_weights

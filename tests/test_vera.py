@@ -205,3 +205,16 @@ def test_unsupported_layers_are_refused_as_hf():
         peft.get_peft_model(make_model("llama"), peft.VeraConfig(**mixed))
     with pytest.raises(TypeError, match="Embedding"):
         get_peft_model(make_model("llama"), VeraConfig(**mixed))
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_initialisation_is_hf_peft_s_seed_for_seed(init_weights):
+    """init_weights=False draws λ_d from the global generator (HF's order); True gives λ_b = 0, λ_d = d_initial."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(make_model("llama"), _config(peft, "llama", init_weights=init_weights, d_initial=0.3))
+    torch.manual_seed(0)
+    ours = get_peft_model(make_model("llama"), _config(peft_fast, "llama", init_weights=init_weights, d_initial=0.3))
+    hs, fs = theirs.state_dict(), ours.state_dict()
+    assert list(hs) == list(fs) and all(torch.equal(fs[k], hs[k]) for k in hs)
+    lambda_d = next(p for n, p in ours.named_parameters() if "vera_lambda_d" in n)
+    assert torch.all(lambda_d == 0.3) == init_weights
