@@ -77,6 +77,16 @@ def register_method(name: str, builder: MethodBuilder) -> None:
 
 register_method("loha", lambda lib, targets: lib.LoHaConfig(target_modules=targets))
 register_method("lokr", lambda lib, targets: lib.LoKrConfig(target_modules=targets))
+# AdaLoRA at the r=16 as its target rank (pruned from 24, masks every 10 steps; a model
+# step also runs update_and_allocate, see Step) and VeRA at its own default r=256, dropout 0.05.
+ADALORA_SCHEDULE = {"init_r": 24, "target_r": 16, "tinit": 0, "tfinal": 0, "deltaT": 10, "total_step": 1000}
+register_method(
+    "adalora",
+    lambda lib, targets: lib.AdaLoraConfig(
+        target_modules=targets, lora_alpha=16, lora_dropout=0.05, init_lora_weights=False, **ADALORA_SCHEDULE
+    ),
+)
+register_method("vera", lambda lib, targets: lib.VeraConfig(target_modules=targets, vera_dropout=0.05))
 
 
 @dataclass
@@ -150,11 +160,17 @@ class Step:
         self.batch = batch
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        # AdaLoRA's rank allocation belongs to its training step (after the optimizer, before zero_grad).
+        self.allocate = getattr(model.base_model, "update_and_allocate", None)
+        self.global_step = 0
 
     def __call__(self) -> float:
         loss = self.model(**self.batch).loss
         loss.backward()
         self.opt.step()
+        if self.allocate is not None:
+            self.allocate(self.global_step)
+            self.global_step += 1
         self.opt.zero_grad(set_to_none=True)
         return loss.item()
 

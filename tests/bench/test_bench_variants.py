@@ -79,11 +79,26 @@ def test_a_method_joins_through_the_table(monkeypatch):
     ("argv", "message"),
     [
         (["--suite", "lora", "--methods", "loha"], "--methods: goes with --suite variants"),
-        (["--suite", "variants", "--methods", "dora"], "--methods: choose from ['loha', 'lokr']"),
+        (["--suite", "variants", "--methods", "oft"], "--methods: choose from ['adalora', 'loha', 'lokr', 'vera']"),
     ],
 )
 def test_variants_refusals(argv, message, capsys):
+    # (peft_fast's methods in the suite: LoHa, LoKr, AdaLoRA, VeRA; OFT is not one)
     with pytest.raises(SystemExit) as e:
         bench_main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_adalora_step_runs_its_rank_allocation():
+    """The suite's AdaLoRA model step calls update_and_allocate, as AdaLoRA training must."""
+    preset = variants.PRESETS["tiny"]
+    model = variants.wrap(
+        "adalora", "peft_fast", variants.build_model(preset, torch.device("cpu"), torch.float32), "all-linear"
+    )
+    step = variants.Step(model, variants.make_batch(preset, torch.device("cpu")))
+    for _ in range(11):  # deltaT = 10: the first mask at step 10
+        step()
+    assert step.global_step == 11 and model.peft_config["default"].rank_pattern is not None
+    hf = variants.wrap("vera", "hf", variants.build_model(preset, torch.device("cpu"), torch.float32), "all-linear")
+    assert variants.Step(hf, variants.make_batch(preset, torch.device("cpu"))).allocate is None
