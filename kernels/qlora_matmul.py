@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MatmulConfig, dot_precision, gpu_family, matmul_config, rank_block, tl_dtype
+from .configs import MatmulConfig, dot_precision, on_gpu, rank_block, tl_dtype
 from .nf4_dequant import dequant_4bit_elements
 from .tiles import grouped_tile, load_tile, store_tile
 
@@ -74,9 +74,9 @@ def _qlora_matmul_kernel(
         a = load_tile(a_ptr, offs_m, offs_q, stride_am, stride_aq, M, q_end)
         mask = (offs_q[:, None] < q_end) & (offs_p[None, :] < P)
         if TRANSPOSE:
-            idx = offs_p[None, :].to(tl.int64) * W_COLS + offs_q[:, None]
+            idx = offs_p[None, :] * W_COLS + offs_q[:, None]
         else:
-            idx = offs_q[:, None].to(tl.int64) * W_COLS + offs_p[None, :]
+            idx = offs_q[:, None] * W_COLS + offs_p[None, :]
         w = dequant_4bit_elements(
             packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask, BLOCKSIZE,
             NESTED, BLOCKSIZE2,
@@ -95,16 +95,26 @@ def _qlora_matmul_kernel(
         tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op, acc, mask=mask_out)
 
 
+# (family, fp32) -> blocks of the 4-bit matmul: the W tile is decoded in registers (byte, nibble,
+# table and absmax gathers), so its tiles are smaller than the plain matmul's (configs.py). Chosen
+# with the static audit (kernels/audit.py): no spills, shared memory in bounds, HGMMA on sm_90a.
+_TILES: dict[tuple[str, bool], MatmulConfig] = {
+    ("gpu", False): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
+    ("gpu", True): MatmulConfig(64, 64, 32, 8, num_warps=8, num_stages=2),  # fp32 runs on FMA
+    ("gpu-small-m", False): MatmulConfig(16, 64, 64, 1, num_warps=4, num_stages=3),
+    ("gpu-small-m", True): MatmulConfig(16, 32, 32, 1, num_warps=4, num_stages=2),
+    ("interpreter", False): MatmulConfig(32, 32, 32, 2, num_warps=1, num_stages=1),
+    ("interpreter-small-m", False): MatmulConfig(16, 32, 32, 1, num_warps=1, num_stages=1),
+}
+SPLIT_K = {"gpu": 8, "interpreter": 2}  # programs per output tile along K when M <= SMALL_M
+
+
 def _config(device: torch.device, dtype: torch.dtype, m: int) -> tuple[MatmulConfig, int]:
-    """(blocks, split-K factor). Large M: the base matmul's blocks, the K block capped at 64
-    (the W tile is decoded in registers). Small M on a GPU: 16-row tiles split over K."""
-    cfg = matmul_config(device, dtype)
-    family = gpu_family(device)
-    if family != "interpreter" and m <= SMALL_M:
-        return MatmulConfig(16, 64, 64 if dtype == torch.float32 else 128, 1, num_warps=4, num_stages=3), 8
-    if family == "interpreter" and m <= SMALL_M:
-        return MatmulConfig(16, 32, 32, 1, num_warps=1, num_stages=1), 2
-    return MatmulConfig(cfg.block_m, min(cfg.block_n, 128), min(cfg.block_k, 64), cfg.group_m, cfg.num_warps, 3), 1
+    """(blocks, split-K factor) for an M-row product in `dtype` on `device`."""
+    where = "gpu" if on_gpu(device) else "interpreter"  # configs' own lookup: the audit picks the family
+    small = m <= SMALL_M
+    fp32 = dtype == torch.float32 and where == "gpu"
+    return _TILES[(where + ("-small-m" if small else ""), fp32)], SPLIT_K[where] if small else 1
 
 
 def qlora_matmul(
