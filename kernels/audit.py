@@ -342,7 +342,8 @@ def _nf4_dequant(dtype: torch.dtype, nested: bool) -> None:
 
 
 def _qlora_matmul(dtype: torch.dtype, mode: str) -> None:
-    from .qlora_matmul import SMALL_M, qlora_matmul
+    from .configs import SMALL_M
+    from .qlora_matmul import qlora_matmul
 
     kind, quant = mode.split("/")
     blocks = N * K // 64

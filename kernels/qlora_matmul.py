@@ -16,7 +16,7 @@ accumulator first, scaled by alpha, and the base product accumulates on top; the
 added last. Programs are grouped GROUP_M tile-rows at a time for L2 reuse; every ragged edge
 is masked (any M, N, K; blocks of the 4-bit layout may straddle rows).
 
-Small M (decode, M <= SMALL_M): a split-K variant (SPLIT_K programs per output tile, each
+Small M (decode, M <= configs.SMALL_M): a split-K variant (SPLIT_K programs per output tile, each
 over its slice of the reduction, adding its fp32 partial into an fp32 buffer with atomics)
 so a handful of tokens still spreads the packed weight's read over every SM; the first
 slice adds the LoRA term and the bias.
@@ -28,11 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MatmulConfig, dot_precision, on_gpu, rank_block, tl_dtype
+from .configs import dot_precision, qlora_config, rank_block, tl_dtype
 from .nf4_dequant import dequant_4bit_elements
 from .tiles import grouped_tile, load_tile, store_tile
-
-SMALL_M = 16  # at most this many rows: the split-K decode variant
 
 
 @triton.jit
@@ -95,28 +93,6 @@ def _qlora_matmul_kernel(
         tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op, acc, mask=mask_out)
 
 
-# (family, fp32) -> blocks of the 4-bit matmul: the W tile is decoded in registers (byte, nibble,
-# table and absmax gathers), so its tiles are smaller than the plain matmul's (configs.py). Chosen
-# with the static audit (kernels/audit.py): no spills, shared memory in bounds, HGMMA on sm_90a.
-_TILES: dict[tuple[str, bool], MatmulConfig] = {
-    ("gpu", False): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
-    ("gpu", True): MatmulConfig(64, 64, 32, 8, num_warps=8, num_stages=2),  # fp32 runs on FMA
-    ("gpu-small-m", False): MatmulConfig(16, 64, 64, 1, num_warps=4, num_stages=3),
-    ("gpu-small-m", True): MatmulConfig(16, 32, 32, 1, num_warps=4, num_stages=2),
-    ("interpreter", False): MatmulConfig(32, 32, 32, 2, num_warps=1, num_stages=1),
-    ("interpreter-small-m", False): MatmulConfig(16, 32, 32, 1, num_warps=1, num_stages=1),
-}
-SPLIT_K = {"gpu": 8, "interpreter": 2}  # programs per output tile along K when M <= SMALL_M
-
-
-def _config(device: torch.device, dtype: torch.dtype, m: int) -> tuple[MatmulConfig, int]:
-    """(blocks, split-K factor) for an M-row product in `dtype` on `device`."""
-    where = "gpu" if on_gpu(device) else "interpreter"  # configs' own lookup: the audit picks the family
-    small = m <= SMALL_M
-    fp32 = dtype == torch.float32 and where == "gpu"
-    return _TILES[(where + ("-small-m" if small else ""), fp32)], SPLIT_K[where] if small else 1
-
-
 def qlora_matmul(
     a: torch.Tensor,
     packed: torch.Tensor,
@@ -171,7 +147,7 @@ def qlora_matmul(
     for name, t in (("packed", packed), ("absmax", absmax), ("bias", bias), ("h", h), ("lora_B", lora_B)):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name} must be on {a.device}, got {t.device}")
-    cfg, split_k = _config(a.device, a.dtype, M)
+    cfg, split_k = qlora_config(a.device, a.dtype, M)
     out_dtype = torch.float32 if split_k > 1 else a.dtype
     alloc = torch.zeros if split_k > 1 else torch.empty
     out = alloc((M, P), dtype=out_dtype, device=a.device)
