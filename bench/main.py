@@ -7,6 +7,8 @@ Suites (each in its own module of this package):
   quick   lora, ia3 and sgmv in one process, one record and one figure (the GPU round's preset)
   e2e     a training step of a Llama-shaped model: frozen, HF peft, peft_fast, HF peft + patch_peft (e2e.py)
   variants  LoRA's variants (LoHa, LoKr, ...: variants.METHODS) vs HF peft: model step and one layer (variants.py)
+  qlora   a training step of a Llama-shaped model in 4 bits vs fp32, peft_fast vs HF peft + bitsandbytes,
+          with each case's peak memory (qlora.py; CPU: presets cpu, tiny and full)
 
 Presets: "full" and "quick" are GPU sizes (default on CUDA: full; --quick: quick); "cpu" is
 the CPU default (small shapes, the harness only: GPU numbers are not measured); "tiny" is
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, ia3, lora, sgmv, variants
+from . import e2e, ia3, lora, qlora, sgmv, variants
 from .plot import plot_ratios
 from .timing import CPU_ROUNDS, device_name, make_record, write_record
 
@@ -44,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peft-fast bench",
         description="Benchmarks: peft_fast's ops against bare frozen linear layers and HF peft, in one run.",
         epilog="Suites: lora, ia3, sgmv (many adapters per batch), quick (lora + ia3 + sgmv, one record), "
-        "e2e (training step of a Llama-shaped model), variants (LoHa, LoKr, ... vs HF peft).",
+        "e2e (training step of a Llama-shaped model), variants (LoHa, LoKr, ... vs HF peft), "
+        "qlora (4-bit vs fp32 training step, ours vs HF peft).",
     )
     parser.add_argument(
-        "--suite", choices=(*SUITES, "quick", "e2e", "variants"), default="lora", help="default: %(default)s"
+        "--suite", choices=(*SUITES, "quick", "e2e", "variants", "qlora"), default="lora", help="default: %(default)s"
     )
     parser.add_argument(
         "--preset",
@@ -105,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("arguments --repo and --allow-cpu go with --ingest only")
     if args.rounds < 1:
         parser.error(f"argument --rounds: must be >= 1, got {args.rounds}")
-    if args.suite == "e2e" and _given(argv, "--rounds"):
-        parser.error("argument --rounds: the e2e suite times whole training steps (its preset sets the steps)")
+    if args.suite in ("e2e", "qlora") and _given(argv, "--rounds"):
+        parser.error(
+            f"argument --rounds: the {args.suite} suite times whole training steps (its preset sets the steps)"
+        )
     if args.methods is not None and args.suite != "variants":
         parser.error("argument --methods: goes with --suite variants")
     if args.quick and args.preset is not None:
@@ -148,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"(<= 1: {'met' if t['peak_met'] else 'MISSED'})"
             )
         figure, ylabel = variants.ratios(record["rows"]), variants.YLABEL
+    elif args.suite == "qlora":
+        if cuda:
+            parser.error(f"argument --suite qlora: measures the CPU training step only ({qlora.GPU_NUMBERS})")
+        if preset not in qlora.PRESETS:
+            parser.error(f"argument --preset: the qlora suite has presets {list(qlora.PRESETS)}, not {preset!r}")
+        rows, extra = qlora.run(qlora.PRESETS[preset], device)
+        print(f"\n[qlora] {preset} preset on {device_name(device)}")
+        print(qlora.table(rows))
+        record = make_record("qlora", device, rows, argv=argv, extra={"preset": preset, **extra})
+        figure, ylabel = qlora.ratios(record["rows"]), qlora.YLABEL
     else:
         record, figure = _run_op_suites(args.suite, preset, device, args.rounds, argv)
         ylabel = "time / bare frozen linear (lower is better)"

@@ -341,6 +341,24 @@ def _nf4_dequant(dtype: torch.dtype, nested: bool) -> None:
     dequantize_4bit(torch.zeros(M * K // 2, dtype=torch.uint8), _t(16), absmax, (M, K), 64, dtype, **stats)
 
 
+def _qlora_matmul(dtype: torch.dtype, mode: str) -> None:
+    from .configs import SMALL_M
+    from .qlora_matmul import qlora_matmul
+
+    kind, quant = mode.split("/")
+    blocks = N * K // 64
+    absmax = torch.zeros(blocks, dtype=torch.uint8) if quant == "nested" else _t(blocks)
+    stats = {"absmax2": _t(1), "code2": _t(256), "offset": _t(1)} if quant == "nested" else {}
+    weight = (torch.zeros(N * K // 2, dtype=torch.uint8), _t(16), absmax, (N, K), 64)
+    rows = SMALL_M // 4 if kind.startswith("decode") else M
+    if kind in ("fwd", "decode"):  # y = x Wᵀ + b + s · h Bᵀ
+        lora = {"h": _t(rows, RANK), "lora_B": _t(N, RANK, dtype=dtype), "alpha": 2.0}
+        qlora_matmul(_t(rows, K, dtype=dtype), *weight, bias=_t(N, dtype=dtype), **lora, **stats)
+    else:  # dx = dy W + dh A, W decoded untransposed, A through its transpose view
+        lora = {"h": _t(rows, RANK), "lora_B": _t(RANK, K, dtype=dtype).t()}
+        qlora_matmul(_t(rows, N, dtype=dtype), *weight, transpose=False, mid_dtype=dtype, **lora, **stats)
+
+
 @dataclass(frozen=True)
 class Variant:
     """A launcher call that makes one kernel variant; `matmul_shaped` marks big tile products."""
@@ -391,6 +409,10 @@ def variants() -> list[Variant]:
     for nested in (False, True):
         name = "nf4_dequant/" + ("nested" if nested else "plain")
         out.append(Variant(name, lambda d, n=nested: _nf4_dequant(d, n)))
+    for kind in ("fwd", "bwd_dx", "decode", "decode_bwd_dx"):
+        for quant in ("plain", "nested"):
+            mode = f"{kind}/{quant}"
+            out.append(Variant(f"qlora_matmul/{mode}", lambda d, m=mode: _qlora_matmul(d, m), matmul_shaped=True))
     return out
 
 

@@ -148,3 +148,27 @@ def bgmv_config(device: torch.device) -> MatmulConfig:
     if gpu_family(device) == "interpreter":
         return MatmulConfig(1, 32, 32, 1, num_warps=1, num_stages=1)
     return MatmulConfig(1, 256, 256, 1, num_warps=4, num_stages=2)
+
+
+SMALL_M = 16  # at most this many rows: the 4-bit matmul's split-K decode variant
+# (family, fp32) -> blocks of the 4-bit matmul: the W tile is decoded in registers (byte, nibble,
+# table and absmax gathers), so its tiles are smaller than the plain matmul's (_MATMUL). Chosen
+# with the static audit (kernels/audit.py): no spills, shared memory in bounds, HGMMA on sm_90a.
+_QLORA: dict[tuple[str, bool], MatmulConfig] = {
+    ("gpu", False): MatmulConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
+    ("gpu", True): MatmulConfig(64, 64, 32, 8, num_warps=8, num_stages=2),  # fp32 runs on FMA
+    ("gpu-small-m", False): MatmulConfig(16, 64, 64, 1, num_warps=4, num_stages=3),
+    ("gpu-small-m", True): MatmulConfig(16, 32, 32, 1, num_warps=4, num_stages=2),
+    ("interpreter", False): MatmulConfig(32, 32, 32, 2, num_warps=1, num_stages=1),
+    ("interpreter-small-m", False): MatmulConfig(16, 32, 32, 1, num_warps=1, num_stages=1),
+}
+SPLIT_K = {"gpu": 8, "interpreter": 2}  # programs per output tile along K when M <= SMALL_M
+
+
+def qlora_config(device: torch.device, dtype: torch.dtype, m: int) -> tuple[MatmulConfig, int]:
+    """(blocks, split-K factor) of the 4-bit matmul (kernels/qlora_matmul.py) for an M-row
+    product in `dtype` on `device`: split-K (> 1) for M <= SMALL_M, the decode case."""
+    where = "gpu" if on_gpu(device) else "interpreter"
+    small = m <= SMALL_M
+    fp32 = dtype == torch.float32 and where == "gpu"
+    return _QLORA[(where + ("-small-m" if small else ""), fp32)], SPLIT_K[where] if small else 1

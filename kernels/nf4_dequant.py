@@ -26,6 +26,28 @@ BLOCK = 1024
 
 
 @triton.jit
+def dequant_4bit_elements(
+    packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask, blocksize,
+    NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+):  # fmt: skip
+    """The fp32 values of the weight's elements at flat (row-major) indices `idx` (any shape),
+    0 where `mask` is False: `table[q] · scale` with the block's scale expanded from the nested
+    absmax where NESTED (launch with enable_fp_fusion=False to round as bitsandbytes does)."""
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    shift = (1 - (idx % 2)) * 4
+    q = (byte >> shift.to(tl.int32)) & 0xF
+    value = tl.load(table_ptr + q, mask=mask, other=0.0)
+    blk = idx // blocksize
+    if NESTED:
+        a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return value * scale
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
     n, blocksize,
@@ -34,18 +56,9 @@ def _nf4_dequant_kernel(
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    shift = (1 - (offs % 2)) * 4
-    q = (byte >> shift.to(tl.int32)) & 0xF
-    value = tl.load(table_ptr + q, mask=mask, other=0.0)
-    blk = offs // blocksize
-    if NESTED:
-        a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + a8, mask=mask, other=0.0) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    w = value * scale
+    w = dequant_4bit_elements(
+        packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs, mask, blocksize, NESTED, BLOCKSIZE2
+    )
     if BF16_BITS:
         # fp32 -> bf16 rounded to nearest even, done on the bits (stored as int16): the same
         # rounding as torch's `.to(torch.bfloat16)` on every target, interpreter included.

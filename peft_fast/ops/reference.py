@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import QuantState4bit, dequantize_4bit
+from ..quant.bnb import dequantize_4bit
+from ..quant.formats import QuantState4bit
 from .mixed_batch import RowGroups, group_rows
 
 __all__ = [
@@ -128,7 +129,8 @@ def lora_linear_mixed(
 class _Linear4bit(torch.autograd.Function):
     """`x Wᵀ + b` with W dequantized from 4 bits for the product and dropped right after;
     backward dequantizes again, so no full-precision copy of W lives between the passes
-    (what bitsandbytes' MatMul4Bit does, with the same roundings)."""
+    (what bitsandbytes' MatMul4Bit does, with the same roundings). The dequantizer is
+    bitsandbytes' native one where it is installed and exact for the layout (quant/bnb.py)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, state: QuantState4bit) -> torch.Tensor:

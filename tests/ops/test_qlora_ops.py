@@ -191,11 +191,19 @@ def test_lora_add_casts_the_update_to_the_base_dtype():
 
 
 def test_kernel_backends_fall_back_to_the_reference():
-    """No fused 4-bit matmul yet: under "triton" the LoRA op runs the reference (same numbers)."""
+    """Under "triton", what the fused 4-bit matmul does not take (dropout in training; IA³) runs
+    the reference path: the same numbers, the same dropout draws under the same seed."""
     state = _state((16, 64))
     x, A, B = torch.randn(3, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE), torch.randn(16, 2, device=DEVICE)
-    want = ops.lora_linear_4bit(x, state, None, A, B, 1.0)
+    ia3_l = torch.rand(16, 1, device=DEVICE) + 0.5
+    torch.manual_seed(3)
+    want = ops.lora_linear_4bit(x, state, None, A, B, 1.0, 0.5, True)
+    want_ia3 = ops.ia3_linear_4bit(x, state, None, ia3_l, False)
     if peft_fast.ops.dispatch.unavailable_reason("triton") is None:
         with peft_fast.use_backend("triton"):
-            assert torch.equal(ops.lora_linear_4bit(x, state, None, A, B, 1.0), want)
-    assert rel_err(want, _oracle_linear(x, state, None, A, B, 1.0)) < 1e-5
+            torch.manual_seed(3)
+            assert torch.equal(ops.lora_linear_4bit(x, state, None, A, B, 1.0, 0.5, True), want)
+            assert torch.equal(ops.ia3_linear_4bit(x, state, None, ia3_l, False), want_ia3)
+    no_dropout = ops.lora_linear_4bit(x, state, None, A, B, 1.0, 0.0, True)
+    assert rel_err(no_dropout, _oracle_linear(x, state, None, A, B, 1.0)) < 1e-5
+    assert not torch.equal(want, no_dropout)  # the dropout draw did happen
