@@ -43,6 +43,8 @@ from .tuners import (  # noqa: E402
     PromptTuningInit,
     VeraConfig,
     VeraModel,
+    XLoraConfig,
+    XLoraModel,
 )
 
 __all__ = [
@@ -75,6 +77,8 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "XLoraConfig",
+    "XLoraModel",
     "available_backends",
     "get_backend",
     "get_peft_model",

@@ -41,6 +41,7 @@ class PeftType(str, enum.Enum):
     LOKR = "LOKR"
     ADALORA = "ADALORA"
     VERA = "VERA"
+    XLORA = "XLORA"
 
     def __str__(self) -> str:
         return self.value

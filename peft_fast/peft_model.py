@@ -575,6 +575,9 @@ class PeftModel(hf_peft_model_base()):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             save_adapter_folder(folder, weights, config, safe_serialization=safe_serialization)
+        save_experts = getattr(type(self._tuner), "save_expert_folders", None)
+        if callable(save_experts):  # X-LoRA: each expert as a LoRA folder beside the classifier
+            save_experts(self._tuner, root, safe_serialization)
 
     @classmethod
     def from_pretrained(
@@ -590,12 +593,18 @@ class PeftModel(hf_peft_model_base()):
     ) -> PeftModel:
         """Load an adapter folder (HF peft's or ours) onto `model`. If this raises, `model` is
         left as it was (no adapter layers, no `peft_config`)."""
+        adapters = kwargs.pop("adapters", None)  # X-LoRA's expert folders (HF peft's keyword)
         if kwargs:
             raise TypeError(f"from_pretrained got unsupported arguments: {sorted(kwargs)}")
         check_adapter_name(adapter_name)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         config, weights = _read_adapter(model_id, config, _load_device(model))
+        config_for_load = getattr(registered_method(config.peft_type).model_cls, "config_for_load", None)
+        if callable(config_for_load):
+            config_for_load(config, str(model_id), adapters)
+        elif adapters is not None:
+            raise TypeError(f"adapters= is for X-LoRA adapter folders; {str(model_id)!r} holds {config.peft_type}")
         _check_loadable(config, is_trainable)
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
@@ -696,6 +705,8 @@ class _GenerativePeftModel(PeftModel):
             encoder = get_encoder() if callable(get_encoder) else None
             if repeat > 1 and isinstance(encoder, nn.Module) and encoder is not model:
                 encoder_adapter_names = (encoder, list(adapter_names))
+        if getattr(self._tuner, "generate_without_cache", False):
+            kwargs["use_cache"] = False  # X-LoRA, as HF peft: each step reruns the whole sequence
         with self._peft_forward(kwargs, encoder_adapter_names) as kw:
             return model.generate(*args, **kw)
 

@@ -90,6 +90,17 @@ def _tuner_of(model: nn.Module) -> BaseTuner | None:
     return tuner if isinstance(tuner, BaseTuner) else None
 
 
+def tuner_state_keys(model: nn.Module, adapter_name: str) -> list[str]:
+    """Keys of weights a tuner itself holds for an adapter, stored under their own names (X-LoRA's
+    classifier): whatever a module's `adapter_state_keys(adapter_name)` lists, prefixed by its path."""
+    keys: list[str] = []
+    for path, module in model.named_modules():
+        own = getattr(type(module), "adapter_state_keys", None)
+        if callable(own):
+            keys += [f"{path}.{k}" if path else k for k in own(module, adapter_name)]
+    return keys
+
+
 def _extra_base_keys(model: nn.Module, adapter_name: str, save_embedding_layers: bool | Literal["auto"]) -> list[str]:
     """Base-model keys an adapter file also carries, stored under their own names: biases
     trained with bias="all"/"lora_only", and whole embedding layers where HF peft saves them."""
@@ -142,6 +153,8 @@ def get_peft_model_state_dict(
         out[PROMPT_FILE_KEY] = model.get_prompt_embedding_to_save(adapter_name)
     for key in _extra_base_keys(model, adapter_name, save_embedding_layers):
         out[key] = state_dict[key]
+    for key in tuner_state_keys(model, adapter_name):
+        out[key] = state_dict[key]
     tuner = _tuner_of(model)
     return out if tuner is None else tuner.adapter_state_for_save(adapter_name, out)
 
@@ -166,6 +179,9 @@ def set_peft_model_state_dict(
     if tuner is not None:
         peft_model_state_dict = tuner.prepare_adapter_load(adapter_name, peft_model_state_dict)
     mapping = adapter_key_map(model, adapter_name)
+    # A tuner's own weights (X-LoRA's classifier): under their own names; missing ones warn.
+    tuner_keys = tuner_state_keys(model, adapter_name)
+    mapping.update({k: k for k in tuner_keys})
     model_sd = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -187,6 +203,12 @@ def set_peft_model_state_dict(
             continue
         to_load[model_key] = tensor
     missing = sorted(fk for fk, mk in mapping.items() if mk not in to_load)
+    missing_tuner = [k for k in missing if k in tuner_keys]
+    if missing_tuner:
+        from .tuners.xlora.model import warn_missing_classifier_keys
+
+        warn_missing_classifier_keys(missing_tuner)
+        missing = [k for k in missing if k not in tuner_keys]
     if unexpected or missing:
         parts = []
         if unexpected:

@@ -9,6 +9,7 @@ from .lokr import lokr_conv, lokr_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
 from .qlora import dequantize_4bit, ia3_linear_4bit, lora_add, lora_linear_4bit
 from .vera import vera_linear
+from .xlora import xlora_linear
 
 # One folder per kernel backend, one module per op (see ops/triton/__init__.py and
 # ops/cuda/__init__.py); dispatch imports them on first use. The CUDA modules load or
@@ -41,4 +42,5 @@ __all__ = [
     "set_backend",
     "use_backend",
     "vera_linear",
+    "xlora_linear",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_4bit",
     "lora_linear_mixed",
+    "xlora_linear",
 ]
 
 
@@ -209,3 +210,32 @@ def ia3_linear_4bit(
     if feedforward:
         return linear_4bit(x * scale, state, bias, compute_dtype)
     return linear_4bit(x, state, bias, compute_dtype) * scale
+
+
+def xlora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranks: Sequence[int],
+    token_scalings: torch.Tensor,
+    dropout_ps: Sequence[float],
+    training: bool = True,
+) -> torch.Tensor:
+    """X-LoRA's mixture of experts, stacked: `x Wᵀ + b + ((dropout(x) Aᵀ) ⊙ G) Bᵀ` where A
+    (Σr, in) and B (out, Σr) hold every expert stacked along the rank and G (..., Σr) repeats
+    each expert's per-token coefficient `token_scalings[..., i]` over its rank slice.
+
+    One shrink and one expand for all experts. With dropout active (training, some p > 0)
+    each expert's slice of the shrink sees its own mask, as HF peft draws one per expert."""
+    result = F.linear(x, weight, bias)
+    xa = x.to(lora_A.dtype)
+    if training and any(p > 0.0 for p in dropout_ps):
+        slices = torch.split(lora_A, list(ranks), dim=0)
+        h = torch.cat([F.linear(F.dropout(xa, p=p, training=True), a) for a, p in zip(slices, dropout_ps)], -1)
+    else:
+        h = F.linear(xa, lora_A)
+    repeats = torch.tensor(list(ranks), device=h.device)
+    g = torch.repeat_interleave(token_scalings.to(h.dtype), repeats, dim=-1, output_size=lora_A.shape[0])
+    return (result + F.linear(h * g, lora_B)).to(result.dtype)

@@ -1,5 +1,5 @@
-"""One package per method: LoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, and prompt learning (prompt tuning, prefix
-tuning, P-tuning).
+"""One package per method: LoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, X-LoRA, and prompt learning (prompt tuning,
+prefix tuning, P-tuning).
 
 Each method's package registers its config and tuner classes when imported
 (`peft_fast.config.register_peft_method`); importing this package registers them all."""
@@ -21,6 +21,7 @@ from .prompt_learning import (
     PromptTuningInit,
 )
 from .vera import VeraConfig, VeraModel
+from .xlora import XLoraConfig, XLoraModel
 
 __all__ = [
     "AdaLoraConfig",
@@ -44,4 +45,6 @@ __all__ = [
     "PromptTuningInit",
     "VeraConfig",
     "VeraModel",
+    "XLoraConfig",
+    "XLoraModel",
 ]

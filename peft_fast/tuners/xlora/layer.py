@@ -1,0 +1,110 @@
+"""X-LoRA on a LoRA layer: the layer's experts mixed per token by the classifier's scalings.
+
+`XLoraLinearLayer` takes over one `LoraLinear`'s forward (as HF peft does, the LoRA layer and
+its parameters and state-dict keys stay as they are). Its forward depends on the pass the
+model is in (`XLoraModel._pass`):
+
+* scaling pass (the first, under no_grad): every scaling equals `scaling_pass_value`; when
+  that is 0 the experts add nothing and are skipped entirely (the base layer alone runs);
+* real pass: the classifier's scalings for this layer;
+* outside an X-LoRA forward (the LoRA model called directly): every expert at weight 1, as HF
+  peft's layer does when no scalings are given.
+
+Top-k (and softmax over the top k) follow HF peft's `get_maybe_topk_scalings`; then all
+experts run through `ops.xlora_linear`: one stacked shrink, one stacked expand (the stack
+is the mixed-batch `LoraStackCache`). Under top-k, experts that no token of the batch picked
+are left out of the stack, so their rank slices cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ... import ops
+from ...ops.mixed_batch import LoraStackCache
+from ..lora.layer import LoraLinear
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import XLoraModel
+
+
+def topk_scalings(scalings: torch.Tensor, top_k: int | None, softmax_topk: bool) -> torch.Tensor:
+    """HF peft's top-k of one layer's scalings (..., n): all but the k largest per token set to
+    0; then, with `softmax_topk`, a softmax over the non-zero ones."""
+    if top_k is not None:
+        _, idx = torch.topk(scalings, k=top_k, dim=-1)
+        mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, idx, True)
+        scalings = scalings * mask.to(scalings.dtype)
+    if softmax_topk:
+        nonzero = scalings != 0
+        scalings = torch.softmax(scalings.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
+    return scalings
+
+
+class XLoraLinearLayer:
+    """The X-LoRA forward of one LoraLinear (see the module docstring). Not a module: the
+    LoraLinear stays the module, this object only replaces its `forward`."""
+
+    def __init__(self, model: XLoraModel, target: LoraLinear, layer_number: int, experts: list[str]) -> None:
+        self.model = model
+        self.target = target
+        self.layer_number = layer_number
+        self.experts = experts
+        self.stack = LoraStackCache()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        target = self.target
+        state = self.model
+        if state.disabled or target.merged:
+            return target.base_layer(x, *args, **kwargs)
+        config = state.xlora_config
+        mode = state._pass
+        n = len(self.experts)
+        if mode is None:
+            weights = torch.ones((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+            global_weight = 1.0
+        else:
+            if mode == "scaling":
+                value = state.internal_xlora_classifier.override_scaling_pass_value
+                if value == 0:
+                    return target.base_layer(x, *args, **kwargs)
+                weights = torch.full((*x.shape[:-1], n), float(value), dtype=state.classifier_dtype, device=x.device)
+            else:
+                weights = state.internal_xlora_scalings[:, :, self.layer_number, :]
+            weights = topk_scalings(weights, config.top_k_lora, config.enable_softmax_topk)
+            global_weight = config.global_scaling_weight
+        return self._mix(x, weights, global_weight)
+
+    def _mix(self, x: torch.Tensor, weights: torch.Tensor, global_weight: float) -> torch.Tensor:
+        target = self.target
+        names = self.experts
+        include = list(range(len(names)))
+        if self.model.xlora_config.top_k_lora is not None:
+            # Experts no token of this batch picked: out of the stack (one host read per layer).
+            used = (weights != 0).reshape(-1, len(names)).any(0).tolist()
+            include = [i for i in include if used[i]]
+            if not include:
+                return target.base_layer(x)
+        scalings = [target.scaling[n] for n in names]
+        stack = self.stack.get(
+            [target.lora_A[n].weight for n in names],
+            [target.lora_B[n].weight for n in names],
+            scalings,
+            [target.dropout_p(n) for n in names],
+            include,
+        )
+        coeff = torch.tensor([scalings[i] * global_weight for i in include], dtype=weights.dtype, device=x.device)
+        token_scalings = weights[..., include] * coeff
+        return ops.xlora_linear(
+            x,
+            target.base_weight(),
+            target.base_layer.bias,
+            stack.A,
+            stack.B,
+            [stack.ranks[i] for i in include],
+            token_scalings,
+            [target.dropout_p(names[i]) for i in include],
+            target.training,
+        )
