@@ -91,7 +91,9 @@ def test_built_in_methods_are_registered_as_in_hf_peft():
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     ours = peft_fast.config._METHODS
-    assert set(ours) == {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "LOHA", "LOKR", "ADALORA", "VERA"}
+    assert set(ours) == {
+        "LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "LOHA", "LOKR", "ADALORA", "VERA", "XLORA"
+    }  # fmt: skip
     for peft_type, method in ours.items():
         hf_type = peft.PeftType(peft_type)
         assert method.peft_type == peft_type and method.name == peft_type.lower()

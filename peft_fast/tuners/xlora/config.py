@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +74,12 @@ class XLoraConfig(PeftConfig):
                 stacklevel=3,
             )
         check_top_k(self.top_k_lora, None)
+
+    def to_json_string(self) -> str:
+        """adapter_config.json's text: keys sorted as in every config, except the experts, which
+        keep their order (it is the order of the classifier's outputs; HF peft sorts them, so
+        names that do not sort in creation order come back mismatched there)."""
+        return json.dumps(dict(sorted(self.to_dict().items())), indent=2) + "\n"
 
 
 def check_top_k(top_k: int | None, n_experts: int | None) -> None:
