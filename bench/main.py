@@ -9,6 +9,7 @@ Suites (each in its own module of this package):
   variants  LoRA's variants (LoHa, LoKr, ...: variants.METHODS) vs HF peft: model step and one layer (variants.py)
   qlora   a training step of a Llama-shaped model in 4 bits vs fp32, peft_fast vs HF peft + bitsandbytes,
           with each case's peak memory (qlora.py; CPU: presets cpu, tiny and full)
+  xlora   X-LoRA forward and training step at 2-16 experts vs HF peft's X-LoRA and plain LoRA (xlora.py)
 
 Presets: "full" and "quick" are GPU sizes (default on CUDA: full; --quick: quick); "cpu" is
 the CPU default (small shapes, the harness only: GPU numbers are not measured); "tiny" is
@@ -32,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, ia3, lora, qlora, sgmv, variants
+from . import e2e, ia3, lora, qlora, sgmv, variants, xlora
 from .plot import plot_ratios
 from .timing import CPU_ROUNDS, device_name, make_record, write_record
 
-SUITES = {"lora": lora, "ia3": ia3, "sgmv": sgmv}
+SUITES = {"lora": lora, "ia3": ia3, "sgmv": sgmv, "xlora": xlora}
+QUICK_SUITES = ("lora", "ia3", "sgmv")
 PRESETS = ("full", "quick", "cpu", "tiny")
 
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks: peft_fast's ops against bare frozen linear layers and HF peft, in one run.",
         epilog="Suites: lora, ia3, sgmv (many adapters per batch), quick (lora + ia3 + sgmv, one record), "
         "e2e (training step of a Llama-shaped model), variants (LoHa, LoKr, ... vs HF peft), "
-        "qlora (4-bit vs fp32 training step, ours vs HF peft).",
+        "qlora (4-bit vs fp32 training step, ours vs HF peft), xlora (X-LoRA vs HF peft's, 2-16 experts).",
     )
     parser.add_argument(
         "--suite", choices=(*SUITES, "quick", "e2e", "variants", "qlora"), default="lora", help="default: %(default)s"
@@ -185,7 +187,7 @@ def _run_op_suites(
     suite: str, preset: str, device: torch.device, rounds: int, argv: list[str] | None
 ) -> tuple[dict, dict[str, dict[str, float]]]:
     """Run one op suite, or all of them for "quick", printing each table: (record, figure ratios)."""
-    names = list(SUITES) if suite == "quick" else [suite]
+    names = list(QUICK_SUITES) if suite == "quick" else [suite]
     parts: dict[str, dict] = {}
     figure: dict[str, dict[str, float]] = {}
     for name in names:

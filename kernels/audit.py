@@ -179,6 +179,20 @@ def _lora_shrink(dtype: torch.dtype, mode: str) -> None:
         lora_shrink(_t(M, K, dtype=dtype), _t(RANK, K, dtype=dtype), 1.0, 0.1 if mode == "dropout" else 0.0, _seed())
 
 
+def _xlora_shrink(dtype: torch.dtype, mode: str) -> None:
+    from .xlora_shrink import xlora_shrink
+
+    experts = 8
+    expert_of_rank = torch.zeros(experts * RANK, dtype=torch.int32)
+    coeff = _t(M, experts, dtype=dtype)
+    if mode == "bwd":  # dh = (dy B) ⊙ G and raw = dy B, the stacked B read through its transpose view
+        xlora_shrink(_t(M, N, dtype=dtype), _t(N, experts * RANK, dtype=dtype).t(), coeff, expert_of_rank, True)
+    else:  # fwd: inference skips all-zero tiles; fwd_raw keeps x Aᵀ for the coefficients' gradient
+        store = mode == "fwd_raw"
+        a = _t(experts * RANK, K, dtype=dtype)
+        xlora_shrink(_t(M, K, dtype=dtype), a, coeff, expert_of_rank, store_raw=store, skip_zero=not store)
+
+
 def _lora_expand(dtype: torch.dtype, mode: str) -> None:
     from .lora_expand import lora_expand, lora_expand_add_
 
@@ -374,6 +388,7 @@ def variants() -> list[Variant]:
     constexpr combination and operand layout (forward, backward, dropout, bias, reduce modes)."""
     shrinks = ("fwd", "dropout", "dropout_store", "dropout_keep_in", "bwd_dh")
     out = [Variant(f"lora_shrink/{m}", lambda d, m=m: _lora_shrink(d, m)) for m in shrinks]
+    out += [Variant(f"xlora_shrink/{m}", lambda d, m=m: _xlora_shrink(d, m)) for m in ("fwd", "fwd_raw", "bwd")]
     for m in ("fwd", "fwd_bias", "bwd_dx_dropout", "add_fwd", "add_bwd_dx_dropout"):
         out.append(Variant(f"lora_expand/{m}", lambda d, m=m: _lora_expand(d, m), matmul_shaped=True))
     out.append(Variant("lora_grad_dy", _lora_grad_dy))

@@ -22,6 +22,7 @@ dispatch.register_backend_module("triton", "peft_fast.ops.triton.qlora")
 dispatch.register_backend_module("triton_composite", "peft_fast.ops.triton.lora_composite")
 for _op in ("loha", "lokr"):
     dispatch.register_backend_module("triton", f"peft_fast.ops.triton.{_op}")
+dispatch.register_backend_module("triton", "peft_fast.ops.triton.xlora")
 
 __all__ = [
     "adalora_linear",

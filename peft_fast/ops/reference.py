@@ -9,6 +9,7 @@ output's dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -236,6 +237,11 @@ def xlora_linear(
         h = torch.cat([F.linear(F.dropout(xa, p=p, training=True), a) for a, p in zip(slices, dropout_ps)], -1)
     else:
         h = F.linear(xa, lora_A)
-    repeats = torch.tensor(list(ranks), device=h.device)
-    g = torch.repeat_interleave(token_scalings.to(h.dtype), repeats, dim=-1, output_size=lora_A.shape[0])
+    g = token_scalings.to(h.dtype).index_select(-1, expert_of_rank(tuple(ranks), h.device))
     return (result + F.linear(h * g, lora_B)).to(result.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def expert_of_rank(ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(Σr,) int64 on `device`: the index of the expert owning each stacked rank."""
+    return torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)

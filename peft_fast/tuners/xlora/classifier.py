@@ -65,11 +65,17 @@ class XLoraClassifier(nn.Module):
         """Scalings (batch, seq, n_layers, n_classes) for a last hidden state (batch, seq, hidden)."""
         batch, seq = hidden_state.shape[:2]
         logits = self.layers(hidden_state)
-        if not self.config.layerwise_scalings:
-            logits = logits.unsqueeze(2).expand(-1, -1, self.n_layers, -1)
-        scalings = logits.reshape(batch, seq, self.n_layers, self.n_classes)
-        if self.config.enable_softmax:
-            scalings = self.softmax(scalings)
+        if self.config.layerwise_scalings:
+            scalings = logits.reshape(batch, seq, self.n_layers, self.n_classes)
+            if self.config.enable_softmax:
+                scalings = self.softmax(scalings)
+        else:
+            # The same scalings for every layer: softmax once, then a broadcast view (HF peft
+            # softmaxes the broadcast copy, the same values n_layers times).
+            scalings = logits.reshape(batch, seq, 1, self.n_classes)
+            if self.config.enable_softmax:
+                scalings = self.softmax(scalings)
+            scalings = scalings.expand(-1, -1, self.n_layers, -1)
         if self.scalings_logging:
             self.log_scalings.append(scalings)
         return scalings

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ... import ops
-from ...ops.mixed_batch import LoraStackCache
+from ...ops.mixed_batch import LoraStackCache, StackedLora
 from ..lora.layer import LoraLinear
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +53,15 @@ class XLoraLinearLayer:
         self.layer_number = layer_number
         self.experts = experts
         self.stack = LoraStackCache()
+        # The experts' weights (the X-LoRA model never adds or removes experts of a layer).
+        self._As = [target.lora_A[n].weight for n in experts]
+        self._Bs = [target.lora_B[n].weight for n in experts]
+        self._params = self._As + self._Bs
+        self._dropout_ps = [target.dropout_p(n) for n in experts]
+        self._stack_key: tuple | None = None  # see _stack
+        self._last_stack: StackedLora | None = None
+        self._coeff_key: tuple | None = None
+        self._coeff = torch.empty(0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         target = self.target
@@ -87,16 +96,12 @@ class XLoraLinearLayer:
             include = [i for i in include if used[i]]
             if not include:
                 return target.base_layer(x)
+            if len(include) < len(names):
+                weights = weights.index_select(-1, torch.tensor(include, device=weights.device))
         scalings = [target.scaling[n] for n in names]
-        stack = self.stack.get(
-            [target.lora_A[n].weight for n in names],
-            [target.lora_B[n].weight for n in names],
-            scalings,
-            [target.dropout_p(n) for n in names],
-            include,
-        )
-        coeff = torch.tensor([scalings[i] * global_weight for i in include], dtype=weights.dtype, device=x.device)
-        token_scalings = weights[..., include] * coeff
+        dropout_ps = self._dropout_ps
+        stack = self._stack(scalings, dropout_ps, include)
+        coeff = self._coefficients(tuple(scalings[i] * global_weight for i in include), weights)
         return ops.xlora_linear(
             x,
             target.base_weight(),
@@ -104,7 +109,29 @@ class XLoraLinearLayer:
             stack.A,
             stack.B,
             [stack.ranks[i] for i in include],
-            token_scalings,
-            [target.dropout_p(names[i]) for i in include],
+            weights * coeff,
+            [dropout_ps[i] for i in include],
             target.training,
         )
+
+    def _stack(self, scalings: list[float], dropout_ps: list[float], include: list[int]) -> StackedLora:
+        """The stack of the experts `include` from the layer's LoraStackCache. Frozen experts
+        (the default) skip even the cache's key check while no expert weight changed in place
+        or moved (their version counters and storage are compared first, a cheaper check)."""
+        params = self._params
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.stack.get(self._As, self._Bs, scalings, dropout_ps, include)
+        key = (include, [(p._version, p.data_ptr()) for p in params], scalings, dropout_ps)
+        if key != self._stack_key:
+            self._last_stack = self.stack.get(self._As, self._Bs, scalings, dropout_ps, include)
+            self._stack_key = key
+        assert self._last_stack is not None
+        return self._last_stack
+
+    def _coefficients(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        """The experts' constant factors (alpha / r · global weight) as a tensor, kept between calls."""
+        key = (values, like.dtype, like.device)
+        if self._coeff_key != key:
+            self._coeff = torch.tensor(values, dtype=like.dtype, device=like.device)
+            self._coeff_key = key
+        return self._coeff

@@ -17,6 +17,7 @@ so a saved X-LoRA folder loads without `adapters=` (HF peft's `adapters=` works 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
 from typing import Any
@@ -103,6 +104,7 @@ class XLoraModel(BaseTuner):
         self.disabled = False
         self._pass: str | None = None  # None (no X-LoRA forward), "scaling" or "real"
         self._in_scaling_pass = False
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         model.register_forward_hook(self._post_forward)
         self.eval()
@@ -210,6 +212,8 @@ class XLoraModel(BaseTuner):
         scaling_kwargs.pop("labels", None)  # only the hidden states are needed: no loss
         scaling_kwargs["output_hidden_states"] = True
         scaling_kwargs["return_dict"] = True
+        if self._takes_logits_to_keep:  # only the hidden states are read: one position's logits suffice
+            scaling_kwargs["logits_to_keep"] = 1
         self._in_scaling_pass, self._pass = True, "scaling"
         try:
             with torch.no_grad():
