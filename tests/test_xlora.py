@@ -19,6 +19,7 @@ from conftest import make_inputs, make_model
 
 import peft_fast
 from peft_fast import ops
+from peft_fast.ops import dispatch
 from peft_fast.tuners.xlora.layer import XLoraLinearLayer
 
 RANKS = (2, 3, 5)  # unpadded, different ranks
@@ -70,11 +71,9 @@ def _logits(model, inputs):
 
 CONFIGS = [
     {},
-    {"xlora_depth": 2, "xlora_dropout_p": 0.0, "layerwise_scalings": True},
-    {"xlora_depth": 3, "softmax_temperature": 0.5, "global_scaling_weight": 1.7},
+    {"xlora_depth": 3, "softmax_temperature": 0.5, "global_scaling_weight": 1.7, "layerwise_scalings": True},
     {"top_k_lora": 2, "enable_softmax_topk": True, "enable_softmax": False},
-    {"top_k_lora": 1, "scaling_pass_value": 0.4},
-    {"enable_softmax": False, "scaling_pass_value": 0.25, "layerwise_scalings": True},
+    {"top_k_lora": 1, "scaling_pass_value": 0.4, "xlora_depth": 2, "xlora_dropout_p": 0.0},
 ]
 
 
@@ -154,6 +153,32 @@ def test_gradients_match_hf(experts, trainable):
     for n, g in grads[0].items():
         assert g is not None and grads[1][n] is not None, n
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_triton_backend_matches_hf(experts, monkeypatch):
+    """The model on the Triton kernels (the interpreter on CPU): logits under top-k, and the
+    gradients of the classifier and of trainable experts."""
+    pytest.importorskip("triton")
+    if dispatch.unavailable_reason("triton") is not None:
+        pytest.skip(f"triton backend unavailable: {dispatch.unavailable_reason('triton')}")
+    from peft_fast.ops.triton import xlora as triton_xlora
+
+    launches = []
+    real = triton_xlora.xlora_shrink
+    monkeypatch.setattr(triton_xlora, "xlora_shrink", lambda *a, **k: launches.append(1) or real(*a, **k))
+    hf, ours = _pair(experts, top_k_lora=2, use_trainable_adapters=True)
+    inputs = make_inputs("llama", batch=1, seq=4)
+    with peft_fast.use_backend("triton"):
+        torch.testing.assert_close(_logits(ours, inputs), _logits(hf, inputs), rtol=1e-4, atol=1e-4)
+        grads = []
+        for model in (hf, ours):
+            model.train()
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    n_layers = len(ours.base_model._xlora_layers)
+    assert len(launches) == 3 * n_layers  # eval forward, train forward, backward: the kernels ran
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_experts_with_any_names(experts):
