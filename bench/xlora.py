@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import e2e
 from .plot import ratio_groups
 from .timing import median_times_ms
 
@@ -57,22 +58,11 @@ class XLoraRow:
     step_vs_lora: float = float("nan")
 
 
-def _base(shape: dict, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        max_position_embeddings=shape["seq"],
-        use_cache=False,
-    )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+def _base(shape: dict, device: torch.device) -> torch.nn.Module:
+    """The e2e suite's Llama-shaped model (bf16 on a GPU, fp32 on CPU), without a KV cache (X-LoRA needs none)."""
+    model = e2e.build_model(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.config.use_cache = False
+    return model
 
 
 def _lora_config(lib, rank: int):
