@@ -568,6 +568,9 @@ class PeftModel(hf_peft_model_base()):
                     f"adapter {name!r} would be saved to {folders[name]!r}, outside save_directory {root!r}"
                     " (its sub-folder is a symlink out of it); nothing was saved"
                 )
+        save_experts = getattr(type(self._tuner), "save_expert_folders", None)
+        if callable(save_experts):  # X-LoRA: each expert as a LoRA folder beside the classifier
+            save_experts(self._tuner, root, safe_serialization)
         for name, folder in folders.items():
             weights = get_peft_model_state_dict(
                 self, state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
@@ -575,9 +578,6 @@ class PeftModel(hf_peft_model_base()):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             save_adapter_folder(folder, weights, config, safe_serialization=safe_serialization)
-        save_experts = getattr(type(self._tuner), "save_expert_folders", None)
-        if callable(save_experts):  # X-LoRA: each expert as a LoRA folder beside the classifier
-            save_experts(self._tuner, root, safe_serialization)
 
     @classmethod
     def from_pretrained(

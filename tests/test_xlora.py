@@ -336,6 +336,13 @@ def test_bad_experts_name_the_expert(experts, tmp_path):
         _xlora({}, top_k_lora=0)
 
 
+def test_expert_names_that_are_no_folder_names_refuse_to_save(experts, tmp_path):
+    model = peft_fast.get_peft_model(_base(), _xlora({"ok": experts[0], "../up": experts[1]}))
+    with pytest.raises(ValueError, match="X-LoRA expert name"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_layers_are_swapped_in_hf_order(experts):
     hf, ours = _pair(experts)
     ours_layers = [x.target for x in ours.base_model._xlora_layers]

@@ -280,12 +280,14 @@ class XLoraModel(BaseTuner):
         return [f"{CLASSIFIER}.{k}" for k in self.internal_xlora_classifier.state_dict()]
 
     def save_expert_folders(self, root: str, safe_serialization: bool) -> None:
-        """Write each expert as a LoRA adapter folder `root/<expert name>` (HF peft's LoRA format)."""
+        """Write each expert as a LoRA adapter folder `root/<expert name>` (HF peft's LoRA format);
+        ValueError before writing anything when an expert's name is not a plain folder name."""
         from ...save_and_load import adapter_key_map, check_adapter_name, save_adapter_folder
 
+        for name in self.expert_names:  # all checked before anything is written
+            check_adapter_name(name, "X-LoRA expert name (it names the expert's sub-folder)")
         state = self.lora_model.state_dict()
         for i, name in enumerate(self.expert_names):
-            check_adapter_name(name, "X-LoRA expert name (it names the expert's sub-folder)")
             adapter = str(i)
             weights = {f"base_model.{fk}": state[mk] for fk, mk in adapter_key_map(self.lora_model, adapter).items()}
             config = copy.deepcopy(self.lora_model.peft_config[adapter])
