@@ -230,15 +230,21 @@ def xlora_linear(
 
     One shrink and one expand for all experts. With dropout active (training, some p > 0)
     each expert's slice of the shrink sees its own mask, as HF peft draws one per expert."""
-    result = F.linear(x, weight, bias)
-    xa = x.to(lora_A.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    result = F.linear(x2, weight, bias)
+    xa = x2.to(lora_A.dtype)
     if training and any(p > 0.0 for p in dropout_ps):
         slices = torch.split(lora_A, list(ranks), dim=0)
         h = torch.cat([F.linear(F.dropout(xa, p=p, training=True), a) for a, p in zip(slices, dropout_ps)], -1)
     else:
         h = F.linear(xa, lora_A)
-    g = token_scalings.to(h.dtype).index_select(-1, expert_of_rank(tuple(ranks), h.device))
-    return (result + F.linear(h * g, lora_B)).to(result.dtype)
+    g = token_scalings.reshape(-1, len(ranks)).to(h.dtype).index_select(-1, expert_of_rank(tuple(ranks), h.device))
+    if result.dtype == h.dtype:  # the expand accumulates into the base output (one addmm)
+        out = torch.addmm(result, h * g, lora_B.t())
+    else:
+        out = (result + F.linear(h * g, lora_B)).to(result.dtype)
+    return out.reshape(*lead, out.shape[-1])
 
 
 @functools.lru_cache(maxsize=256)
