@@ -336,6 +336,26 @@ def test_bad_experts_name_the_expert(experts, tmp_path):
         _xlora({}, top_k_lora=0)
 
 
+def test_a_refused_expert_leaves_the_model_as_it_was(experts, tmp_path):
+    other = peft_fast.get_peft_model(_base(), peft_fast.LoraConfig(r=2, target_modules=["k_proj"]))
+    other.save_pretrained(tmp_path / "k")
+    model = _base()
+    inputs = make_inputs("llama")
+    want = _logits(model, inputs)
+    with pytest.raises(ValueError, match="adapts other modules"):
+        peft_fast.get_peft_model(model, _xlora({"a": experts[0], "k": str(tmp_path / "k")}))
+    assert not any(isinstance(m, peft_fast.tuners.base.AdapterLayer) for m in model.modules())
+    torch.testing.assert_close(_logits(model, inputs), want, rtol=0, atol=0)
+
+
+def test_unload_gives_back_the_plain_model(experts):
+    _, ours = _pair(experts)
+    inputs = make_inputs("llama")
+    plain = ours.unload()
+    assert not any(isinstance(m, peft_fast.tuners.base.AdapterLayer) for m in plain.modules())
+    torch.testing.assert_close(_logits(plain, inputs), _logits(_base(), inputs), rtol=0, atol=0)
+
+
 def test_expert_names_that_are_no_folder_names_refuse_to_save(experts, tmp_path):
     model = peft_fast.get_peft_model(_base(), _xlora({"ok": experts[0], "../up": experts[1]}))
     with pytest.raises(ValueError, match="X-LoRA expert name"):

@@ -105,8 +105,10 @@ class XLoraModel(BaseTuner):
         self._pass: str | None = None  # None (no X-LoRA forward), "scaling" or "real"
         self._in_scaling_pass = False
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        model.register_forward_hook(self._post_forward)
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward),
+        ]
         self.eval()
 
     # -- experts -------------------------------------------------------------------------------
@@ -115,20 +117,38 @@ class XLoraModel(BaseTuner):
         """A LoraModel holding every expert as adapter "0", "1", ... with its weights loaded.
         ValueError naming the expert when its folder is missing or unreadable, it is not LoRA,
         it adapts other modules than the first expert, or was trained on another base model."""
+        from ...peft_model import _all_or_nothing  # the model's modules come back as they were on error
+
+        with _all_or_nothing(model.modules()):
+            return XLoraModel._inject_experts(model, conf, low_cpu_mem_usage)
+
+    @staticmethod
+    def _inject_experts(model: nn.Module, conf: XLoraConfig, low_cpu_mem_usage: bool) -> LoraModel:
         from ...save_and_load import set_peft_model_state_dict
 
-        lora_model: LoraModel | None = None
-        first: tuple[str, set[str], str | None] | None = None
+        # Every folder is read and checked before the model is touched.
+        read = {name: _read_expert(name, path) for name, path in conf.adapters.items()}
         base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        for i, (name, path) in enumerate(conf.adapters.items()):
-            config, weights = _read_expert(name, path)
+        bases = {name: config.base_model_name_or_path for name, (config, _) in read.items()}
+        first_name = next(iter(read))
+        for name, base in bases.items():
+            if base and base_name and base != base_name:
+                raise _expert_error(
+                    name, conf.adapters[name], f"trained on base model {base!r}, but the model is {base_name!r}"
+                )
+            first_base = bases[first_name]
+            if base and first_base and base != first_base:
+                raise _expert_error(
+                    name,
+                    conf.adapters[name],
+                    f"trained on base model {base!r}, expert {first_name!r} on {first_base!r}",
+                )
+        lora_model: LoraModel | None = None
+        first: tuple[str, set[str]] | None = None
+        for i, (name, (config, weights)) in enumerate(read.items()):
+            path = conf.adapters[name]
             config = copy.deepcopy(config)
             config.inference_mode = False
-            base = config.base_model_name_or_path
-            if base and base_name and base != base_name:
-                raise _expert_error(name, path, f"trained on base model {base!r}, but the model is {base_name!r}")
-            if first is not None and base and first[2] and base != first[2]:
-                raise _expert_error(name, path, f"trained on base model {base!r}, expert {first[0]!r} on {first[2]!r}")
             adapter = str(i)
             try:
                 if lora_model is None:
@@ -141,7 +161,7 @@ class XLoraModel(BaseTuner):
                 raise _expert_error(name, path, str(e)) from e
             adapted = {k for k, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
             if first is None:
-                first = (name, adapted, base)
+                first = (name, adapted)
             elif adapted != first[1]:
                 diff = sorted(adapted ^ first[1])
                 raise _expert_error(
@@ -199,6 +219,9 @@ class XLoraModel(BaseTuner):
         raise ValueError("X-LoRA mixes its experts per token; it cannot be merged into the base weights")
 
     def unload(self) -> nn.Module:
+        """The base model without experts, classifier or the X-LoRA hooks."""
+        for hook in self._hooks:
+            hook.remove()
         for layer in self._xlora_layers:
             layer.target.__dict__.pop("forward", None)
         return self.lora_model.unload()
