@@ -13,7 +13,8 @@ model is in (`XLoraModel._pass`):
 Top-k (and softmax over the top k) follow HF peft's `get_maybe_topk_scalings`; then all
 experts run through `ops.xlora_linear`: one stacked shrink, one stacked expand (the stack
 is the mixed-batch `LoraStackCache`). Under top-k, experts that no token of the batch picked
-are left out of the stack, so their rank slices cost nothing.
+are left out of the stack, so their rank slices cost nothing (unless the experts train: they
+then get HF peft's zero gradients).
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ class XLoraLinearLayer:
         target = self.target
         names = self.experts
         include = list(range(len(names)))
-        if self.model.xlora_config.top_k_lora is not None:
+        trains_experts = torch.is_grad_enabled() and any(p.requires_grad for p in self._params)
+        if self.model.xlora_config.top_k_lora is not None and not trains_experts:
             # Experts no token of this batch picked: out of the stack (one host read per layer).
+            # Not while the experts train: as in HF peft, unpicked experts then get zero
+            # gradients (an optimizer still steps them: weight decay, moments), not none.
             used = (weights != 0).reshape(-1, len(names)).any(0).tolist()
             include = [i for i in include if used[i]]
             if not include:
