@@ -179,7 +179,8 @@ def _lora_shrink(dtype: torch.dtype, mode: str) -> None:
         lora_shrink(_t(M, K, dtype=dtype), _t(RANK, K, dtype=dtype), 1.0, 0.1 if mode == "dropout" else 0.0, _seed())
 
 
-def _xlora_shrink(dtype: torch.dtype, mode: str) -> None:
+def _xlora(dtype: torch.dtype, mode: str) -> None:
+    """X-LoRA's launches (ops/triton/xlora.py): the stacked shrink, and lora_expand_add_ at the stacked rank."""
     from .xlora_shrink import xlora_shrink
 
     experts = 8
@@ -187,6 +188,14 @@ def _xlora_shrink(dtype: torch.dtype, mode: str) -> None:
     coeff = _t(M, experts, dtype=dtype)
     if mode == "bwd":  # dh = (dy B) ⊙ G and raw = dy B, the stacked B read through its transpose view
         xlora_shrink(_t(M, N, dtype=dtype), _t(N, experts * RANK, dtype=dtype).t(), coeff, expert_of_rank, True)
+    elif mode == "expand_add":  # y += hs Bᵀ with the stacked B (the rank of 8 experts)
+        from .lora_expand import lora_expand_add_
+
+        lora_expand_add_(_t(M, N, dtype=dtype), _t(M, experts * RANK), _t(N, experts * RANK, dtype=dtype))
+    elif mode == "bwd_dx_add":  # dx += dh A, A read through its transpose view
+        from .lora_expand import lora_expand_add_
+
+        lora_expand_add_(_t(M, K, dtype=dtype), _t(M, experts * RANK), _t(experts * RANK, K, dtype=dtype).t())
     else:  # fwd: inference skips all-zero tiles; fwd_raw keeps x Aᵀ for the coefficients' gradient
         store = mode == "fwd_raw"
         a = _t(experts * RANK, K, dtype=dtype)
@@ -388,7 +397,8 @@ def variants() -> list[Variant]:
     constexpr combination and operand layout (forward, backward, dropout, bias, reduce modes)."""
     shrinks = ("fwd", "dropout", "dropout_store", "dropout_keep_in", "bwd_dh")
     out = [Variant(f"lora_shrink/{m}", lambda d, m=m: _lora_shrink(d, m)) for m in shrinks]
-    out += [Variant(f"xlora_shrink/{m}", lambda d, m=m: _xlora_shrink(d, m)) for m in ("fwd", "fwd_raw", "bwd")]
+    xlora_modes = ("fwd", "fwd_raw", "bwd", "expand_add", "bwd_dx_add")
+    out += [Variant(f"xlora/{m}", lambda d, m=m: _xlora(d, m)) for m in xlora_modes]
     for m in ("fwd", "fwd_bias", "bwd_dx_dropout", "add_fwd", "add_bwd_dx_dropout"):
         out.append(Variant(f"lora_expand/{m}", lambda d, m=m: _lora_expand(d, m), matmul_shaped=True))
     out.append(Variant("lora_grad_dy", _lora_grad_dy))

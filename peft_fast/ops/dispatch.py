@@ -29,6 +29,8 @@ setting and the op's tensors:
     loha_linear        triton, torch                   (adapter-only passes around torch's base
     lokr_linear        triton, torch                    product: fewer bytes and launches than
                                                         torch's factored form, see ops/triton/)
+    xlora_linear       triton, torch                   (cuBLAS base products + the stacked
+                                                        shrink and an in-place expand-add)
   Other ops follow FALLBACK_ORDER.
 
 Backends load lazily: importing peft_fast never needs Triton, a GPU or a built extension.
@@ -61,6 +63,7 @@ AUTO_DEFAULT: dict[str, tuple[str, ...]] = {
     "lora_linear_mixed": ("triton", "cuda", "torch"),
     "loha_linear": ("triton", "torch"),
     "lokr_linear": ("triton", "torch"),
+    "xlora_linear": ("triton", "torch"),
 }
 # The backend table shipped with the package (read-only: nothing writes into an install).
 BACKEND_TABLE = Path(__file__).with_name("backend_table.json")

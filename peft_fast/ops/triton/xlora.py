@@ -1,14 +1,17 @@
 """Triton backend of `xlora_linear`: torch.library custom ops with autograd, registered with
 dispatch as the "triton" implementation.
 
-Forward (two kernels):
+A composite, as "auto" wants by default (see dispatch.AUTO_DEFAULT): the base products stay
+torch's (cuBLAS), the adapter passes are Triton kernels.
+Forward:
+    y = x Wᵀ + b                          torch
     hs = (x Aᵀ) ⊙ G                       xlora_shrink: stacked shrink, per-token expert scaling
                                           in its epilogue (G[m, j] = c[m, expert(j)])
-    y = x Wᵀ + b + hs Bᵀ                  lora_expand with the stacked B
+    y += hs Bᵀ                            lora_expand_add_ with the stacked B, in place
 Backward:
     dh = (dy B) ⊙ G, raw = dy B           xlora_shrink with Bᵀ (a strided view)
     dB = dyᵀ hs,  dA = dhᵀ x              lora_adapter_grad
-    dx = dy W + dh A                      lora_expand with Wᵀ, Aᵀ
+    dx = dy W (torch), dx += dh A         lora_expand_add_ with Aᵀ
     dc[m, i] = Σ_{j of expert i} raw ⊙ h  torch (M × R elementwise, one index_add)
 h = x Aᵀ (unscaled) is kept only when the coefficients need a gradient; otherwise the forward
 skips tiles whose coefficients are all zero (experts top-k dropped for every token of the tile).
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor
 
 from peft_fast.kernels.lora_adapter_grad import lora_adapter_grad
-from peft_fast.kernels.lora_expand import lora_expand
+from peft_fast.kernels.lora_expand import lora_expand_add_
 from peft_fast.kernels.xlora_shrink import xlora_shrink
 
 from .. import dispatch, reference
@@ -46,7 +49,7 @@ def xlora_linear_triton_fwd(
     """(y, hs, h) for 2-D x: y (M, out) in x's dtype; hs = (x Aᵀ) ⊙ G and h = x Aᵀ, fp32
     (M, R), h empty unless `save_raw`."""
     hs, h = xlora_shrink(x, lora_A, coeff, expert_of_rank, store_raw=save_raw, skip_zero=not save_raw)
-    y = lora_expand(x, weight, bias, hs, lora_B, alpha=1.0)
+    y = lora_expand_add_(torch.nn.functional.linear(x, weight, bias), hs, lora_B, 1.0)
     return y, hs, (h if h is not None else hs.new_empty((0,)))
 
 
@@ -77,7 +80,7 @@ def xlora_linear_triton_bwd(
     dh, raw = xlora_shrink(dy, lora_B.t(), coeff, expert_of_rank, store_raw=need_dcoeff, skip_zero=not need_dcoeff)
     dB = lora_adapter_grad(hs, dy, adapter_dtype, 1.0, transpose=True)
     dA = lora_adapter_grad(dh, x, adapter_dtype, 1.0)
-    dx = lora_expand(dy, weight.t(), None, dh, lora_A.t(), alpha=1.0) if need_dx else dy.new_empty((0,))
+    dx = lora_expand_add_(dy.mm(weight), dh, lora_A.t(), 1.0) if need_dx else dy.new_empty((0,))
     if need_dcoeff:
         dc = torch.zeros(coeff.shape, dtype=torch.float32, device=coeff.device)
         dc = dc.index_add_(1, expert_of_rank.long(), raw * h).to(coeff.dtype)
