@@ -7,11 +7,15 @@ save/load all stay as they were, so `save_pretrained` and the HF Trainer keep wo
 
 Each call checks whether the op computes exactly what HF peft's own forward would; when it
 does not, the call goes to peft's forward unchanged. peft's forward runs for:
-DoRA and every other LoRA variant, LoRA bias (`lora_bias=True`), merged adapters, disabled
+every LoRA variant but DoRA, LoRA bias (`lora_bias=True`), merged adapters, disabled
 adapters, several active adapters, a mixed batch (`adapter_names=`), extra forward
 arguments, input-dtype casting switched off with mismatched dtypes, and base layers that are
 not a plain `nn.Linear` or transformers `Conv1D` (hooked or offloaded layers included).
 GPT-2's `Conv1D` stores its weight as (in, out): the op gets a transposed view.
+
+DoRA layers (`use_dora=True`, HF peft's `DoraLinearVariant` on `lora.Linear`) go through
+`ops.dora_linear` under the same conditions, with their `lora_magnitude_vector` (the norm is
+recomputed each call, as HF peft does without its opt-in cache).
 
 HF peft's bitsandbytes LoRA layers (QLoRA) are routed too: `lora.bnb.Linear4bit` through
 `ops.lora_linear_4bit` (the packed 4-bit weight read directly), `lora.bnb.Linear8bitLt`
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import ia3_linear, lora_add, lora_linear, lora_linear_4bit
+from .ops import dora_linear, ia3_linear, lora_add, lora_linear, lora_linear_4bit
 
 __all__ = ["patch_peft", "patched_layers", "unpatch_peft"]
 
@@ -60,13 +64,36 @@ def _single_active(layer: nn.Module, store: nn.ModuleDict | nn.ParameterDict) ->
     return active[0] if len(active) == 1 else None
 
 
-def _lora_adapter_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """(A, B, scaling, dropout p) of the one plain LoRA adapter this forward call applies, or None."""
+def _dora_magnitude(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """The magnitude of `name` when it is exactly HF peft's DoRA on a Linear / Conv1D, else None."""
+    try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # another peft version: never wrong, peft's forward runs
+        return None
+    variant = layer.lora_variant.get(name)
+    dora = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
+    is_dora = variant is DoraLinearVariant or isinstance(variant, DoraLinearVariant)
+    if not is_dora or type(dora) is not DoraLinearLayer or "forward" in vars(dora):
+        return None
+    if bool(dora.fan_in_fan_out) != bool(getattr(layer, "fan_in_fan_out", False)):
+        return None
+    return dora.weight
+
+
+def _lora_adapter_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict, dora: bool = False) -> tuple | None:
+    """(A, B, scaling, dropout p, DoRA magnitude or None) of the one LoRA adapter this forward
+    call applies, or None; DoRA adapters only when `dora` (the plain Linear path takes them)."""
     if args or kwargs or not isinstance(x, torch.Tensor) or layer.disable_adapters or layer.merged:
         return None
     name = _single_active(layer, layer.lora_A)
-    if name is None or name in layer.lora_variant or layer.use_dora.get(name, False):
+    if name is None:
         return None
+    magnitude = None
+    if name in layer.lora_variant or layer.use_dora.get(name, False):
+        magnitude = _dora_magnitude(layer, name) if dora else None
+        if magnitude is None:
+            return None
     A, B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
         return None
@@ -81,17 +108,20 @@ def _lora_adapter_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> t
     scaling = layer.scaling[name]
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return None
-    return A.weight, B.weight, float(scaling), p
+    return A.weight, B.weight, float(scaling), p, magnitude
 
 
 def _lora_fast_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """Arguments of `lora_linear` equivalent to this peft forward call, or None."""
-    adapter = _lora_adapter_args(layer, x, args, kwargs)
+    """(op, its arguments): `lora_linear` or `dora_linear` and what makes it equivalent to this
+    peft forward call; or None."""
+    adapter = _lora_adapter_args(layer, x, args, kwargs, dora=True)
     weight = _plain_base_weight(layer.base_layer)
     if adapter is None or weight is None or x.dtype != weight.dtype:
         return None
-    A, B, scaling, p = adapter
-    return x, weight, layer.base_layer.bias, A, B, scaling, p, p > 0.0
+    A, B, scaling, p, magnitude = adapter
+    if magnitude is not None:
+        return dora_linear, (x, weight, layer.base_layer.bias, A, B, magnitude, scaling, p, p > 0.0)
+    return lora_linear, (x, weight, layer.base_layer.bias, A, B, scaling, p, p > 0.0)
 
 
 def _unhooked(base: nn.Module, cls: type) -> bool:
@@ -107,7 +137,7 @@ def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> An
     lib = qbnb.bnb()
     if adapter is None or torch.is_autocast_enabled() or lib is None or not _unhooked(base, lib.nn.Linear4bit):
         return type(self).forward(self, x, *args, **kwargs)
-    A, B, scaling, p = adapter
+    A, B, scaling, p, _ = adapter
     state = qbnb.state_of(base, "base_layer")
     return lora_linear_4bit(x, state, base.bias, A, B, scaling, p, p > 0.0, qbnb.compute_dtype_for(base, x))
 
@@ -116,7 +146,7 @@ def _lora_8bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> An
     adapter = _lora_adapter_args(self, x, args, kwargs)
     if adapter is None or torch.is_autocast_enabled():
         return type(self).forward(self, x, *args, **kwargs)
-    A, B, scaling, p = adapter
+    A, B, scaling, p, _ = adapter
     return lora_add(self.base_layer(x), x, A, B, scaling, p, p > 0.0)
 
 
@@ -135,7 +165,8 @@ def _lora_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
     fast = _lora_fast_args(self, x, args, kwargs)
     if fast is None:
         return type(self).forward(self, x, *args, **kwargs)
-    return lora_linear(*fast)
+    op, op_args = fast
+    return op(*op_args)
 
 
 def _ia3_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:

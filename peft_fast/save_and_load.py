@@ -37,6 +37,7 @@ from .tuners.prompt_learning import PROMPT_FILE_KEY
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 CHECKSUM_KEY = "peft_fast.sha256"
+DORA_MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude container (file key without ".weight")
 
 
 def check_adapter_name(adapter_name: Any, arg: str = "adapter_name") -> None:
@@ -69,7 +70,10 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, str]:
                 if adapter_name not in container:
                     continue
                 item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
+                if container_name == DORA_MAGNITUDE:
+                    # HF peft's files keep DoRA's magnitude under the container's name alone.
+                    mapping[f"{prefix}{container_name}"] = f"{prefix}{container_name}.{adapter_name}.weight"
+                elif isinstance(item, nn.Parameter):
                     mapping[f"{prefix}{container_name}"] = f"{prefix}{container_name}.{adapter_name}"
                 else:
                     for pname in item.state_dict():

@@ -71,7 +71,6 @@ def test_bad_init_lora_weights():
 @pytest.mark.parametrize(
     "option",
     [
-        {"use_dora": True},
         {"lora_bias": True},
         {"use_qalora": True},
         {"layer_replication": [[0, 1]]},
@@ -89,9 +88,9 @@ def test_unsupported_hf_options_refused(option):
 def test_unsupported_option_in_a_file_refused(tmp_path):
     _lora().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["use_qalora"] = True
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="use_qalora"):
         PeftModel.from_pretrained(make_model("llama"), tmp_path)
 
 

@@ -208,14 +208,26 @@ def test_falls_back_to_peft_where_ops_do_not_apply():
     assert spy.call_count == 0
 
 
-def test_falls_back_for_dora_and_several_active_adapters():
-    model = _lora_model("llama", use_dora=True)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_layers_routed_with_hf_loss_and_grads(kind, dropout):
+    model = _lora_model(kind, dropout=dropout, use_dora=True).train()
+    torch.manual_seed(9)  # the same dropout masks on both runs
     want = _loss_and_grads(model)
+    assert any("lora_magnitude_vector" in n for n in want[1])
     peft_fast.patch_peft(model)
-    with _spy("lora_linear") as spy:
-        _assert_same(_loss_and_grads(model), want, 1e-6)
-    assert spy.call_count == 0
+    torch.manual_seed(9)
+    with _spy("dora_linear") as dora_spy, _spy("lora_linear") as lora_spy:
+        got = _loss_and_grads(model)
+    assert dora_spy.call_count == len(peft_fast.patch.patched_layers(model)) and lora_spy.call_count == 0
+    _assert_same(got, want, 1e-5)
+    with _spy("dora_linear") as dora_spy, torch.no_grad():  # disabled: peft's own forward, the base output
+        with model.disable_adapter():
+            model(**_batch())
+    assert dora_spy.call_count == 0
 
+
+def test_falls_back_for_several_active_adapters():
     model = _lora_model("llama")
     torch.manual_seed(5)
     model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))

@@ -3,6 +3,7 @@
 from . import dispatch
 from .adalora import adalora_linear
 from .dispatch import available_backends, get_backend, set_backend, use_backend
+from .dora import DoraNormCache, dora_embedding, dora_linear, dora_weight_norm
 from .ia3 import ia3_linear
 from .loha import loha_conv, loha_linear
 from .lokr import lokr_conv, lokr_linear
@@ -23,10 +24,15 @@ dispatch.register_backend_module("triton_composite", "peft_fast.ops.triton.lora_
 for _op in ("loha", "lokr"):
     dispatch.register_backend_module("triton", f"peft_fast.ops.triton.{_op}")
 dispatch.register_backend_module("triton", "peft_fast.ops.triton.xlora")
+dispatch.register_backend_module("triton", "peft_fast.ops.triton.dora")
 
 __all__ = [
+    "DoraNormCache",
     "adalora_linear",
     "available_backends",
+    "dora_embedding",
+    "dora_linear",
+    "dora_weight_norm",
     "dequantize_4bit",
     "get_backend",
     "ia3_linear",

@@ -11,7 +11,6 @@ from ..targets import normalize_targets
 
 # HF peft fields this version accepts in files but does not implement: their "off" values.
 _LORA_UNSUPPORTED = {
-    "use_dora": False,
     "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
@@ -75,6 +74,13 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {self.use_dora!r}")
+        # HF peft's own refusals for DoRA come first, with HF peft's messages.
+        if self.use_dora and self.megatron_config:
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         check_unsupported(self, _LORA_UNSUPPORTED)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")

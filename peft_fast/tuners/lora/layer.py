@@ -1,4 +1,5 @@
-"""LoRA layers: `y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ` on Linear, Conv1D and Embedding layers."""
+"""LoRA layers: `y = x Wᵀ + b + (alpha / r) · dropout(x) Aᵀ Bᵀ` on Linear, Conv1D and Embedding layers,
+and DoRA (`use_dora=True`) on the same three, as HF peft 0.21 (see peft_fast/ops/dora_reference.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,37 @@ from ...ops.mixed_batch import LoraStackCache
 from ..base import AdapterLayer, MixedBatch, linear_features
 
 
+class DoraMagnitude(nn.Module):
+    """One adapter's DoRA magnitude, `lora_magnitude_vector[adapter].weight` (one value per output
+    feature): the parameter where HF peft's DoraLinearLayer keeps it, so state-dict keys match."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def __repr__(self) -> str:
+        return f"lora.dora.DoraMagnitude({tuple(self.weight.shape)})"
+
+
+def initial_magnitude(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """HF peft's DoRA initialisation: ‖W + s·B·A‖ per row of the (out, in) `weight`, computed as HF
+    computes it (fp16 adapters go through fp32 for B·A; the norm in the promoted dtype)."""
+    with torch.no_grad():
+        fp16 = lora_A.dtype == torch.float16
+        A, B = (lora_A.float(), lora_B.float()) if fp16 else (lora_A, lora_B)
+        lora_weight = B @ A
+        if fp16:
+            lora_weight = lora_weight.half()
+        w = weight.to(lora_A.device) + scaling * lora_weight
+        return torch.linalg.norm(w, dim=1).to(w.dtype)
+
+
 class LoraLayer(AdapterLayer):
     """Per-adapter numbers shared by the LoRA layer kinds."""
 
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "use_dora")
+    # The dimension of the stored base weight DoRA's norm runs over (1: rows of an (out, in)
+    # weight; 0: Conv1D's (in, out) and Embedding's (num, dim) weights), see `_dora_norm_dim`.
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -29,6 +57,10 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA: adapter -> DoraMagnitude
+        self._dora_norms = ops.DoraNormCache()  # eval-mode weight norms
+        self._dora_merge_norms: dict[str, torch.Tensor] = {}  # norms of merged DoRA adapters, for unmerge
 
     def _set_numbers(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
         self.r[adapter_name] = r
@@ -90,30 +122,102 @@ class LoraLayer(AdapterLayer):
         B = torch.cat([b * self.scaling[n] for (_, b), n in zip(pairs, names)], 1)
         return A, B, 1.0, ps.pop()
 
+    # -- DoRA ---------------------------------------------------------------------------------
+    def _dora_norm_dim(self) -> int:
+        """The dimension of the stored base weight that DoRA's norm reduces over (1 for nn.Linear's
+        (out, in); 0 for Conv1D's (in, out) and Embedding's (num, dim))."""
+        return 0 if getattr(self, "fan_in_fan_out", False) or isinstance(self, LoraEmbedding) else 1
+
+    def _dora_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored base weight (or a copy of it) seen as (out, in) for DoRA's norm."""
+        return weight if self._dora_norm_dim() == 1 else weight.T
+
+    def _init_dora(self, adapter_name: str, use_dora: bool) -> None:
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+        self.use_dora[adapter_name] = use_dora
+        if not use_dora:
+            return
+        A, B = self.lora_weights(adapter_name)
+        magnitude = initial_magnitude(self._dora_out_in(self.base_layer.weight), A, B, self.scaling[adapter_name])
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
+
+    def _check_dora_single(self, names: list[str]) -> None:
+        dora = [n for n in names if self.use_dora.get(n, False)]
+        if dora and len(names) > 1:
+            raise ValueError(
+                f"active adapters {names} include DoRA adapters {dora}: several active adapters with DoRA are not "
+                "supported by peft_fast; activate one at a time"
+            )
+
+    def _refuse_dora_mixed(self, mb: MixedBatch) -> None:
+        if any(self.use_dora.get(n, False) for n in mb.names):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        if mode:
+            self._dora_norms.clear()  # HF peft's DoRA cache is cleared on train()
+        return super().train(mode)
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm shaped to broadcast over the stored base weight."""
+        factor = self.lora_magnitude_vector[name].weight / norm
+        return factor.view(-1, 1) if self._dora_norm_dim() == 1 else factor.view(1, -1)
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        """A copy of the base weight with every merged adapter taken out again (what HF peft's
+        `_unmerged_base_weight` recovers for DoRA's norm when several adapters are merged in turn)."""
+        weight = self.base_layer.weight.data.clone()
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerged(weight, name)
+        return weight
+
+    def _unmerged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        if self.use_dora.get(name, False):
+            factor = self._dora_factor(name, self._dora_merge_norms[name])
+            return (weight / factor - delta).to(weight.dtype)
+        return weight - delta.to(weight.dtype)
+
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         weight = self.base_layer.weight
         for name in self._adapters_to_merge(adapter_names):
             delta = self.delta_weight(name)
-            if safe_merge:
+            norm = None
+            if self.use_dora.get(name, False):
+                base = self._unmerged_base_weight() if self.merged_adapters else weight.data
+                norm = torch.linalg.norm(base + delta, dim=self._dora_norm_dim()).detach()
+                merged = (self._dora_factor(name, norm) * (weight.data + delta)).to(weight.dtype)
+            else:
                 merged = weight.data + delta.to(weight.dtype)
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"merging adapter {name!r} would put NaN or inf into the base weights; not merged")
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN or inf into the base weights; not merged")
+            if safe_merge or norm is not None:
                 weight.data = merged
             else:
                 weight.data += delta.to(weight.dtype)
+            if norm is not None:
+                self._dora_merge_norms[name] = norm
             self.merged_adapters.append(name)
+        self._dora_norms.clear()
 
     def unmerge(self) -> None:
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data -= self.delta_weight(name).to(weight.dtype)
+            weight.data = self._unmerged(weight.data, name)
+            self._dora_merge_norms.pop(name, None)
+        self._dora_norms.clear()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._dora_norms.clear()
 
 
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear or transformers' Conv1D (whose weight is stored (in, out))."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -131,6 +235,7 @@ class LoraLinear(LoraLayer):
         lora_dropout: float,
         init_lora_weights: bool | str,
         use_rslora: bool,
+        use_dora: bool = False,
     ) -> None:
         self._set_numbers(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         w = self.base_layer.weight
@@ -144,6 +249,7 @@ class LoraLinear(LoraLayer):
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[adapter_name].weight)
         # init_lora_weights=False keeps nn.Linear's random init for both: a non-identity adapter.
+        self._init_dora(adapter_name, use_dora)
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,13 +261,26 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        names = [a for a in self.active_adapters if a in self.r]
+        self._check_dora_single(names)
+        if names and self.use_dora.get(names[0], False):
+            return self._dora_forward(x, names[0])
         lora = self.active_lora()
         if lora is None:
             return None
         A, B, scaling, p = lora
         return ops.lora_linear(x, self.base_weight(), self.base_layer.bias, A, B, scaling, p, self.training)
 
+    def _dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_weights(name)
+        weight, scaling = self.base_weight(), self.scaling[name]
+        norm = None if self.training else self._dora_norms.get(name, weight, A, B, scaling)
+        magnitude = self.lora_magnitude_vector[name].weight
+        p = self.dropout_p(name)
+        return ops.dora_linear(x, weight, self.base_layer.bias, A, B, magnitude, scaling, p, self.training, norm=norm)
+
     def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:
+        self._refuse_dora_mixed(mb)
         names = list(self.lora_A.keys())
         return ops.lora_linear_mixed(
             x,
@@ -184,7 +303,7 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding: A (r, num_embeddings) indexed by token id, B (dim, r)."""
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def update_layer(
         self,
@@ -194,6 +313,7 @@ class LoraEmbedding(LoraLayer):
         lora_dropout: float,
         init_lora_weights: bool | str,
         use_rslora: bool,
+        use_dora: bool = False,
     ) -> None:
         self._set_numbers(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
         w = self.base_layer.weight
@@ -205,6 +325,7 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(B)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+        self._init_dora(adapter_name, use_dora)
         self.set_adapter(self.active_adapters or [adapter_name])
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,13 +351,37 @@ class LoraEmbedding(LoraLayer):
         )
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        names = [a for a in self.active_adapters if a in self.r]
+        self._check_dora_single(names)
+        if names and self.use_dora.get(names[0], False):
+            return self._dora_embed(x, names[0])
         lora = self.active_lora()
         if lora is None:
             return None
         A, B, scaling, _ = lora  # HF peft applies no dropout to embedding LoRA
         return self._embed(x, A, B, scaling)
 
+    def _dora_embed(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_weights(name)
+        base, scaling = self.base_layer, self.scaling[name]
+        norm = None if self.training else self._dora_norms.get(name, base.weight.T, A, B, scaling)
+        return ops.dora_embedding(
+            x,
+            base.weight,
+            A,
+            B,
+            self.lora_magnitude_vector[name].weight,
+            scaling,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+            norm=norm,
+        )
+
     def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:
+        self._refuse_dora_mixed(mb)
         names = list(self.lora_embedding_A.keys())
         rows_idx = mb.rows_for(names, x.device)
         result = self.base_layer(x)

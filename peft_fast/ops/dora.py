@@ -1,0 +1,143 @@
+"""DoRA ops: what the DoRA layers call (`LoraConfig(use_dora=True)`).
+
+`dora_weight_norm` is ‖W + s·B·A‖ per output row; `dora_linear` and `dora_embedding` are the
+layers' outputs. Each checks its arguments once, here, then dispatches (see dispatch.py): the
+"torch" backend is `dora_reference.py`, the "triton" backend `ops/triton/dora.py`.
+
+The norm is treated as a constant, as HF peft does. In eval mode a layer's `DoraNormCache`
+keeps it between calls (HF peft's DoRA caching, here always on: it is one float per output
+feature) and recomputes it when the base weight, A, B or the scaling change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from . import dora_reference as reference
+from .checks import check_lora_args
+
+dispatch.register("dora_weight_norm", "torch", reference.dora_weight_norm)
+dispatch.register("dora_linear", "torch", reference.dora_linear)
+dispatch.register("dora_embedding", "torch", reference.dora_embedding)
+
+__all__ = ["DoraNormCache", "dora_embedding", "dora_linear", "dora_weight_norm"]
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+class DoraNormCache:
+    """One layer's cached weight norm for eval mode (HF peft's DoRA caching semantics: cached
+    outside training only). The entry is keyed on the base weight, A and B (storage, in-place
+    version counter, shape, dtype) and the scaling, so any change through autograd-visible
+    in-place ops, a new tensor or a new scaling recomputes it; writes through `.data` are not
+    visible to version counters, so layers call `clear()` when they merge or unmerge."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self, adapter: str, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """The norm for `adapter`, from the cache when nothing it depends on changed."""
+        key = (_fingerprint(weight), _fingerprint(lora_A), _fingerprint(lora_B), float(scaling))
+        hit = self._entries.get(adapter)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+        self._entries[adapter] = (key, norm)
+        return norm
+
+
+def _check_magnitude(magnitude: torch.Tensor, features: int) -> None:
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (features,):
+        raise ValueError(
+            f"magnitude must be a ({features},) tensor (one value per output feature), "
+            f"got {tuple(getattr(magnitude, 'shape', ())) or type(magnitude).__name__}"
+        )
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating tensor, got {magnitude.dtype}")
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per row of weight (out, in), lora_A (r, in), lora_B (out, r): an fp32 (out,)
+    tensor without gradient. `W + s·B·A` is never materialized."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got {getattr(weight, 'shape', weight)!r}")
+    out_f, in_f = weight.shape
+    if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must be (r, {in_f}) with r >= 1, got {tuple(getattr(lora_A, 'shape', ()))}")
+    if not isinstance(lora_B, torch.Tensor) or tuple(lora_B.shape) != (out_f, lora_A.shape[0]):
+        raise ValueError(f"lora_B must be ({out_f}, {lora_A.shape[0]}), got {tuple(getattr(lora_B, 'shape', ()))}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    fn = dispatch.select("dora_weight_norm", weight, lora_A, lora_B, scaling)
+    return fn(weight, lora_A, lora_B, float(scaling))
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA on a linear layer: `x Wᵀ + b + (m/‖W + s·B·A‖ − 1) ⊙ x'Wᵀ + m/‖W + s·B·A‖ ⊙ s·x'AᵀBᵀ`
+    with x' = dropout(x) (training and dropout_p > 0) or x, as HF peft computes it.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r);
+    magnitude: (out,). `norm` (out,) is the weight norm when the caller holds it (a
+    `DoraNormCache`); it must be ‖W + s·B·A‖ of these very tensors. Returns (..., out) in the
+    base output's dtype; gradients reach x, A, B, magnitude and a trainable bias (and W,
+    through plain autograd, when it requires grad)."""
+    check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_magnitude(magnitude, weight.shape[0])
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    elif tuple(norm.shape) != (weight.shape[0],):
+        raise ValueError(f"norm must be ({weight.shape[0]},), got {tuple(norm.shape)}")
+    args = (x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+    fn = dispatch.select("dora_linear", *args, norm=norm)
+    return fn(*args, norm=norm)
+
+
+def dora_embedding(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA on an embedding (HF peft's DoraEmbeddingLayer): weight (num, dim), lora_A (r, num),
+    lora_B (dim, r), magnitude (dim,); `norm` (dim,) is ‖Wᵀ + s·B·A‖ per embedding dimension
+    when the caller holds it. Returns `m/norm ⊙ (E[ids] + s · A[:, ids]ᵀ Bᵀ)`."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be (num_embeddings, embedding_dim), got {getattr(weight, 'shape', weight)!r}")
+    _check_magnitude(magnitude, weight.shape[1])
+    if norm is None:
+        norm = dora_weight_norm(weight.t(), lora_A, lora_B, scaling)
+    fn = dispatch.select("dora_embedding", input_ids, weight, lora_A, lora_B, magnitude, scaling)
+    lookup = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    return fn(input_ids, weight, lora_A, lora_B, magnitude, scaling, *lookup, norm=norm)

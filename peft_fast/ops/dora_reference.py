@@ -1,0 +1,195 @@
+"""DoRA on the torch path: the reference every DoRA kernel is tested against, and the CPU path.
+
+The math is HF peft 0.21's (`peft/tuners/lora/dora.py`): with x' = dropout(x) in training,
+
+    norm  = ‖W + s·B·A‖ per output row, treated as a constant (no gradient), as HF does
+    scale = m / norm
+    y     = x Wᵀ + b + (scale − 1) ⊙ x' Wᵀ + scale ⊙ s · x' Aᵀ Bᵀ
+
+and, without dropout (eval, or p = 0), x' Wᵀ is the base output itself, so y = scale ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b.
+
+What this path does differently from HF peft, for speed and memory (the values are the same up
+to rounding):
+
+* the norm is never built from `W + s·B·A`: `‖w_o‖² + 2s·⟨w_o, (B A)_o⟩ + s²·‖(B A)_o‖²` needs
+  only `W Aᵀ` (out × r), `A Aᵀ` (r × r) and row sums, computed in fp32 in row blocks (no
+  identity-matrix product, no out × in temporary beyond one block);
+* forward and backward are one autograd Function: without dropout it runs one base matmul
+  forward and one backward (HF: the same), with dropout two each (HF: the same count, but
+  also the out × in norm temporaries and several M × out intermediates);
+* it saves for backward x (already alive in the model), a bool keep-mask (1 byte an element,
+  where HF keeps the fp32 dropped copy and the fp32 dropout noise), h = x'Aᵀ (M × r) and one
+  M × out tensor `u = x'Wᵀ + s·x'AᵀBᵀ` (HF keeps two: x'Wᵀ and x'AᵀBᵀ).
+
+The dropout mask is drawn exactly as `F.dropout` draws it on CPU (`bernoulli_(1 − p)` on a
+tensor of x's shape and the adapter's dtype), so with the same seed it is HF peft's mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dora_embedding", "dora_linear", "dora_weight_norm", "dora_weight_norm_float64"]
+
+# Rows of W per block of the norm computation (bounds the fp32 temporaries to ROWS × in).
+NORM_BLOCK_ROWS = 1024
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per row of W (out, in), A (r, in), B (out, r), as an fp32 (out,) tensor without
+    gradient; `W + s·B·A` is never built (see the module docstring)."""
+    with torch.no_grad():
+        A = lora_A.float()
+        B = lora_B.float()
+        s = float(scaling)
+        gram = A @ A.t()  # (r, r)
+        out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for r0 in range(0, weight.shape[0], NORM_BLOCK_ROWS):
+            w = weight[r0 : r0 + NORM_BLOCK_ROWS].float()
+            b = B[r0 : r0 + NORM_BLOCK_ROWS]
+            sq = torch.linalg.vector_norm(w, dim=1).square_()
+            sq += (2.0 * s) * (F.linear(w, A) * b).sum(1)
+            sq += (s * s) * ((b @ gram) * b).sum(1)
+            out[r0 : r0 + NORM_BLOCK_ROWS] = sq.clamp_min_(0.0).sqrt_()
+        return out
+
+
+def dora_weight_norm_float64(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The plain definition, `torch.linalg.norm(W + s·B·A, dim=1)` in float64: the test oracle."""
+    with torch.no_grad():
+        w = weight.double() + float(scaling) * (lora_B.double() @ lora_A.double())
+        return torch.linalg.norm(w, dim=1)
+
+
+class _DoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + (scale − 1) ⊙ x'Wᵀ + scale ⊙ s·x'AᵀBᵀ for 2-D x, W frozen (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p):
+        lora_dtype = lora_A.dtype
+        base = F.linear(x, weight)
+        xa = x.to(lora_dtype)
+        scale = magnitude / norm.to(magnitude.dtype)
+        keep = None
+        if dropout_p > 0.0:
+            noise = torch.empty_like(xa).bernoulli_(1.0 - dropout_p)  # F.dropout's draw on CPU
+            keep = noise.bool()
+            xd = xa * noise.div_(1.0 - dropout_p)
+            del noise
+            v = F.linear(xd, weight.to(lora_dtype))
+        else:
+            xd = xa
+            v = base
+        h = F.linear(xd, lora_A)
+        lora = F.linear(h, lora_B)
+        del xd
+        result = base if bias is None else base + bias
+        y = (result + ((scale - 1) * v + scale * lora * scaling)).to(result.dtype)
+        u = v + lora * scaling
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, scale, h, u, keep)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, magnitude, norm, scale, h, u, keep = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        need = ctx.needs_input_grad
+        g = dy.to(u.dtype)
+        dmag = (g * u).sum(0).div_(norm.to(u.dtype)).to(magnitude.dtype) if need[5] else None
+        gl = g * (scale * s).to(g.dtype)  # dL/d(x'AᵀBᵀ)
+        h_l = h.to(lora_B.dtype)
+        dB = gl.t().to(lora_B.dtype) @ h_l if need[4] else None
+        dh = gl.to(lora_B.dtype) @ lora_B
+        xd = None
+        if need[3]:
+            xa = x.to(lora_A.dtype)
+            xd = xa if keep is None else xa * keep / (1.0 - p)
+            dA = dh.t() @ xd
+        else:
+            dA = None
+        dx = None
+        if need[0]:
+            w = weight.to(g.dtype)
+            if keep is None:
+                dx = (g * scale.to(g.dtype)) @ w + dh.to(g.dtype) @ lora_A.to(g.dtype)
+            else:
+                inner = (g * (scale - 1).to(g.dtype)) @ w + dh.to(g.dtype) @ lora_A.to(g.dtype)
+                dx = dy @ weight.to(dy.dtype) + (inner * keep).div_(1.0 - p).to(dy.dtype)
+            dx = dx.to(x.dtype)
+        db = dy.sum(0) if ctx.has_bias and need[2] else None
+        return dx, None, db, dA, dB, dmag, None, None, None
+
+
+def _dora_linear_composed(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p):
+    """HF peft's composition with plain autograd: used when the base weight itself trains."""
+    result = F.linear(x, weight, bias)
+    xa = x.to(lora_A.dtype)
+    scale = magnitude / norm.to(magnitude.dtype)
+    if dropout_p > 0.0:
+        xa = F.dropout(xa, p=dropout_p, training=True)
+        v = F.linear(xa, weight.to(xa.dtype))
+    else:
+        v = result if bias is None else result - bias
+    lora = F.linear(F.linear(xa, lora_A), lora_B)
+    return (result + ((scale - 1) * v + scale * lora * scaling)).to(result.dtype)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA on a linear layer (see the module docstring); `norm` is ‖W + s·B·A‖ per row when the
+    caller has it (a cache), else it is computed here."""
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    p = float(dropout_p) if training else 0.0
+    x2 = x.reshape(-1, x.shape[-1])
+    args = (x2, weight, bias, lora_A, lora_B, magnitude, norm, float(scaling), p)
+    if weight.requires_grad:
+        y = _dora_linear_composed(*args)
+    else:
+        y = _DoraLinear.apply(*args)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dora_embedding(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA on an embedding (HF peft's DoraEmbeddingLayer): weight (num, dim), A (r, num),
+    B (dim, r); the norm runs over each embedding dimension (a column of weight), and
+    `y = scale ⊙ (E[ids] + s · A[:, ids]ᵀ Bᵀ)` with scale = m / norm (dim,)."""
+    if norm is None:
+        norm = dora_weight_norm(weight.t(), lora_A, lora_B, scaling)
+    lookup = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    result = F.embedding(input_ids, weight, *lookup)
+    out_dtype = result.dtype
+    scale = magnitude / norm.to(magnitude.dtype)
+    after_A = F.embedding(input_ids, lora_A.T, *lookup)
+    return (scale * result + scale * (after_A @ lora_B.T) * scaling).to(out_dtype)
