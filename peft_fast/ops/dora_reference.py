@@ -13,7 +13,7 @@ to rounding):
 
 * the norm is never built from `W + s·B·A`: `‖w_o‖² + 2s·⟨w_o, (B A)_o⟩ + s²·‖(B A)_o‖²` needs
   only `W Aᵀ` (out × r), `A Aᵀ` (r × r) and row sums, computed in fp32 in row blocks (no
-  identity-matrix product, no out × in temporary beyond one block);
+  identity-matrix product, no out × in temporary beyond one block of 2**22 elements);
 * forward and backward are one autograd Function: without dropout it runs one base matmul
   forward and one backward (HF: the same), with dropout two each (HF: the same count, but
   also the out × in norm temporaries and several M × out intermediates);
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 __all__ = ["dora_embedding", "dora_linear", "dora_weight_norm", "dora_weight_norm_float64"]
 
-# Rows of W per block of the norm computation (bounds the fp32 temporaries to ROWS × in).
-NORM_BLOCK_ROWS = 1024
+# Elements of W per block of the norm computation (bounds its fp32 temporaries to 16 MiB).
+NORM_BLOCK_ELEMENTS = 2**22
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -44,15 +44,16 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         B = lora_B.float()
         s = float(scaling)
         gram = A @ A.t()  # (r, r)
-        out = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for r0 in range(0, weight.shape[0], NORM_BLOCK_ROWS):
-            w = weight[r0 : r0 + NORM_BLOCK_ROWS].float()
-            b = B[r0 : r0 + NORM_BLOCK_ROWS]
-            sq = torch.linalg.vector_norm(w, dim=1).square_()
-            sq += (2.0 * s) * (F.linear(w, A) * b).sum(1)
-            sq += (s * s) * ((b @ gram) * b).sum(1)
-            out[r0 : r0 + NORM_BLOCK_ROWS] = sq.clamp_min_(0.0).sqrt_()
-        return out
+        rows = max(1, NORM_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+        parts = []
+        for r0 in range(0, weight.shape[0], rows):
+            w = weight[r0 : r0 + rows].float()
+            b = B[r0 : r0 + rows]
+            # 2s·W Aᵀ + s²·B (A Aᵀ), dotted with B row by row: 2s⟨w, (BA)⟩ + s²‖BA‖²
+            cross = F.linear(w, A).mul_(2.0 * s).addmm_(b, gram, alpha=s * s)
+            sq = torch.linalg.vecdot(cross, b).add_(torch.linalg.vector_norm(w, dim=1).square_())
+            parts.append(sq.clamp_min_(0.0).sqrt_())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def dora_weight_norm_float64(
@@ -65,7 +66,11 @@ def dora_weight_norm_float64(
 
 
 class _DoraLinear(torch.autograd.Function):
-    """y = x Wᵀ + b + (scale − 1) ⊙ x'Wᵀ + scale ⊙ s·x'AᵀBᵀ for 2-D x, W frozen (see module docstring)."""
+    """y = x Wᵀ + b + (scale − 1) ⊙ x'Wᵀ + scale ⊙ s·x'AᵀBᵀ for 2-D x, W frozen (see module docstring).
+
+    Written as y = scale ⊙ u + (x Wᵀ − x'Wᵀ) + b with u = x'Wᵀ + s·x'AᵀBᵀ (u is what the
+    magnitude's gradient needs), so the M × out work is three elementwise passes (two without
+    dropout), and the scale folds into B's rows (out × r) in backward instead of into dy."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p):
@@ -84,16 +89,16 @@ class _DoraLinear(torch.autograd.Function):
             xd = xa
             v = base
         h = F.linear(xd, lora_A)
-        lora = F.linear(h, lora_B)
         del xd
-        result = base if bias is None else base + bias
-        y = (result + ((scale - 1) * v + scale * lora * scaling)).to(result.dtype)
-        u = v + lora * scaling
+        u = torch.addmm(v, h, lora_B.t(), alpha=scaling) if v.dtype == h.dtype else v + F.linear(h, lora_B) * scaling
+        y = u * scale if keep is None else (base - v).addcmul_(u, scale)
+        if bias is not None:
+            y = y.add_(bias)
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, scale, h, u, keep)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.has_bias = bias is not None
-        return y
+        return y.to(base.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -101,26 +106,23 @@ class _DoraLinear(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout_p
         need = ctx.needs_input_grad
         g = dy.to(u.dtype)
-        dmag = (g * u).sum(0).div_(norm.to(u.dtype)).to(magnitude.dtype) if need[5] else None
-        gl = g * (scale * s).to(g.dtype)  # dL/d(x'AᵀBᵀ)
-        h_l = h.to(lora_B.dtype)
-        dB = gl.t().to(lora_B.dtype) @ h_l if need[4] else None
-        dh = gl.to(lora_B.dtype) @ lora_B
-        xd = None
+        dmag = torch.linalg.vecdot(g.t(), u.t()).div_(norm.to(u.dtype)).to(magnitude.dtype) if need[5] else None
+        row = (scale * s).to(lora_B.dtype)[:, None]  # dL/d(x'AᵀBᵀ) = dy ⊙ scale·s: folded into B's rows
+        dB = (g.t().to(lora_B.dtype) @ h.to(lora_B.dtype)).mul_(row) if need[4] else None
+        dh = g.to(lora_B.dtype) @ (lora_B * row)
+        xa = x.to(lora_A.dtype)
+        dA = None
         if need[3]:
-            xa = x.to(lora_A.dtype)
-            xd = xa if keep is None else xa * keep / (1.0 - p)
+            xd = xa if keep is None else (xa * keep).div_(1.0 - p)
             dA = dh.t() @ xd
-        else:
-            dA = None
         dx = None
         if need[0]:
-            w = weight.to(g.dtype)
+            w, a = weight.to(g.dtype), lora_A.to(g.dtype)
             if keep is None:
-                dx = (g * scale.to(g.dtype)) @ w + dh.to(g.dtype) @ lora_A.to(g.dtype)
+                dx = torch.addmm(dh.to(g.dtype) @ a, g * scale.to(g.dtype), w)
             else:
-                inner = (g * (scale - 1).to(g.dtype)) @ w + dh.to(g.dtype) @ lora_A.to(g.dtype)
-                dx = dy @ weight.to(dy.dtype) + (inner * keep).div_(1.0 - p).to(dy.dtype)
+                inner = torch.addmm(dh.to(g.dtype) @ a, g * (scale - 1).to(g.dtype), w)
+                dx = (dy @ weight.to(dy.dtype)).add_(torch.where(keep, inner, 0.0), alpha=1.0 / (1.0 - p))
             dx = dx.to(x.dtype)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, None, db, dA, dB, dmag, None, None, None

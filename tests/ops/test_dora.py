@@ -1,0 +1,196 @@
+"""peft_fast/ops/dora.py on every backend against a float64 oracle: the weight norm, and
+dora_linear forward and backward (x, A, B, magnitude, bias) on odd shapes, 3-D and strided
+inputs, with and without dropout, through the torch path and both Triton paths (the kernels
+run under Triton's interpreter on CPU). The oracle applies the very mask each backend drew:
+the torch path's (F.dropout's bernoulli draw, replayed from the seed) or the kernels' Philox
+mask (`dropout_mask` of the seed), so a backward that regenerated another mask would fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_fast import ops
+from peft_fast.ops import dispatch
+from peft_fast.ops.autograd import new_seed
+from peft_fast.ops.dora_reference import dora_weight_norm_float64
+
+TRITON_PATHS = ("composite", "fused")
+
+
+def _triton():
+    reason = dispatch.unavailable_reason("triton")
+    if reason is not None:
+        pytest.skip(reason)
+    from peft_fast.ops.triton import dora as triton_dora
+
+    return triton_dora
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 2e-6, torch.float16: 4e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,K,r", [(1, 1, 1), (7, 33, 3), (100, 40, 16), (33, 70, 20)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_norm_matches_float64(dtype, N, K, r, backend, transposed):
+    if backend == "triton":
+        _triton()
+    g = torch.Generator().manual_seed(N * 1000 + K + r)
+    weight = torch.randn((K, N) if transposed else (N, K), generator=g).to(dtype)
+    weight = weight.t() if transposed else weight  # a strided (Conv1D-like) view
+    A = torch.randn(r, K, generator=g).to(dtype) * 0.3
+    B = torch.randn(N, r, generator=g).to(dtype) * 0.3
+    with ops.use_backend(backend):
+        got = ops.dora_weight_norm(weight, A, B, 1.7)
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    assert _rel(got, dora_weight_norm_float64(weight, A, B, 1.7)) < TOL[dtype]
+
+
+def _inputs(M, K, N, r, dtype, bias, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "3d":
+        x = torch.randn(3, M, K, generator=g)
+    elif layout == "strided":
+        x = torch.randn(K, 2 * M, generator=g).t()[::2]  # (M, K) with strides (1 * 2, 2M)
+    else:
+        x = torch.randn(M, K, generator=g)
+    x = x.to(dtype).requires_grad_(True)
+    weight = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype).requires_grad_(True) if bias else None
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype).requires_grad_(True)
+    B = (torch.randn(N, r, generator=g) * 0.5).to(dtype).requires_grad_(True)
+    mag = (torch.rand(N, generator=g) + 0.5).to(dtype).requires_grad_(True)
+    return x, weight, b, A, B, mag
+
+
+def _oracle(x, weight, bias, A, B, mag, s, keep, p):
+    """float64 DoRA (HF peft's formula) with the given keep-mask; the norm detached."""
+    xd_, w, A_, B_, m_ = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, A, B, mag))
+    b_ = bias.detach().double().requires_grad_(True) if bias is not None else None
+    norm = torch.linalg.norm(w + s * B_.detach() @ A_.detach(), dim=1)
+    scale = m_ / norm
+    x2 = xd_.reshape(-1, w.shape[1])
+    dropped = x2 if keep is None else x2 * keep / (1 - p)
+    y = x2 @ w.T + (scale - 1) * (dropped @ w.T) + scale * s * (dropped @ A_.T @ B_.T)
+    if b_ is not None:
+        y = y + b_
+    return y.reshape(*x.shape[:-1], w.shape[0]), (xd_, A_, B_, m_, b_)
+
+
+def _run(backend, path, args, s, p):
+    """(y, keep mask it used or None) of ops.dora_linear on `backend` (and Triton `path`)."""
+    x, weight, bias, A, B, mag = args
+    M, K = x.numel() // x.shape[-1], x.shape[-1]
+    torch.manual_seed(1234)
+    if backend == "torch":
+        keep = None
+        if p > 0:
+            # F.dropout's draw: empty_like keeps x's stride order, so the replay must too
+            keep = torch.empty_like(x.detach().reshape(M, K), dtype=A.dtype).bernoulli_(1 - p).bool()
+        torch.manual_seed(1234)
+        with ops.use_backend("torch"):
+            return ops.dora_linear(x, weight, bias, A, B, mag, s, p, True), keep
+    triton_dora = _triton()
+    from peft_fast.kernels.dropout import dropout_mask
+
+    keep = None
+    if p > 0:
+        keep = dropout_mask(new_seed(x.device), M, K, p, x.device)
+    torch.manual_seed(1234)
+    with ops.use_backend("triton"), triton_dora.use_dora_path(path):
+        return ops.dora_linear(x, weight, bias, A, B, mag, s, p, True), keep
+
+
+CASES = [
+    # (M, K, N, r, bias, layout)
+    (1, 16, 7, 1, False, "2d"),
+    (7, 33, 20, 3, True, "2d"),
+    (33, 40, 33, 16, True, "3d"),
+    (20, 24, 17, 20, False, "strided"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-{c[5]}")
+@pytest.mark.parametrize("impl", ["torch", "triton-composite", "triton-fused"])
+def test_dora_linear_matches_float64(dtype, p, case, impl):
+    if dtype == torch.float16 and impl == "torch":
+        pytest.skip("CPU fp16 matmuls of torch: the torch path is checked in fp32 (and fp16 by the models' tests)")
+    M, K, N, r, bias, layout = case
+    backend, _, path = impl.partition("-")
+    args = _inputs(M, K, N, r, dtype, bias, layout)
+    s = 1.5
+    y, keep = _run(backend, path, args, s, p)
+    want, leaves = _oracle(*args, s, keep.double() if keep is not None else None, p)
+    tol = TOL[dtype] * 5
+    assert y.dtype == dtype and y.shape == want.shape
+    assert _rel(y, want) < tol
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(want.shape, generator=g)
+    y.backward(dy.to(dtype))
+    want.backward(dy.double())
+    x, _, b, A, B, mag = args
+    for name, got, ref in zip(("x", "A", "B", "magnitude", "bias"), (x, A, B, mag, b), leaves):
+        if got is None:
+            continue
+        assert got.grad is not None and got.grad.dtype == got.dtype, name
+        assert _rel(got.grad, ref.grad) < tol, name
+
+
+def test_dropout_mask_differs_between_calls_and_follows_the_seed():
+    triton_dora = _triton()
+    args = _inputs(16, 32, 16, 4, torch.float32, False, "2d")
+    x, weight, bias, A, B, mag = args
+    with ops.use_backend("triton"), triton_dora.use_dora_path("fused"), torch.no_grad():
+        torch.manual_seed(3)
+        first = ops.dora_linear(x, weight, bias, A, B, mag, 1.0, 0.5, True)
+        second = ops.dora_linear(x, weight, bias, A, B, mag, 1.0, 0.5, True)
+        torch.manual_seed(3)
+        again = ops.dora_linear(x, weight, bias, A, B, mag, 1.0, 0.5, True)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_auto_takes_the_composite_path_and_names_are_checked():
+    triton_dora = _triton()
+    assert triton_dora.get_dora_path() == "composite"
+    with pytest.raises(ValueError, match="DoRA path must be one of"):
+        triton_dora.set_dora_path("fastest")
+
+
+def test_bad_arguments_name_what_is_wrong():
+    x, weight, bias, A, B, mag = _inputs(4, 8, 6, 2, torch.float32, True, "2d")
+    with pytest.raises(ValueError, match="magnitude must be a \\(6,\\) tensor"):
+        ops.dora_linear(x, weight, bias, A, B, mag[:5], 1.0)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        ops.dora_linear(x, weight, bias, A, B[:, :1], mag, 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.dora_linear(x, weight, bias, A, B, mag, 1.0, 1.0)
+    with pytest.raises(ValueError, match="norm must be"):
+        ops.dora_linear(x, weight, bias, A, B, mag, 1.0, norm=torch.ones(3))
+    with pytest.raises(TypeError, match="scaling must be a real number"):
+        ops.dora_weight_norm(weight, A, B, "2")
+
+
+def test_weight_trains_through_the_torch_composition():
+    x, weight, bias, A, B, mag = _inputs(5, 8, 6, 2, torch.float32, True, "2d")
+    weight.requires_grad_(True)
+    y = ops.dora_linear(x, weight, bias, A, B, mag, 2.0)
+    want, _ = _oracle(x, weight, bias, A, B, mag, 2.0, None, 0.0)
+    assert _rel(y, want) < 1e-5
+    y.sum().backward()
+    w64 = weight.detach().double().requires_grad_(True)
+    norm = torch.linalg.norm(w64.detach() + 2.0 * B.detach().double() @ A.detach().double(), dim=1)
+    scale = mag.detach().double() / norm
+    x64 = x.detach().double()
+    lora = x64 @ A.detach().double().T @ B.detach().double().T
+    (scale * (x64 @ w64.T + 2.0 * lora) + bias.detach().double()).sum().backward()
+    assert _rel(weight.grad, w64.grad) < 1e-5
