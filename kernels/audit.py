@@ -343,6 +343,29 @@ def _lokr(dtype: torch.dtype, mode: str) -> None:
         lokr_apply(_t(M, s * s, dtype=dtype), w1.t(), w2.t(), 2.0, in_scale=_t(s * s))
 
 
+def _dora(dtype: torch.dtype, mode: str) -> None:
+    """DoRA's kernels: the weight norm, the fused forward (one or two accumulators), dx, the composite epilogue."""
+    from .dora_dx import dora_dx
+    from .dora_epilogue import dora_epilogue
+    from .dora_linear import dora_linear
+    from .dora_norm import dora_norm
+
+    scale = _t(N)
+    if mode == "norm":
+        dora_norm(_t(N, K, dtype=dtype), _t(RANK, K, dtype=dtype), _t(N, RANK, dtype=dtype), 2.0)
+    elif mode in ("fwd", "fwd_bias_dropout"):
+        dropout = mode == "fwd_bias_dropout"
+        bias = _t(N, dtype=dtype) if dropout else None
+        x, w, b = _t(M, K, dtype=dtype), _t(N, K, dtype=dtype), _t(N, RANK, dtype=dtype)
+        dora_linear(x, w, bias, _t(M, RANK), b, scale, 2.0, 0.1 if dropout else 0.0, _seed())
+    elif mode in ("dx", "dx_dropout"):
+        p = 0.1 if mode == "dx_dropout" else 0.0
+        dora_dx(_t(M, N, dtype=dtype), _t(N, K, dtype=dtype), scale, _t(M, RANK), _t(RANK, K, dtype=dtype), p, _seed())
+    else:  # composite epilogue, with dropout (v given) and bias
+        mn = [_t(M, N, dtype=dtype) for _ in range(3)]
+        dora_epilogue(*mn, scale, _t(N, dtype=dtype), 2.0)
+
+
 def _dropout_mask(dtype: torch.dtype) -> None:
     from .dropout import dropout_mask
 
@@ -426,6 +449,9 @@ def variants() -> list[Variant]:
                 Variant(f"loha_{kind}/{m}", lambda d, k=kind, m=m: _loha(k, d, m), matmul_shaped=kind == "expand")
             )
     out += [Variant(f"lokr_apply/{m}", lambda d, m=m: _lokr(d, m)) for m in ("fwd", "bwd_dx")]
+    for m in ("norm", "fwd", "fwd_bias_dropout", "dx", "dx_dropout"):
+        out.append(Variant(f"dora/{m}", lambda d, m=m: _dora(d, m), matmul_shaped=True))
+    out.append(Variant("dora/epilogue", lambda d: _dora(d, "epilogue")))
     out.append(Variant("dropout_mask", _dropout_mask, dtypes=("fp32",)))
     for row_p in (False, True):
         out.append(

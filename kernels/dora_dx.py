@@ -106,6 +106,10 @@ def dora_dx(
     cfg = matmul_config(dy.device, dy.dtype)
     # Tiles of dx: BLOCK_M × BLOCK_K outputs (the config's M × N tile), reducing over N in block_k steps.
     block_m, block_out, block_red = cfg.block_m, cfg.block_n, cfg.block_k
+    if dropout:  # two accumulators: half the output columns per tile keeps it free of spills
+        block_out = max(32, block_out // 2)
+        if dy.dtype == torch.float32:  # fp32 on FMA: twice the operand registers, half the rows too
+            block_m = max(32, block_m // 2)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_out),)
     _dora_dx_kernel[grid](
         dy, weight, scale, dh, lora_A, dx, seed if dropout else dx,

@@ -21,6 +21,8 @@ a bit-packed mask would bring that to one draw per 8 elements and is not done ye
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -121,6 +123,10 @@ def dora_linear(
     if M == 0 or N == 0:
         return y, u
     cfg = matmul_config(x.device, x.dtype)
+    if dropout:  # two accumulators and the Philox mask: half the columns per tile keeps it free of spills
+        cfg = dataclasses.replace(cfg, block_n=max(32, cfg.block_n // 2))
+        if x.dtype == torch.float32:  # fp32 runs on FMA with twice the operand registers: half the rows too
+            cfg = dataclasses.replace(cfg, block_m=max(32, cfg.block_m // 2), num_warps=max(8, cfg.num_warps))
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     u_arg = u if u is not None else y
     _dora_linear_kernel[grid](

@@ -1,6 +1,6 @@
 """The `peft-fast` command: `train`, `info` and `bench` subcommands.
 
-peft-fast train [--method lora|ia3|qlora|loha|lokr|adalora|vera] [--load-in-4bit] [--model DIR] [--data FILE] ...
+peft-fast train [--method lora|ia3|qlora|loha|lokr|adalora|vera|dora] [--load-in-4bit] [--model DIR] [--data FILE] ...
 torchrun --nproc-per-node N -m peft_fast.cli train [--distributed ddp|fsdp2] ...
 peft-fast info
 peft-fast bench [ARGS...]     (arguments go to peft_fast_bench.main: the suites under bench/)
@@ -70,9 +70,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Options of `peft-fast train` that only some methods use, and those methods.
 METHOD_OPTIONS = {
-    "r": ("lora", "qlora", "loha", "lokr", "adalora", "vera"),
-    "alpha": ("lora", "qlora", "loha", "lokr", "adalora"),
-    "dropout": ("lora", "qlora", "adalora", "vera"),
+    "r": ("lora", "qlora", "loha", "lokr", "adalora", "vera", "dora"),
+    "alpha": ("lora", "qlora", "loha", "lokr", "adalora", "dora"),
+    "dropout": ("lora", "qlora", "adalora", "vera", "dora"),
 }
 
 
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=METHODS,
         default=defaults.method,
-        help="adapter type; qlora is lora with --load-in-4bit (default: %(default)s)",
+        help="adapter type; qlora is lora with --load-in-4bit, dora is lora with use_dora=True (default: %(default)s)",
     )
     train.add_argument(
         "--load-in-4bit",

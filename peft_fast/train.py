@@ -47,10 +47,28 @@ from . import distributed as dist_utils
 from .ops.dispatch import BACKENDS
 from .text_data import DEFAULT_DATASET, Split, load_text_classification
 
-METHODS = ("lora", "ia3", "qlora", "loha", "lokr", "adalora", "vera")  # "qlora": LoRA with load_in_4bit
+METHODS = (
+    "lora",
+    "ia3",
+    "qlora",
+    "loha",
+    "lokr",
+    "adalora",
+    "vera",
+    "dora",
+)  # "qlora": LoRA with load_in_4bit; "dora": use_dora
 # Learning rates that learn the shipped dataset within the default budget; IA³ trains far
 # fewer parameters, each a multiplicative scale, and wants a larger step.
-DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "qlora": 2e-3, "loha": 2e-3, "lokr": 2e-3, "adalora": 2e-3, "vera": 1e-2}
+DEFAULT_LR = {
+    "lora": 2e-3,
+    "ia3": 1e-2,
+    "qlora": 2e-3,
+    "loha": 2e-3,
+    "lokr": 2e-3,
+    "adalora": 2e-3,
+    "vera": 1e-2,
+    "dora": 2e-3,
+}
 # Modules kept in full precision when the base is loaded in 4 bits: the new (trained) heads.
 HEAD_MODULES = ["classifier", "score"]
 # Saved and reloaded adapters run the same fp32 math; anything above this is a bug.
@@ -359,13 +377,14 @@ def make_peft_config(
     if config.method in ("loha", "lokr"):
         cls = LoHaConfig if config.method == "loha" else LoKrConfig
         return cls(task_type=TaskType.SEQ_CLS, r=config.r, alpha=config.alpha, target_modules=config.target_modules)
-    if config.method in ("lora", "qlora"):
+    if config.method in ("lora", "qlora", "dora"):
         return LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=config.r,
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
             target_modules=config.target_modules,
+            use_dora=config.method == "dora",
         )
     return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=config.target_modules)
 

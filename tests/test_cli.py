@@ -75,10 +75,13 @@ def test_train_end_to_end(tmp_path, capsys):
         (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
         (["--steps", "-3"], "argument --steps: must be > 0"),
         (["--backend", "metal"], "argument --backend: invalid choice: 'metal'"),
-        (["--method", "ia3", "--r", "4"], "argument --r: applies to --method lora|qlora|loha|lokr|adalora|vera only"),
+        (
+            ["--method", "ia3", "--r", "4"],
+            "argument --r: applies to --method lora|qlora|loha|lokr|adalora|vera|dora only",
+        ),
         (
             ["--method", "ia3", "--dropout", "0.2"],
-            "argument --dropout: applies to --method lora|qlora|adalora|vera only",
+            "argument --dropout: applies to --method lora|qlora|adalora|vera|dora only",
         ),
     ],
 )
@@ -87,6 +90,30 @@ def test_train_bad_arguments_exit_2_naming_the_argument(args, expected, capsys):
         main(["train", *args])
     assert e.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_train_dora_runs_the_job_and_saves_a_dora_adapter(tmp_path, capsys):
+    """`--method dora` on a tiny BERT: trains, saves an adapter HF peft reads as DoRA (use_dora and
+    the magnitude vectors), and the reload check passes."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = "the keeper saved a penalty heavy rain is due tonight".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    BertModel(cfg).save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    rows = [("the keeper saved a penalty", "sports"), ("heavy rain is due tonight", "weather")] * 3
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    out = tmp_path / "dora"
+    args = ["train", "--model", str(tmp_path / "m"), "--data", str(data), "--steps", "2", "--batch-size", "2"]
+    assert main([*args, "--method", "dora", "--r", "4", "--dropout", "0.1", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"reload check: max \|logits diff\| = \S+ \(ok, tolerance", printed), printed
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(out / "adapter_model.safetensors"))
 
 
 def test_train_qlora_reports_the_base_weights(tmp_path, capsys):

@@ -9,6 +9,7 @@ autograd, public function, `supports`, registration with dispatch):
     loha.py    loha_linear          peft_fast::loha_linear_triton_{fwd,bwd}
     lokr.py    lokr_linear          peft_fast::lokr_linear_triton_{fwd,bwd}
     xlora.py   xlora_linear         peft_fast::xlora_linear_triton_{fwd,bwd}
+    dora.py    dora_linear          peft_fast::dora_linear_triton_{fwd,bwd}  (+ dora_weight_norm)
 
 Kernels live in `peft_fast.kernels` (kernels/ at the repo root). This file holds what the
 three share: can a call run on Triton (`device_reason`); argument checks are ops/checks.py,
