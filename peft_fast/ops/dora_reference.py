@@ -106,7 +106,7 @@ class _DoraLinear(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout_p
         need = ctx.needs_input_grad
         g = dy.to(u.dtype)
-        dmag = torch.linalg.vecdot(g.t(), u.t()).div_(norm.to(u.dtype)).to(magnitude.dtype) if need[5] else None
+        dmag = (g * u).sum(0).div_(norm.to(u.dtype)).to(magnitude.dtype) if need[5] else None
         row = (scale * s).to(lora_B.dtype)[:, None]  # dL/d(x'AᵀBᵀ) = dy ⊙ scale·s: folded into B's rows
         dB = (g.t().to(lora_B.dtype) @ h.to(lora_B.dtype)).mul_(row) if need[4] else None
         dh = g.to(lora_B.dtype) @ (lora_B * row)
