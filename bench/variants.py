@@ -87,6 +87,13 @@ register_method(
     ),
 )
 register_method("vera", lambda lib, targets: lib.VeraConfig(target_modules=targets, vera_dropout=0.05))
+# DoRA at issue 13's target config: r=16, all linear layers, dropout 0.05.
+register_method(
+    "dora",
+    lambda lib, targets: lib.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, use_dora=True, target_modules=targets),
+)
+# Methods whose target (their issue's) differs from TARGET_SPEEDUP.
+SPEEDUP_TARGETS: dict[str, float] = {"dora": 1.2}
 
 
 @dataclass
@@ -379,14 +386,15 @@ def _compare_with_hf(rows: list[VariantRow]) -> None:
 
 def targets(rows: list[VariantRow]) -> dict[str, dict[str, Any]]:
     """Per method, the model case's speedup and peak memory against HF peft's, and whether each
-    meets the target (speedup >= TARGET_SPEEDUP, peak <= HF's)."""
+    meets the target (speedup >= SPEEDUP_TARGETS[method], else TARGET_SPEEDUP; peak <= HF's)."""
     out = {}
     for r in rows:
         if r.case == "model" and r.library == "peft_fast":
+            target = SPEEDUP_TARGETS.get(r.method, TARGET_SPEEDUP)
             out[r.method] = {
                 "speedup_vs_hf": r.speedup_vs_hf,
-                "speedup_target": TARGET_SPEEDUP,
-                "speedup_met": r.speedup_vs_hf >= TARGET_SPEEDUP,
+                "speedup_target": target,
+                "speedup_met": r.speedup_vs_hf >= target,
                 "peak_vs_hf": r.peak_vs_hf,
                 "peak_met": r.peak_vs_hf <= 1.0,
             }
