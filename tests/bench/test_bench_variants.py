@@ -72,14 +72,14 @@ def test_a_method_joins_through_the_table(monkeypatch):
     with pytest.raises(ValueError, match="without '-'"):
         variants.register_method("lo-ra", lambda lib, targets: None)
     with pytest.raises(ValueError, match="methods must be a non-empty list"):
-        variants.run(variants.PRESETS["tiny"], torch.device("cpu"), methods=["dora"])
+        variants.run(variants.PRESETS["tiny"], torch.device("cpu"), methods=["nosuch"])
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--suite", "lora", "--methods", "loha"], "--methods: goes with --suite variants"),
-        (["--suite", "variants", "--methods", "oft"], "--methods: choose from ['adalora', 'loha', 'lokr', 'vera']"),
+        (["--suite", "variants", "--methods", "oft"], "--methods: choose from ['adalora', 'dora', 'loha', 'lokr', 'vera']"),
     ],
 )
 def test_variants_refusals(argv, message, capsys):

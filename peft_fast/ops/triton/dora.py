@@ -37,7 +37,7 @@ from peft_fast.kernels.dora_dx import dora_dx
 from peft_fast.kernels.dora_epilogue import dora_epilogue
 from peft_fast.kernels.dora_linear import dora_linear as dora_linear_kernel
 from peft_fast.kernels.dora_norm import dora_norm
-from peft_fast.kernels.dropout import MAX_ELEMENTS, dropout_mask
+from peft_fast.kernels.dropout import MAX_ELEMENTS, draw_keep_bytes, dropout_mask
 from peft_fast.kernels.lora_adapter_grad import lora_adapter_grad
 from peft_fast.kernels.lora_shrink import lora_shrink
 
@@ -143,7 +143,8 @@ def dora_linear_triton_bwd(
     scaled_B = (lora_B.float() * scale[:, None]).to(adapter_dtype)
     dh = lora_shrink(dy, scaled_B.t(), scaling)
     dB = (lora_adapter_grad(h, dy, torch.float32, scaling, transpose=True) * scale[:, None]).to(adapter_dtype)
-    dA = lora_adapter_grad(dh, x, adapter_dtype, 1.0 / (1.0 - dropout_p), dropout_p, seed)
+    keep = draw_keep_bytes(seed, x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0.0 else None
+    dA = lora_adapter_grad(dh, x, adapter_dtype, 1.0 / (1.0 - dropout_p), keep)
     if not need_dx:
         dx = dy.new_empty((0,))
     elif fused:
