@@ -126,7 +126,9 @@ def dora_linear(
     if dropout:  # two accumulators and the Philox mask: half the columns per tile keeps it free of spills
         cfg = dataclasses.replace(cfg, block_n=max(32, cfg.block_n // 2))
         if x.dtype == torch.float32:  # fp32 runs on FMA with twice the operand registers: half the rows too
-            cfg = dataclasses.replace(cfg, block_m=max(32, cfg.block_m // 2), num_warps=max(8, cfg.num_warps))
+            cfg = dataclasses.replace(
+                cfg, block_m=max(32, cfg.block_m // 2), block_n=32, num_warps=max(8, cfg.num_warps)
+            )
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     u_arg = u if u is not None else y
     _dora_linear_kernel[grid](
