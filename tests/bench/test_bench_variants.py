@@ -79,7 +79,10 @@ def test_a_method_joins_through_the_table(monkeypatch):
     ("argv", "message"),
     [
         (["--suite", "lora", "--methods", "loha"], "--methods: goes with --suite variants"),
-        (["--suite", "variants", "--methods", "oft"], "--methods: choose from ['adalora', 'dora', 'loha', 'lokr', 'vera']"),
+        (
+            ["--suite", "variants", "--methods", "oft"],
+            "--methods: choose from ['adalora', 'dora', 'loha', 'lokr', 'vera']",
+        ),
     ],
 )
 def test_variants_refusals(argv, message, capsys):
