@@ -357,10 +357,11 @@ def _dora(dtype: torch.dtype, mode: str) -> None:
         dropout = mode == "fwd_bias_dropout"
         bias = _t(N, dtype=dtype) if dropout else None
         x, w, b = _t(M, K, dtype=dtype), _t(N, K, dtype=dtype), _t(N, RANK, dtype=dtype)
-        dora_linear(x, w, bias, _t(M, RANK), b, scale, 2.0, 0.1 if dropout else 0.0, _seed())
+        dora_linear(x, w, bias, _t(M, RANK), b, scale, 2.0, 0.1 if dropout else 0.0, _keep(M, K))
     elif mode in ("dx", "dx_dropout"):
         p = 0.1 if mode == "dx_dropout" else 0.0
-        dora_dx(_t(M, N, dtype=dtype), _t(N, K, dtype=dtype), scale, _t(M, RANK), _t(RANK, K, dtype=dtype), p, _seed())
+        dy, w, a = _t(M, N, dtype=dtype), _t(N, K, dtype=dtype), _t(RANK, K, dtype=dtype)
+        dora_dx(dy, w, scale, _t(M, RANK), a, p, _keep(M, K))
     else:  # composite epilogue, with dropout (v given) and bias
         mn = [_t(M, N, dtype=dtype) for _ in range(3)]
         dora_epilogue(*mn, scale, _t(N, dtype=dtype), 2.0)

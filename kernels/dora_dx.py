@@ -7,9 +7,8 @@ dy: M × N, W: N × K (read through any strides), scale = m / norm: N (fp32), dh
 M × r (fp32, from lora_shrink), A: r × K. Each program owns a BLOCK_M × BLOCK_K tile of dx and
 walks N: the dy and W tiles are loaded once per step and feed both accumulators (dy·W and
 ((scale − 1) ⊙ dy)·W) with dropout, one without; the adapter term dh·A starts the second
-accumulator (the only one without dropout). The mask, regenerated from the forward's seed and
-numbered over x's M × K, gates the second accumulator in the epilogue (one Philox draw per 8
-elements of dx).
+accumulator (the only one without dropout). The mask, read from the keep bytes the forward
+shrink wrote (1 bit per element, no Philox here), gates the second accumulator in the epilogue.
 """
 
 from __future__ import annotations
@@ -19,16 +18,16 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, matmul_config, rank_block, tl_dtype
-from .dropout import check_dropout, dropout_keep
+from .dropout import check_dropout_keep, load_keep
 from .tiles import grouped_tile, load_tile, store_tile
 
 
 @triton.jit
 def _dora_dx_kernel(
-    dy_ptr, w_ptr, scale_ptr, dh_ptr, a_ptr, dx_ptr, seed_ptr,
+    dy_ptr, w_ptr, scale_ptr, dh_ptr, a_ptr, dx_ptr, keep_ptr,
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dhm, stride_dhr, stride_ar, stride_ak,
-    stride_dxm, stride_dxk,
+    stride_dxm, stride_dxk, stride_keep,
     p,
     DROPOUT: tl.constexpr, BASE_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -56,8 +55,7 @@ def _dora_dx_kernel(
             acc_base = tl.dot(dy.to(BASE_DTYPE), w, acc_base, input_precision=BASE_PRECISION)
             dyc = (dy.to(tl.float32) * c[None, :]).to(BASE_DTYPE)
             acc_adapter = tl.dot(dyc, w, acc_adapter, input_precision=BASE_PRECISION)
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(seed, offs_m, offs_k, K, p)
+        keep = load_keep(keep_ptr, stride_keep, offs_m, offs_k, M, K)
         dx = acc_base + tl.where(keep, acc_adapter, 0.0) / (1.0 - p)
     else:
         for n0 in range(0, N, BLOCK_N):
@@ -78,13 +76,13 @@ def dora_dx(
     dh: torch.Tensor,
     lora_A: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dx of DoRA's forward (see the module docstring) as a new (M, K) tensor in dy's dtype.
 
     dy: (M, N); weight: (N, K) of dy's dtype; scale: (N,) fp32; dh: (M, r) any float dtype, cast
-    to lora_A's dtype for its product; lora_A: (r, K). With `dropout_p > 0` the keep-mask of
-    `seed` over the (M, K) input gates the scaled and adapter terms, rescaled by 1/(1 − p)."""
+    to lora_A's dtype for its product; lora_A: (r, K). With `dropout_p > 0` the forward's mask, given
+    as its keep bytes `keep` ((M, ceil(K/8)) uint8), gates the scaled and adapter terms, rescaled by 1/(1 − p)."""
     if dy.dim() != 2 or weight.dim() != 2 or weight.shape[0] != dy.shape[1]:
         raise ValueError(f"dy (M, N) and weight (N, K) do not fit: {tuple(dy.shape)} and {tuple(weight.shape)}")
     if weight.dtype != dy.dtype:
@@ -99,7 +97,7 @@ def dora_dx(
     for name, t in (("weight", weight), ("scale", scale), ("dh", dh), ("lora_A", lora_A)):
         if t.device != dy.device:
             raise ValueError(f"{name} must be on {dy.device}, got {t.device}")
-    dropout = check_dropout(dropout_p, seed, dy.device, M, K)
+    dropout = check_dropout_keep(dropout_p, keep, dy.device, M, K)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0 or K == 0:
         return dx
@@ -112,10 +110,11 @@ def dora_dx(
             block_m = max(32, block_m // 2)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_out),)
     _dora_dx_kernel[grid](
-        dy, weight, scale, dh, lora_A, dx, seed if dropout else dx,
+        dy, weight, scale, dh, lora_A, dx, keep if dropout else dx,
         M, N, K, R,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
         dh.stride(0), dh.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+        keep.stride(0) if dropout else 0,
         float(dropout_p),
         DROPOUT=dropout, BASE_DTYPE=tl_dtype(dy.dtype), LORA_DTYPE=tl_dtype(lora_A.dtype),
         BASE_PRECISION=dot_precision(dy.dtype), LORA_PRECISION=dot_precision(lora_A.dtype),

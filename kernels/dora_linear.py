@@ -2,7 +2,7 @@
 
     y = x Wᵀ + b + (m/‖W + s·B·A‖ − 1) ⊙ x'Wᵀ + m/‖W + s·B·A‖ ⊙ s · h Bᵀ,   x' = dropout(x)
 
-x: M × K, W: N × K (any strides), h = x'Aᵀ: M × r (fp32, from lora_shrink with the same seed),
+x: M × K, W: N × K (any strides), h = x'Aᵀ: M × r (fp32, from lora_shrink with the same mask),
 B: N × r, scale = m / norm: N (fp32), bias: N. Each program owns a BLOCK_M × BLOCK_N tile:
 
 * without dropout (eval, or p = 0): one fp32 accumulator starts as s · h Bᵀ, the base product
@@ -10,13 +10,13 @@ B: N × r, scale = m / norm: N (fp32), bias: N. Each program owns a BLOCK_M × B
   magnitude's gradient input, when asked);
 * with dropout: two accumulators, both starting from s · h Bᵀ (the second times (1 − p)); each
   K step loads the x and W tiles once and accumulates x·Wᵀ into the first and
-  (mask ⊙ x)·Wᵀ into the second (the mask from the Philox seed, `dropout.dropout_keep`,
-  numbered over x's M × K as lora_shrink numbers it). After the loop the second holds
+  (mask ⊙ x)·Wᵀ into the second (the mask read from the keep bytes lora_shrink wrote,
+  `dropout.load_keep`: 1 bit per element, no Philox here). After the loop the second holds
   (1 − p) · (x'Wᵀ + s·hBᵀ), so the epilogue writes `acc1 + (scale − 1) ⊙ acc2 / (1 − p) + b`
   (x'Wᵀ is never a second matmul or a second pass over W) and u = acc2 / (1 − p).
 
-The mask is regenerated per output-column tile (N / BLOCK_N Philox draws per 8 elements of x);
-a bit-packed mask would bring that to one draw per 8 elements and is not done yet.
+The mask is drawn once per step, by the forward shrink (one Philox evaluation per 8 elements
+of x, dropout.py); every output-column tile here reads the same keep bytes.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, matmul_config, rank_block, tl_dtype
-from .dropout import check_dropout, dropout_keep
+from .dropout import check_dropout_keep, load_keep
 from .tiles import check_matmul_operands, grouped_tile, load_tile, store_tile
 
 
 @triton.jit
 def _dora_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, y_ptr, u_ptr, seed_ptr,
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scale_ptr, y_ptr, u_ptr, keep_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_um, stride_un,
+    stride_ym, stride_yn, stride_um, stride_un, stride_keep,
     scaling, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, STORE_U: tl.constexpr,
     BASE_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr,
@@ -59,14 +59,13 @@ def _dora_linear_kernel(
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
 
     if DROPOUT:
-        seed = tl.load(seed_ptr)
         acc_drop = acc * (1.0 - p)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K).to(BASE_DTYPE)
             w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N).to(BASE_DTYPE)
             acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
-            x_kept = tl.where(dropout_keep(seed, offs_m, offs_k, K, p), x, 0.0).to(BASE_DTYPE)
+            x_kept = tl.where(load_keep(keep_ptr, stride_keep, offs_m, offs_k, M, K), x, 0.0).to(BASE_DTYPE)
             acc_drop = tl.dot(x_kept, w, acc_drop, input_precision=BASE_PRECISION)
         u = acc_drop / (1.0 - p)
         y = acc + (scale - 1.0)[None, :] * u
@@ -96,7 +95,7 @@ def dora_linear(
     scale: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     store_u: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, u) of DoRA's forward (see the module docstring) as new (M, N) tensors in x's dtype;
@@ -104,8 +103,8 @@ def dora_linear(
 
     x: (M, K); weight: (N, K) of x's dtype; bias: (N,) or None; h: (M, r) = dropout(x)Aᵀ/(1-p),
     any float dtype (cast to lora_B's dtype for its product); lora_B: (N, r); scale: (N,) fp32,
-    m / ‖W + s·B·A‖. With `dropout_p > 0` the mask is `seed`'s keep-mask over x's M × K (the one
-    lora_shrink applied to h)."""
+    m / ‖W + s·B·A‖. With `dropout_p > 0`, `keep` holds the mask's keep bytes over x's M × K
+    ((M, ceil(K/8)) uint8, the ones lora_shrink wrote while computing h)."""
     M, K, N = check_matmul_operands(x, weight)
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be ({N},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
@@ -117,7 +116,7 @@ def dora_linear(
     for name, t in (("bias", bias), ("h", h), ("lora_B", lora_B), ("scale", scale)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on {x.device}, got {t.device}")
-    dropout = check_dropout(dropout_p, seed, x.device, M, K)
+    dropout = check_dropout_keep(dropout_p, keep, x.device, M, K)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_u else None
     if M == 0 or N == 0:
@@ -132,11 +131,11 @@ def dora_linear(
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     u_arg = u if u is not None else y
     _dora_linear_kernel[grid](
-        x, weight, bias if bias is not None else y, h, lora_B, scale, y, u_arg, seed if dropout else y,
+        x, weight, bias if bias is not None else y, h, lora_B, scale, y, u_arg, keep if dropout else y,
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         h.stride(0), h.stride(1), lora_B.stride(0), lora_B.stride(1),
-        y.stride(0), y.stride(1), u_arg.stride(0), u_arg.stride(1),
+        y.stride(0), y.stride(1), u_arg.stride(0), u_arg.stride(1), keep.stride(0) if dropout else 0,
         float(scaling), float(dropout_p),
         HAS_BIAS=bias is not None, DROPOUT=dropout, STORE_U=store_u,
         BASE_DTYPE=tl_dtype(x.dtype), LORA_DTYPE=tl_dtype(lora_B.dtype),

@@ -238,3 +238,25 @@ def check_keep_bytes(keep: torch.Tensor, M: int, K: int, device: torch.device) -
         raise ValueError(f"keep must be on {device}, got {keep.device}")
     if shape[1] > 1 and keep.stride(1) != 1:
         raise ValueError(f"keep must have unit column stride, got strides {keep.stride()}")
+
+
+def check_dropout_keep(dropout_p: float, keep: torch.Tensor | None, device: torch.device, M: int, K: int) -> bool:
+    """Whether the launch applies dropout; ValueError when p is outside [0, 1) or dropout comes
+    without valid keep bytes of the M × K input."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return False
+    if keep is None:
+        raise ValueError("keep (the dropout mask's keep bytes) is required when dropout_p > 0")
+    check_keep_bytes(keep, M, K, device)
+    return True
+
+
+def unpack_keep_bytes(keep: torch.Tensor, K: int) -> torch.Tensor:
+    """The (M, K) bool keep-mask held in keep bytes (M, ceil(K/8)), in torch (no Philox): for
+    composite paths that apply the mask to a materialized tensor."""
+    if keep.dtype != torch.uint8 or keep.dim() != 2 or keep.shape[1] != triton.cdiv(K, PER_DRAW):
+        raise ValueError(f"keep must be (M, {triton.cdiv(K, PER_DRAW)}) uint8 keep bytes, got {tuple(keep.shape)}")
+    bits = torch.arange(PER_DRAW, dtype=torch.uint8, device=keep.device)
+    return ((keep[:, :, None] >> bits) & 1).reshape(keep.shape[0], -1)[:, :K].bool()

@@ -148,3 +148,27 @@ def test_a_mixed_batch_training_step_draws_the_mask_once(path, philox_calls):
     assert [k for k, _ in plan] == ["keep_bytes"]
     assert philox_calls[0] == sum(n for _, n in plan) <= 0.25 * M * K
     assert all(a.grad is not None for a in As)
+
+
+@pytest.mark.parametrize("path", ["fused", "composite"])
+def test_a_dora_training_step_draws_the_mask_once(path, philox_calls):
+    """DoRA with dropout: the forward shrink draws the keep bytes once (1/8 evaluation per element
+    of x); the fused forward's second accumulator (or the composite's dropped copy), dA and dx
+    read them, so no other launch evaluates Philox."""
+    from peft_fast.kernels.dropout import count_philox
+    from peft_fast.ops.triton.dora import use_dora_path
+
+    M, K, N, r = 64, 96, 32, 4
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g).requires_grad_()
+    W, b = torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g)
+    A = (torch.randn(r, K, generator=g) / K**0.5).requires_grad_()
+    B = torch.randn(N, r, generator=g).requires_grad_()
+    mag = (W.norm(dim=1) * 1.1).requires_grad_()
+    with peft_fast.use_backend("triton"), use_dora_path(path), count_philox() as plan:
+        y = peft_fast.ops.dora_linear(x, W, b, A, B, mag, 0.5, 0.1, True)
+        forward = philox_calls[0]
+        y.backward(torch.randn(M, N, generator=g))
+    assert plan == [("lora_shrink", M * K // 8)]
+    assert philox_calls[0] == forward == M * K // 8
+    assert all(t.grad is not None for t in (x, A, B, mag))
