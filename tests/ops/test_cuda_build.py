@@ -120,7 +120,7 @@ def test_philox_keep_bytes_match_triton_and_the_oracle(tmp_path):
         f"  std::vector<uint8_t> kb({M} * {G});\n"
         f"  for (long m = 0; m < {M}; ++m)\n"
         f"    for (long g = 0; g < {G}; ++g) kb[m * {G} + g] = peft_fast::keep_byte(seed, m, g, {K}, {p}f);\n"
-        f"  for (long i = 0; i < {M * G}; ++i) std::printf(\"%d \", kb[i]);\n"
+        f'  for (long i = 0; i < {M * G}; ++i) std::printf("%d ", kb[i]);\n'
         '  std::printf("\\n");\n'
         # every element through keep_bits, read at its own offset and from each earlier one of its byte
         "  int bad = 0;\n"
@@ -129,7 +129,7 @@ def test_philox_keep_bytes_match_triton_and_the_oracle(tmp_path):
         "      for (long k0 = k & ~7L; k0 <= k; ++k0)\n"
         f"        bad += ((peft_fast::keep_bits(kb.data(), {G}, m, k0) >> (k - k0)) & 1u) !=\n"
         f"               (peft_fast::dropout_keep(seed, m, k, {K}, {p}f) ? 1u : 0u);\n"
-        f"  std::printf(\"%d %d\\n\", bad, peft_fast::keep_byte(seed, 3, 2, {K}, 0.f));\n"
+        f'  std::printf("%d %d\\n", bad, peft_fast::keep_byte(seed, 3, 2, {K}, 0.f));\n'
         "}\n"
     )
     exe = tmp_path / "keep"
