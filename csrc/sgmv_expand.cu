@@ -11,9 +11,9 @@
 // no Philox): they cover out's M × N, which for dx is x's M × K.
 //
 // Block: 32 rows of one segment × (16 vectors of 16 bytes) columns, 256 threads; each thread
-// owns 2 rows × one vector of columns. Its two output vectors are loaded first (in flight
-// while h and B tiles are staged through shared memory in chunks of 32 ranks), then updated
-// and stored with 16-byte accesses.
+// owns 2 rows × one vector of columns. Its two output vectors and their keep bits are loaded
+// first (in flight while h and B tiles are staged through shared memory in chunks of 32
+// ranks), then updated and stored with 16-byte accesses.
 #include "common.cuh"
 
 namespace peft_fast {
@@ -52,11 +52,20 @@ __global__ void __launch_bounds__(kThreads)
   int64_t grow[2];
   bool valid[2];
   float cur[2][V];
+  // Keep bits of the two rows' V elements, row i in byte i of one register (bit v: column
+  // n + v), loaded with the output vectors; all set without dropout. n is a multiple of V and
+  // V divides 8: a row's V elements share one keep byte.
+  static_assert(8 % V == 0, "a thread's elements must lie in one keep byte");
+  uint32_t kept = 0xffffu;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int pos = pos0 + rl + 16 * i;
     valid[i] = pos < pos_end;
     grow[i] = valid[i] ? (rows ? rows[pos] : pos) : 0;
+    if (p > 0.f && valid[i] && n < N) {
+      const uint32_t dropped = ~keep_bits(keep, stride_kb, grow[i], n) & 0xffu;
+      kept &= ~(dropped << (8 * i));
+    }
     const dev_t<TO>* src = out + grow[i] * stride_om + n;
     if (vec && valid[i] && n < N) {
       load_vec_rw<TO>(src, cur[i]);
@@ -118,12 +127,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < 2; ++i) {
     if (!valid[i]) continue;
     float res[V];
-    // n is a multiple of V and V divides 8: the V elements share one keep byte.
-    static_assert(8 % V == 0, "a thread's elements must lie in one keep byte");
-    const uint32_t kept = (p > 0.f && n < N) ? keep_bits(keep, stride_kb, grow[i], n) : 0xffu;
+    const uint32_t row_kept = kept >> (8 * i);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      const float d = ((kept >> v) & 1u) ? alpha * acc[i][v] : 0.f;
+      const float d = ((row_kept >> v) & 1u) ? alpha * acc[i][v] : 0.f;
       res[v] = cur[i][v] + d;
     }
     dev_t<TO>* dst = out + grow[i] * stride_om + n;
