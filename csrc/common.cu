@@ -92,6 +92,19 @@ const int64_t* seed_ptr(const c10::optional<at::Tensor>& seed, const Segments& s
   return t.data_ptr<int64_t>();
 }
 
+const uint8_t* keep_ptr(const c10::optional<at::Tensor>& keep, const Segments& segs, const c10::Device& device,
+                        int64_t M, int64_t K) {
+  if (!segs.any_dropout()) return nullptr;
+  TORCH_CHECK_VALUE(keep.has_value(), "keep (the dropout mask's keep bytes) is required when a dropout probability is > 0");
+  const at::Tensor& t = *keep;
+  const int64_t G = ceil_div(K, 8);
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kByte && t.dim() == 2 && t.size(0) == M && t.size(1) == G &&
+                        (t.stride(1) == 1 || G <= 1) && t.device() == device,
+                    "keep must be (", M, ", ", G, ") uint8 keep bytes with unit column stride on ", device, ", got ",
+                    t.scalar_type(), " ", t.sizes(), " strides ", t.strides(), " on ", t.device());
+  return t.data_ptr<uint8_t>();
+}
+
 const int32_t* rows_ptr(const c10::optional<at::Tensor>& rows, const c10::Device& device, int64_t n_rows) {
   if (!rows.has_value()) return nullptr;
   const at::Tensor& t = *rows;

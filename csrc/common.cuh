@@ -166,6 +166,12 @@ void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor
 // The seed pointer for dropout: a one-element int64 CUDA tensor on `device`, or nullptr when
 // no segment applies dropout.
 const int64_t* seed_ptr(const c10::optional<at::Tensor>& seed, const Segments& segs, const c10::Device& device);
+// The dropout mask's keep bytes (csrc/keep_bytes.cu; philox.h): a (M, ceil(K / 8)) uint8
+// tensor on `device` with unit column stride, or nullptr when no segment applies dropout.
+const uint8_t* keep_ptr(const c10::optional<at::Tensor>& keep, const Segments& segs, const c10::Device& device,
+                        int64_t M, int64_t K);
+// Row stride of the keep bytes (0 when there are none).
+inline int64_t keep_stride(const c10::optional<at::Tensor>& keep) { return keep.has_value() ? keep->stride(0) : 0; }
 // The rows array (int32 on `device`) or nullptr for "row i is position i".
 const int32_t* rows_ptr(const c10::optional<at::Tensor>& rows, const c10::Device& device, int64_t n_rows);
 

@@ -1,9 +1,12 @@
 // Philox-4x32-10 dropout mask, bit-identical to kernels/dropout.py's `dropout_keep` (Triton's
 // `tl.randint4x(seed, counter)`): element (m, k) of an M x K input takes 16 bits of the Philox
 // output for counter m * ceil(K / 8) + k / 8 -- word (k % 8) / 2, its low half for even k and
-// its high half for odd k -- and is kept when those bits u satisfy u >= p * 65536. Every
-// kernel (forward shrink, backward dx and dA) calls `dropout_keep` with the same seed and
-// numbering, so backward regenerates the forward's mask; the mask is never stored.
+// its high half for odd k -- and is kept when those bits u satisfy u >= p * 65536.
+//
+// The mask is drawn once per training step as *keep bytes*, an M x ceil(K / 8) uint8 tensor:
+// byte (m, g) = `keep_byte(seed, m, g, K, p)`, bit j for element (m, 8g + j), one Philox
+// evaluation per byte (the packing of kernels/dropout.py's `keep_bytes`). csrc/keep_bytes.cu
+// draws them; the forward shrink, backward dx and dA read them (`keep_bits`), drawing nothing.
 //
 // Plain C++ when not compiled by nvcc, so tests can check it on a CPU against Triton.
 #pragma once
@@ -72,6 +75,19 @@ PF_HD uint32_t dropout_keep8(uint64_t seed, int64_t m, int64_t k0, int64_t cols,
     bits |= static_cast<uint32_t>(static_cast<float>(u) >= threshold) << j;
   }
   return bits;
+}
+
+// Keep byte g of row m: bits of elements 8g .. 8g + 7 (dropout_keep8), one Philox evaluation;
+// 0xff without one when p is 0 (every element kept).
+PF_HD uint8_t keep_byte(uint64_t seed, int64_t m, int64_t g, int64_t cols, float p) {
+  return p > 0.f ? static_cast<uint8_t>(dropout_keep8(seed, m, 8 * g, cols, p)) : uint8_t{0xff};
+}
+
+// The keep bits of elements k, k + 1, ... of row m read from keep bytes `kb` (row stride
+// `stride_kb`): bit v for element k + v, valid while (k % 8) + v < 8 (the rest of k's byte).
+// No Philox; k must be < the input's columns.
+PF_HD uint32_t keep_bits(const uint8_t* kb, int64_t stride_kb, int64_t m, int64_t k) {
+  return static_cast<uint32_t>(kb[m * stride_kb + (k >> 3)]) >> (k & 7);
 }
 
 }  // namespace peft_fast

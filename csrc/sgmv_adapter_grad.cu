@@ -4,7 +4,8 @@
 //
 // P: M × ≥rank fp32 (h or dh), Q: M × N (x or dy, inner stride 1); out: (R_total, N) in
 // `dtype`, operands rounded to `dtype` (the adapter dtype), fp32 accumulation.
-//   dA = dhᵀ · dropout(x) / (1-p)   (P = dh, Q = x, mask regenerated from the forward's seed)
+//   dA = dhᵀ · dropout(x) / (1-p)   (P = dh, Q = x, mask read from the forward's keep bytes,
+//                                    csrc/keep_bytes.cu: no Philox here)
 //   dBᵀ = s · hᵀ · dy               (P = h, Q = dy, no dropout)
 // Ranks of adapters without rows stay zero.
 //
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(kThreads)
     sgmv_adapter_grad_kernel(const float* __restrict__ P, int64_t stride_pm, const dev_t<TQ>* __restrict__ Q,
                              int64_t stride_qm, int N, float* __restrict__ partial, int64_t stride_pc,
                              int n_col_tiles, int chunk_len, const int32_t* __restrict__ rows,
-                             const int64_t* __restrict__ seed_ptr, SegmentTable segs, bool vec) {
+                             const uint8_t* __restrict__ keep, int64_t stride_kb, SegmentTable segs, bool vec) {
   constexpr int V = vec_width<TQ>();
   constexpr int kBN = 16 * V;
   constexpr int kQLoads = kBK * kBN / (kThreads * V);  // 16-byte vectors per thread per step: 2
@@ -41,7 +42,7 @@ __global__ void __launch_bounds__(kThreads)
   const int pos_end = min(segs.start[s + 1], pos_begin + chunk_len);
   if (r0 >= rank || pos_begin >= pos_end) return;
   const float p = segs.p[s];
-  const uint64_t seed = p > 0.f ? static_cast<uint64_t>(*seed_ptr) : 0;
+  static_assert(8 % V == 0, "a vector's elements must lie in one keep byte");
 
   __shared__ float ps[kBK][kRT + 1];
   __shared__ __align__(16) float qs[kBK][kBN + 4];
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     // Q tile: kBK rows × kBN columns; all loads issued before any is used.
     float qr[kQLoads][V];
+    uint32_t q_keep[kQLoads];  // keep bits of each vector's V elements (bit v: column n + v)
     int q_k[kQLoads], q_n[kQLoads];
     int64_t q_g[kQLoads];
 #pragma unroll
@@ -80,6 +82,7 @@ __global__ void __launch_bounds__(kThreads)
       q_g[l] = row_ok ? (rows ? rows[k0 + q_k[l]] : k0 + q_k[l]) : 0;
       const int n = n0 + q_n[l];
       const dev_t<TQ>* src = Q + q_g[l] * stride_qm + n;
+      q_keep[l] = (p > 0.f && row_ok && n < N) ? keep_bits(keep, stride_kb, q_g[l], n) : 0xffu;
       if (vec && row_ok && n < N) {
         load_vec<TQ>(src, qr[l]);
       } else {
@@ -92,7 +95,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         float q = round_to<TA>(qr[l][v]);
-        if (p > 0.f && !dropout_keep(seed, q_g[l], n0 + q_n[l] + v, N, p)) q = 0.f;
+        if (!((q_keep[l] >> v) & 1u)) q = 0.f;
         qs[q_k[l]][q_n[l] + v] = q;
       }
     }
@@ -132,8 +135,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename TQ, typename TA>
-at::Tensor launch(const at::Tensor& P, const at::Tensor& Q, const int32_t* rows, const int64_t* seed,
-                  const Segments& segs, int64_t total_rank, cudaStream_t stream) {
+at::Tensor launch(const at::Tensor& P, const at::Tensor& Q, const int32_t* rows, const uint8_t* keep,
+                  int64_t stride_kb, const Segments& segs, int64_t total_rank, cudaStream_t stream) {
   constexpr int kBN = 16 * vec_width<TQ>();
   const int64_t N = Q.size(1);
   const int64_t col_tiles = ceil_div(N, kBN);
@@ -152,7 +155,7 @@ at::Tensor launch(const at::Tensor& P, const at::Tensor& Q, const int32_t* rows,
     sgmv_adapter_grad_kernel<TQ, TA><<<grid, kThreads, 0, stream>>>(
         P.data_ptr<float>(), P.stride(0), reinterpret_cast<const dev_t<TQ>*>(Q.data_ptr()), Q.stride(0),
         static_cast<int>(N), partial.data_ptr<float>(), partial.stride(0), static_cast<int>(col_tiles),
-        static_cast<int>(chunk_len), rows, seed, t, vec);
+        static_cast<int>(chunk_len), rows, keep, stride_kb, t, vec);
     PF_CHECK_LAUNCH();
   }
   return chunks == 1 ? partial[0] : partial.sum(0);
@@ -163,7 +166,7 @@ at::Tensor launch(const at::Tensor& P, const at::Tensor& Q, const int32_t* rows,
 at::Tensor sgmv_adapter_grad(const at::Tensor& P, const at::Tensor& Q, const c10::optional<at::Tensor>& rows,
                              c10::IntArrayRef seg_starts, c10::IntArrayRef rank_offsets, c10::IntArrayRef ranks,
                              c10::ArrayRef<double> scales, c10::ArrayRef<double> dropout_ps,
-                             const c10::optional<at::Tensor>& seed, int64_t total_rank, at::ScalarType dtype) {
+                             const c10::optional<at::Tensor>& keep, int64_t total_rank, at::ScalarType dtype) {
   check_cuda_2d(P, "P");
   check_cuda_2d(Q, "Q");
   check_same_device(P, "P", Q, "Q");
@@ -175,8 +178,6 @@ at::Tensor sgmv_adapter_grad(const at::Tensor& P, const at::Tensor& Q, const c10
   const Segments segs = check_segments(seg_starts, rank_offsets, ranks, scales, dropout_ps, n_pos, total_rank);
   TORCH_CHECK_VALUE(P.size(1) >= segs.max_rank(), "P must have at least ", segs.max_rank(), " columns, got ",
                     P.size(1));
-  TORCH_CHECK_VALUE(!segs.any_dropout() || Q.numel() < (int64_t{1} << 31),
-                    "dropout needs M * N < 2**31 for its int32 numbering, got ", Q.sizes());
   TORCH_CHECK_TYPE(dtype == Q.scalar_type() || dtype == at::kFloat, "dtype must be Q's dtype ", Q.scalar_type(),
                    " or float32, got ", dtype);
   const c10::DeviceGuard guard(Q.device());
@@ -184,13 +185,14 @@ at::Tensor sgmv_adapter_grad(const at::Tensor& P, const at::Tensor& Q, const c10
     return at::zeros({total_rank, Q.size(1)}, Q.options().dtype(dtype));
   }
   const int32_t* rp = rows_ptr(rows, Q.device(), Q.size(0));
-  const int64_t* sp = seed_ptr(seed, segs, Q.device());
+  const uint8_t* kp = keep_ptr(keep, segs, Q.device(), Q.size(0), Q.size(1));
+  const int64_t skb = keep_stride(keep);
   const cudaStream_t stream = current_stream(Q.device());
   at::Tensor out;
   dispatch_float(Q.scalar_type(), "Q", [&](auto tq) {
     using TQ = decltype(tq);
-    out = dtype == at::kFloat ? launch<TQ, float>(P, Q, rp, sp, segs, total_rank, stream)
-                              : launch<TQ, TQ>(P, Q, rp, sp, segs, total_rank, stream);
+    out = dtype == at::kFloat ? launch<TQ, float>(P, Q, rp, kp, skb, segs, total_rank, stream)
+                              : launch<TQ, TQ>(P, Q, rp, kp, skb, segs, total_rank, stream);
   });
   return out.to(dtype);
 }

@@ -7,13 +7,13 @@
 // dtype (the adapter dtype) before the product, accumulation is fp32, the sum is rounded
 // once to out's dtype. The M × N LoRA product is never written on its own.
 // Forward: y += s · h Bᵀ. Backward: dx (= dy W from cuBLAS) += mask ⊙ (dh A) / (1-p) with
-// Aᵀ (contiguous copy, K × r) as B and the forward's seed: the keep-bit numbering is over
-// out's M × N, which for dx is x's M × K.
+// Aᵀ (contiguous copy, K × r) as B and the forward's keep bytes (csrc/keep_bytes.cu; read,
+// no Philox): they cover out's M × N, which for dx is x's M × K.
 //
 // Block: 32 rows of one segment × (16 vectors of 16 bytes) columns, 256 threads; each thread
-// owns 2 rows × one vector of columns. Its two output vectors are loaded first (in flight
-// while h and B tiles are staged through shared memory in chunks of 32 ranks), then updated
-// and stored with 16-byte accesses.
+// owns 2 rows × one vector of columns. Its two output vectors and their keep bits are loaded
+// first (in flight while h and B tiles are staged through shared memory in chunks of 32
+// ranks), then updated and stored with 16-byte accesses.
 #include "common.cuh"
 
 namespace peft_fast {
@@ -27,8 +27,8 @@ template <typename TO, typename TW>
 __global__ void __launch_bounds__(kThreads)
     sgmv_expand_kernel(dev_t<TO>* __restrict__ out, int64_t stride_om, int N, const float* __restrict__ h,
                        int64_t stride_hm, const dev_t<TW>* __restrict__ w, int64_t stride_wn,
-                       const int32_t* __restrict__ rows, const int64_t* __restrict__ seed_ptr, SegmentTable segs,
-                       bool vec) {
+                       const int32_t* __restrict__ rows, const uint8_t* __restrict__ keep, int64_t stride_kb,
+                       SegmentTable segs, bool vec) {
   constexpr int V = vec_width<TO>();
   constexpr int kBN = 16 * V;
   constexpr int kWPerThread = kRC * kBN / kThreads;
@@ -42,7 +42,6 @@ __global__ void __launch_bounds__(kThreads)
   if (pos0 >= pos_end || rank == 0) return;
   const int w_col0 = segs.rank_offset[s];
   const float p = segs.p[s];
-  const uint64_t seed = p > 0.f ? static_cast<uint64_t>(*seed_ptr) : 0;
 
   __shared__ float hs[kBM][kRC + 1];
   __shared__ __align__(16) float ws[kRC][kBN + 4];
@@ -53,11 +52,20 @@ __global__ void __launch_bounds__(kThreads)
   int64_t grow[2];
   bool valid[2];
   float cur[2][V];
+  // Keep bits of the two rows' V elements, row i in byte i of one register (bit v: column
+  // n + v), loaded with the output vectors; all set without dropout. n is a multiple of V and
+  // V divides 8: a row's V elements share one keep byte.
+  static_assert(8 % V == 0, "a thread's elements must lie in one keep byte");
+  uint32_t kept = 0xffffu;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int pos = pos0 + rl + 16 * i;
     valid[i] = pos < pos_end;
     grow[i] = valid[i] ? (rows ? rows[pos] : pos) : 0;
+    if (p > 0.f && valid[i] && n < N) {
+      const uint32_t dropped = ~keep_bits(keep, stride_kb, grow[i], n) & 0xffu;
+      kept &= ~(dropped << (8 * i));
+    }
     const dev_t<TO>* src = out + grow[i] * stride_om + n;
     if (vec && valid[i] && n < N) {
       load_vec_rw<TO>(src, cur[i]);
@@ -119,12 +127,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < 2; ++i) {
     if (!valid[i]) continue;
     float res[V];
-    // n is a multiple of V and V divides 8: the V elements share one Philox evaluation.
-    static_assert(8 % V == 0, "a thread's elements must lie in one 8-element dropout group");
-    const uint32_t keep = p > 0.f ? dropout_keep8(seed, grow[i], n & ~7, N, p) >> (n & 7) : 0xffu;
+    const uint32_t row_kept = kept >> (8 * i);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      const float d = ((keep >> v) & 1u) ? alpha * acc[i][v] : 0.f;
+      const float d = ((row_kept >> v) & 1u) ? alpha * acc[i][v] : 0.f;
       res[v] = cur[i][v] + d;
     }
     dev_t<TO>* dst = out + grow[i] * stride_om + n;
@@ -139,8 +145,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename TO, typename TW>
-void launch(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, const int32_t* rows, const int64_t* seed,
-            const Segments& segs, cudaStream_t stream) {
+void launch(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, const int32_t* rows, const uint8_t* keep,
+            int64_t stride_kb, const Segments& segs, cudaStream_t stream) {
   const bool vec = vector_ok(out);
   const int64_t N = out.size(1);
   constexpr int kBN = 16 * vec_width<TO>();
@@ -151,7 +157,8 @@ void launch(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, const int
     const dim3 grid(ceil_div(max_len, kBM), ceil_div(N, kBN), t.count);
     sgmv_expand_kernel<TO, TW><<<grid, kThreads, 0, stream>>>(
         reinterpret_cast<dev_t<TO>*>(out.data_ptr()), out.stride(0), static_cast<int>(N), h.data_ptr<float>(),
-        h.stride(0), reinterpret_cast<const dev_t<TW>*>(w.data_ptr()), w.stride(0), rows, seed, t, vec);
+        h.stride(0), reinterpret_cast<const dev_t<TW>*>(w.data_ptr()), w.stride(0), rows, keep, stride_kb, t,
+        vec);
     PF_CHECK_LAUNCH();
   }
 }
@@ -161,7 +168,7 @@ void launch(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, const int
 void sgmv_expand_(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& rows,
                   c10::IntArrayRef seg_starts, c10::IntArrayRef rank_offsets, c10::IntArrayRef ranks,
                   c10::ArrayRef<double> alphas, c10::ArrayRef<double> dropout_ps,
-                  const c10::optional<at::Tensor>& seed) {
+                  const c10::optional<at::Tensor>& keep) {
   check_cuda_2d(out, "out");
   check_cuda_2d(h, "h");
   check_cuda_2d(w, "w");
@@ -176,19 +183,18 @@ void sgmv_expand_(at::Tensor& out, const at::Tensor& h, const at::Tensor& w, con
   const Segments segs = check_segments(seg_starts, rank_offsets, ranks, alphas, dropout_ps, n_pos, w.size(1));
   TORCH_CHECK_VALUE(h.size(1) >= segs.max_rank(), "h must have at least ", segs.max_rank(), " columns, got ",
                     h.size(1));
-  TORCH_CHECK_VALUE(!segs.any_dropout() || out.numel() < (int64_t{1} << 31),
-                    "dropout needs M * N < 2**31 for its int32 numbering, got ", out.sizes());
   if (out.size(0) == 0 || out.size(1) == 0) return;
   const c10::DeviceGuard guard(out.device());
   const int32_t* rp = rows_ptr(rows, out.device(), out.size(0));
-  const int64_t* sp = seed_ptr(seed, segs, out.device());
+  const uint8_t* kp = keep_ptr(keep, segs, out.device(), out.size(0), out.size(1));
+  const int64_t skb = keep_stride(keep);
   const cudaStream_t stream = current_stream(out.device());
   dispatch_float(out.scalar_type(), "out", [&](auto to) {
     using TO = decltype(to);
     TORCH_CHECK_TYPE(w.scalar_type() == out.scalar_type() || w.scalar_type() == at::kFloat,
                      "w must have out's dtype or float32, got ", w.scalar_type());
-    if (w.scalar_type() == at::kFloat) launch<TO, float>(out, h, w, rp, sp, segs, stream);
-    else launch<TO, TO>(out, h, w, rp, sp, segs, stream);
+    if (w.scalar_type() == at::kFloat) launch<TO, float>(out, h, w, rp, kp, skb, segs, stream);
+    else launch<TO, TO>(out, h, w, rp, kp, skb, segs, stream);
   });
 }
 

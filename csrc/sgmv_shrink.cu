@@ -9,9 +9,11 @@
 //
 // Block: 64 rows of one segment × RT ranks, 256 threads; K walked in steps of 32. x's tile
 // is read with 16-byte vectors (when rows allow it) into registers one step ahead (the next
-// tile's loads are in flight while the current one is multiplied), masked by the Philox
-// dropout keep-bit, rounded to A's dtype (the reference casts x to the adapter dtype) and
-// stored transposed in shared memory; each thread accumulates 4 rows × RT/16 ranks.
+// tile's loads are in flight while the current one is multiplied), masked by the dropout
+// keep bits read from the step's keep bytes (csrc/keep_bytes.cu draws them first; no Philox
+// here: a vector's V <= 8 elements share one byte), rounded to A's dtype (the reference
+// casts x to the adapter dtype) and stored transposed in shared memory; each thread
+// accumulates 4 rows × RT/16 ranks.
 #include "common.cuh"
 
 namespace peft_fast {
@@ -26,7 +28,7 @@ template <typename TX, typename TW, int RT>
 __global__ void __launch_bounds__(kThreads)
     sgmv_shrink_kernel(const dev_t<TX>* __restrict__ x, int64_t stride_xm, int K, const dev_t<TW>* __restrict__ w,
                        float* __restrict__ h, int64_t stride_hm, const int32_t* __restrict__ rows,
-                       const int64_t* __restrict__ seed_ptr, SegmentTable segs, bool vec) {
+                       const uint8_t* __restrict__ keep, int64_t stride_kb, SegmentTable segs, bool vec) {
   constexpr int V = vec_width<TX>();
   constexpr int kLoads = kXPerThread / V;  // vectors per thread per step
   constexpr int kVecPerRow = kBK / V;
@@ -42,7 +44,6 @@ __global__ void __launch_bounds__(kThreads)
   if (pos0 >= pos_end || r0 >= rank) return;
   const int w_row0 = segs.rank_offset[s] + r0;
   const float p = segs.p[s];
-  const uint64_t seed = p > 0.f ? static_cast<uint64_t>(*seed_ptr) : 0;
 
   __shared__ __align__(16) float xs[kBK][kBM + 4];  // transposed tile: xs[k][m]
   __shared__ float ws[kBK][RT];                     // ws[k][r]
@@ -62,13 +63,16 @@ __global__ void __launch_bounds__(kThreads)
     st_grow[l] = st_valid[l] ? (rows ? rows[pos] : pos) : 0;
   }
   float xr[kLoads][V];
+  uint32_t kr[kLoads];  // keep bits of each vector's V elements (bit i: element k + i)
   float wr[kWPerThread];
+  static_assert(8 % V == 0, "a vector's elements must lie in one keep byte");
 
   auto load_step = [&](int k0) {
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       const int k = k0 + st_k[l];
       const dev_t<TX>* src = x + st_grow[l] * stride_xm + k;
+      kr[l] = (p > 0.f && st_valid[l] && k < K) ? keep_bits(keep, stride_kb, st_grow[l], k) : 0xffu;
       if (vec) {
         if (st_valid[l] && k < K) {
           load_vec<TX>(src, xr[l]);
@@ -96,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         float v = round_to<TW>(xr[l][i]);
-        if (p > 0.f && !dropout_keep(seed, st_grow[l], k0 + st_k[l] + i, K, p)) v = 0.f;
+        if (!((kr[l] >> i) & 1u)) v = 0.f;
         xs[st_k[l] + i][st_row[l]] = v;
       }
     }
@@ -152,8 +156,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename TX, typename TW, int RT>
-void launch(const at::Tensor& x, const at::Tensor& w, at::Tensor& h, const int32_t* rows, const int64_t* seed,
-            const Segments& segs, cudaStream_t stream) {
+void launch(const at::Tensor& x, const at::Tensor& w, at::Tensor& h, const int32_t* rows, const uint8_t* keep,
+            int64_t stride_kb, const Segments& segs, cudaStream_t stream) {
   const bool vec = vector_ok(x);
   const int64_t K = x.size(1);
   for (const SegmentTable& t : segs.tables()) {
@@ -166,7 +170,8 @@ void launch(const at::Tensor& x, const at::Tensor& w, at::Tensor& h, const int32
     const dim3 grid(ceil_div(max_len, kBM), ceil_div(max_rank, RT), t.count);
     sgmv_shrink_kernel<TX, TW, RT><<<grid, kThreads, 0, stream>>>(
         reinterpret_cast<const dev_t<TX>*>(x.data_ptr()), x.stride(0), static_cast<int>(K),
-        reinterpret_cast<const dev_t<TW>*>(w.data_ptr()), h.data_ptr<float>(), h.stride(0), rows, seed, t, vec);
+        reinterpret_cast<const dev_t<TW>*>(w.data_ptr()), h.data_ptr<float>(), h.stride(0), rows, keep, stride_kb, t,
+        vec);
     PF_CHECK_LAUNCH();
   }
 }
@@ -176,7 +181,7 @@ void launch(const at::Tensor& x, const at::Tensor& w, at::Tensor& h, const int32
 at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& rows,
                        c10::IntArrayRef seg_starts, c10::IntArrayRef rank_offsets, c10::IntArrayRef ranks,
                        c10::ArrayRef<double> scales, c10::ArrayRef<double> dropout_ps,
-                       const c10::optional<at::Tensor>& seed, int64_t max_rank) {
+                       const c10::optional<at::Tensor>& keep, int64_t max_rank) {
   check_cuda_2d(x, "x");
   check_cuda_2d(w, "w");
   check_same_device(x, "x", w, "w");
@@ -186,24 +191,23 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const Segments segs = check_segments(seg_starts, rank_offsets, ranks, scales, dropout_ps, n_pos, w.size(0));
   TORCH_CHECK_VALUE(max_rank >= segs.max_rank(), "max_rank must be at least the largest rank ", segs.max_rank(),
                     ", got ", max_rank);
-  TORCH_CHECK_VALUE(!segs.any_dropout() || x.numel() < (int64_t{1} << 31),
-                    "dropout needs M * K < 2**31 for its int32 numbering, got ", x.sizes());
   const c10::DeviceGuard guard(x.device());
   at::Tensor h = at::zeros({x.size(0), max_rank}, x.options().dtype(at::kFloat));
   if (x.size(0) == 0 || x.size(1) == 0 || max_rank == 0) return h;
   const int32_t* rp = rows_ptr(rows, x.device(), x.size(0));
-  const int64_t* sp = seed_ptr(seed, segs, x.device());
+  const uint8_t* kp = keep_ptr(keep, segs, x.device(), x.size(0), x.size(1));
+  const int64_t skb = keep_stride(keep);
   const cudaStream_t stream = current_stream(x.device());
   dispatch_float(x.scalar_type(), "x", [&](auto tx) {
     using TX = decltype(tx);
     TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat,
                      "w must have x's dtype or float32, got ", w.scalar_type());
     if (w.scalar_type() == at::kFloat) {
-      if (segs.max_rank() <= 16) launch<TX, float, 16>(x, w, h, rp, sp, segs, stream);
-      else launch<TX, float, 64>(x, w, h, rp, sp, segs, stream);
+      if (segs.max_rank() <= 16) launch<TX, float, 16>(x, w, h, rp, kp, skb, segs, stream);
+      else launch<TX, float, 64>(x, w, h, rp, kp, skb, segs, stream);
     } else {
-      if (segs.max_rank() <= 16) launch<TX, TX, 16>(x, w, h, rp, sp, segs, stream);
-      else launch<TX, TX, 64>(x, w, h, rp, sp, segs, stream);
+      if (segs.max_rank() <= 16) launch<TX, TX, 16>(x, w, h, rp, kp, skb, segs, stream);
+      else launch<TX, TX, 64>(x, w, h, rp, kp, skb, segs, stream);
     }
   });
   return h;

@@ -26,7 +26,8 @@ own first and the kernels read them, so every counter is evaluated once per step
 rank. Launchers report each draw to `count_philox` (a debug hook counting evaluations from their
 grids and blocks, padding lanes included: exactly 1/8 per element when x fills the tiles, at
 most 1/4 once M and K reach a tile; tests count them at `tl.randint4x` too). The CUDA C++
-kernels (csrc/) draw the same mask but still regenerate it in each pass.
+kernels (csrc/) draw the same keep bytes once per step (csrc/keep_bytes.cu, one evaluation
+per byte, reported to `record_draws` by peft_fast/ops/cuda/dropout.py) and read them likewise.
 
 `dropout_mask` is a small debug launcher that materializes the mask (as bools) for tests.
 """

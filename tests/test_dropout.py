@@ -172,3 +172,61 @@ def test_a_dora_training_step_draws_the_mask_once(path, philox_calls):
     assert plan == [("lora_shrink", M * K // 8)]
     assert philox_calls[0] == forward == M * K // 8
     assert all(t.grad is not None for t in (x, A, B, mag))
+
+
+# ---- CUDA C++ backend (csrc/keep_bytes.cu draws, the other kernels read) -------------------------
+
+
+@pytest.mark.parametrize(
+    "seg_starts, ps, K",
+    [([0, 64], [0.1], 96), ([0, 64], [0.1], 4), ([0, 64], [0.1], 100), ([0, 3, 10, 40], [0.2, 0.0, 0.5], 33)],
+)
+def test_cuda_launch_plan_draws_at_most_a_quarter_evaluation_per_element(seg_starts, ps, K):
+    """The CUDA backend's plan (ops/cuda/dropout.py, reported to count_philox by each forward):
+    one evaluation per keep byte of a segment with p > 0 (ceil(K/8) per row), none in the
+    shrink, dx and dA kernels, none for p = 0 rows: <= 1/4 per element of x for K >= 4,
+    1/8 when 8 divides K."""
+    from peft_fast.kernels.dropout import count_philox
+    from peft_fast.ops.cuda.dropout import keep_bytes_evaluations, report_keep_draws
+
+    rows_drawn = sum(e - s for s, e, p in zip(seg_starts, seg_starts[1:], ps) if p > 0.0)
+    M = seg_starts[-1]
+    with count_philox() as plan:
+        report_keep_draws(seg_starts, ps, K)
+    assert plan == [("keep_bytes_cuda", rows_drawn * math.ceil(K / 8))]
+    assert keep_bytes_evaluations(seg_starts, ps, K) / (M * K) <= 0.25
+    if K % 8 == 0:
+        assert keep_bytes_evaluations(seg_starts, ps, K) == rows_drawn * K // 8
+    assert keep_bytes_evaluations(seg_starts, [0.0] * len(ps), K) == 0
+    with pytest.raises(ValueError, match="seg_starts"):
+        keep_bytes_evaluations(seg_starts[:-1], ps, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_training_step_draws_the_mask_once():
+    """Forward and backward of a LoRA layer and of a mixed batch on the CUDA backend: one
+    keep_bytes_cuda launch per step, counted by the hook, within 1/4 evaluation per element."""
+    from peft_fast.kernels.dropout import count_philox
+
+    reason = dispatch.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    from peft_fast.ops.cuda import mixed
+
+    M, K, N, r = 64, 100, 32, 40
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).cuda().requires_grad_()
+    W = (torch.randn(N, K, generator=g) / K**0.5).cuda()
+    A = (torch.randn(r, K, generator=g) / K**0.5).cuda().requires_grad_()
+    B = torch.randn(N, r, generator=g).cuda().requires_grad_()
+    with peft_fast.use_backend("cuda"), count_philox() as plan:
+        y = peft_fast.ops.lora_linear(x, W, None, A, B, 0.5, 0.1, True)
+        y.backward(torch.randn(M, N, generator=g).cuda())
+    assert plan == [("keep_bytes_cuda", M * math.ceil(K / 8))] and plan[0][1] <= 0.25 * M * K
+    xs = torch.randn(8, 8, K, generator=g).cuda().requires_grad_()
+    row_adapter = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1], dtype=torch.int32, device="cuda")
+    with count_philox() as plan:
+        y = mixed.lora_linear_mixed(xs, W, None, [A, A], [B, B], [0.5, 2.0], [0.1, 0.0], row_adapter, True)
+        y.backward(torch.randn(8, 8, N, generator=g).cuda())
+    assert plan == [("keep_bytes_cuda", 3 * 8 * math.ceil(K / 8))]  # adapter 0's rows only (p > 0)

@@ -234,3 +234,30 @@ def test_cuda_lora_kernels_apply_the_oracle_mask_forward_and_backward(M, p):
     want_y, want_g = _lora_expected(x, W, b, A, B, s, _oracle_keep(seed, M, K, p).double(), p, dy)
     for name, g, w in zip(("y", "dx", "dA", "dB"), got, [want_y, *want_g]):
         assert _rel_err(g, w) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cuda_keep_bytes_equal_the_oracle_and_triton(seed):
+    """keep_bytes_cuda (csrc/keep_bytes.cu) draws the oracle's mask packed 8 to a byte, byte for
+    byte the Triton launcher's; in a segmented call each segment uses its own p through `rows`,
+    and rows of no segment keep everything (0xff, Triton's p = 0)."""
+    _require("cuda")
+    import peft_fast.ops.cuda.library  # noqa: F401  (loads the ops)
+
+    M, K, p = 37, 45, 0.3
+    seed_t = torch.tensor([seed], dtype=torch.int64, device="cuda")
+    got = torch.ops.peft_fast.keep_bytes_cuda(seed_t, M, K, None, [0, M], [p]).cpu()
+    assert torch.equal(_unpack(got, K), _oracle_keep(seed, M, K, p))
+    if dispatch.unavailable_reason("triton") is None:
+        from peft_fast.kernels.dropout import draw_keep_bytes
+
+        assert torch.equal(got, draw_keep_bytes(seed_t, M, K, p, "cuda").cpu())
+    rows = torch.tensor([5, 0, 9, 2, 7, 30], dtype=torch.int32, device="cuda")  # segments [0, 2), [2, 5)
+    mixed = torch.ops.peft_fast.keep_bytes_cuda(seed_t, M, K, rows, [0, 2, 5], [0.6, 0.1]).cpu()
+    want = torch.ones(M, K, dtype=torch.bool)
+    for rs, q in (([5, 0], 0.6), ([9, 2, 7], 0.1)):
+        want[rs] = _oracle_keep(seed, M, K, q)[rs]
+    assert torch.equal(_unpack(mixed, K), want)
+    assert (mixed[30] == 0xFF).all()

@@ -31,29 +31,25 @@ def base_grads(
     return dW, db
 
 
-def register_lora_autograd(
-    fwd_op: Any, bwd_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], keeps_mask: bool = False
-) -> None:
+def register_lora_autograd(fwd_op: Any, bwd_op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """Give the LoRA custom op `fwd_op` its backward, computed by `bwd_op`.
 
     Every backend registers a forward op `(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-    seed) -> (y, h)` (h = dropout(x)Aᵀ/(1-p), fp32, saved for backward) and a backward op
-    `(dy, x, weight, lora_A, lora_B, h, mask, scaling, dropout_p, need_dx) -> (dx, dA, dB)`.
-    With `keeps_mask` the forward returns a third tensor, the dropout mask's keep bytes
-    (kernels/dropout.py; empty without dropout), and backward gets them as `mask`; otherwise
-    backward gets the seed and regenerates the mask (the CUDA C++ kernels)."""
+    seed) -> (y, h, keep)` (h = dropout(x)Aᵀ/(1-p), fp32, and keep, the dropout mask's keep
+    bytes (kernels/dropout.py; empty without dropout), both saved for backward) and a backward
+    op `(dy, x, weight, lora_A, lora_B, h, keep, scaling, dropout_p, need_dx) -> (dx, dA, dB)`,
+    which reads the mask from the bytes and draws no Philox."""
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-        mask = output[2] if keeps_mask else seed
-        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], mask)
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, _ = inputs
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], output[2])
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
 
     def backward(ctx, dy, *_):
-        x, weight, lora_A, lora_B, h, mask = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h, keep = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dA, dB = bwd_op(dy, x, weight, lora_A, lora_B, h, mask, ctx.scaling, ctx.dropout_p, need[0])
+        dx, dA, dB = bwd_op(dy, x, weight, lora_A, lora_B, h, keep, ctx.scaling, ctx.dropout_p, need[0])
         dW, db = base_grads(dy, x, need[1], need[2])
         return (dx if need[0] else None), dW, db, (dA if need[3] else None), (dB if need[4] else None), None, None, None
 

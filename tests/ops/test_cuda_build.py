@@ -95,3 +95,53 @@ def test_philox_matches_triton_dropout_mask(tmp_path):
         assert torch.equal(ours, ours8), seed
         theirs = dropout_mask(torch.tensor([seed], device=device), M, K, p, device).cpu()
         assert torch.equal(ours, theirs), seed
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
+def test_philox_keep_bytes_match_triton_and_the_oracle(tmp_path):
+    """csrc/philox.h's `keep_byte` (what csrc/keep_bytes.cu writes, compiled for the host) gives
+    the bytes of kernels/dropout.py's `draw_keep_bytes` and the oracle's mask packed 8 to a
+    byte (bit j: element 8g + j), 0xff for p = 0; `keep_bits` (what the shrink, dx and dA
+    kernels read) unpacks them to `dropout_keep` for every element, at every offset in a byte."""
+    from philox_oracle import keep_mask
+
+    pytest.importorskip("triton")
+    if dispatch.unavailable_reason("triton") is not None:
+        pytest.skip(f"triton backend unavailable: {dispatch.unavailable_reason('triton')}")
+    from peft_fast.kernels.dropout import draw_keep_bytes
+
+    M, K, p, seeds = 11, 45, 0.35, (7, 2**31 - 2)  # K not a multiple of 8: a partial last byte
+    G = (K + 7) // 8
+    src = tmp_path / "keep.cpp"
+    src.write_text(
+        '#include "philox.h"\n#include <cstdio>\n#include <cstdint>\n#include <cstdlib>\n#include <vector>\n'
+        "int main(int argc, char** argv) {\n"
+        "  unsigned long long seed = std::strtoull(argv[1], nullptr, 10);\n"
+        f"  std::vector<uint8_t> kb({M} * {G});\n"
+        f"  for (long m = 0; m < {M}; ++m)\n"
+        f"    for (long g = 0; g < {G}; ++g) kb[m * {G} + g] = peft_fast::keep_byte(seed, m, g, {K}, {p}f);\n"
+        f'  for (long i = 0; i < {M * G}; ++i) std::printf("%d ", kb[i]);\n'
+        '  std::printf("\\n");\n'
+        # every element through keep_bits, read at its own offset and from each earlier one of its byte
+        "  int bad = 0;\n"
+        f"  for (long m = 0; m < {M}; ++m)\n"
+        f"    for (long k = 0; k < {K}; ++k)\n"
+        "      for (long k0 = k & ~7L; k0 <= k; ++k0)\n"
+        f"        bad += ((peft_fast::keep_bits(kb.data(), {G}, m, k0) >> (k - k0)) & 1u) !=\n"
+        f"               (peft_fast::dropout_keep(seed, m, k, {K}, {p}f) ? 1u : 0u);\n"
+        f'  std::printf("%d %d\\n", bad, peft_fast::keep_byte(seed, 3, 2, {K}, 0.f));\n'
+        "}\n"
+    )
+    exe = tmp_path / "keep"
+    subprocess.run(["c++", "-std=c++17", "-O2", f"-I{cuda_build.source_dir()}", str(src), "-o", str(exe)], check=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in seeds:
+        lines = subprocess.run([str(exe), str(seed)], check=True, capture_output=True, text=True).stdout.splitlines()
+        ours = torch.tensor([int(v) for v in lines[0].split()], dtype=torch.uint8).reshape(M, G)
+        bad, zero_p = (int(v) for v in lines[1].split())
+        assert bad == 0 and zero_p == 0xFF, seed
+        theirs = draw_keep_bytes(torch.tensor([seed], device=device), M, K, p, device).cpu()
+        assert torch.equal(ours, theirs), seed
+        bits = (ours.long()[:, :, None] >> torch.arange(8)) & 1
+        unpacked = bits.reshape(M, -1)[:, :K].bool()
+        assert torch.equal(unpacked, torch.from_numpy(keep_mask(seed, M, K, p))), seed

@@ -371,8 +371,13 @@ def test_gpu_rank_33_and_multi_tile_shape(backend, M, K, N, r, bias, dtype):
 def test_cuda_kernel_op_errors_name_the_argument():
     require_cuda_kernels()
     x, A = (t.float() for t in lora_case(4, 8, 6, 2)[:4:3])
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="keep"):  # dropout reads the keep bytes, drawn by keep_bytes_cuda
         torch.ops.peft_fast.sgmv_shrink_cuda(x, A, None, [0, 4], [0], [2], [1.0], [0.5], None, 2)
+    bad_keep = torch.zeros(4, 2, dtype=torch.uint8, device=x.device)  # (4, ceil(8/8)) = (4, 1) expected
+    with pytest.raises(ValueError, match="keep must be"):
+        torch.ops.peft_fast.sgmv_shrink_cuda(x, A, None, [0, 4], [0], [2], [1.0], [0.5], bad_keep, 2)
+    with pytest.raises(ValueError, match="seed"):
+        torch.ops.peft_fast.keep_bytes_cuda(x.new_zeros(1, dtype=torch.float32), 4, 8, None, [0, 4], [0.5])
     with pytest.raises(ValueError, match="seg_starts"):
         torch.ops.peft_fast.sgmv_shrink_cuda(x, A, None, [0, 9], [0], [2], [1.0], [0.0], None, 2)
 

@@ -179,7 +179,7 @@ def test_strided_input_view(impl):
 
 
 def test_dropout_masks_match_the_philox_mask_forward_and_backward(impl):
-    """Per-adapter p; the mask is regenerated in backward from the seed (never stored)."""
+    """Per-adapter p; backward applies the forward's mask (its keep bytes, drawn once)."""
     x, W, b, As, Bs, sc, ra, dy = _case((6, 2), 32, 24, [4, 8, 2], [0, 1, -1, 2, 1, 0], seed=9)
     ps = [0.3, 0.0, 0.5]
     torch.manual_seed(123)

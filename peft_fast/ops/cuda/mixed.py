@@ -5,8 +5,9 @@ The batch's rows come grouped by adapter (`RowGroups`, built by the layers from 
 adapter names, or by `group_rows` for a direct call), the adapters' weights stacked by the
 layer's `LoraStackCache` (the same grouping and cache the Triton backend reads): one segment
 per adapter present, `rows` = the grouping's row_order, and library.py's segmented passes run
-every adapter in one launch per kernel. The per-segment lists come from host tuples, so a
-call reads nothing back from the device.
+every adapter in one launch per kernel. The dropout mask's keep bytes are drawn once per
+step, each row with its adapter's p (keep_bytes_cuda), and saved for backward's dx and dA.
+The per-segment lists come from host tuples, so a call reads nothing back from the device.
 
 `torch.ops.peft_fast.lora_linear_mixed_cuda_fwd` / `_bwd` are torch.library custom ops (the
 segment lists travel as int / float lists), opaque to torch.compile.
@@ -24,6 +25,7 @@ from .. import dispatch
 from ..autograd import base_grads, new_seed
 from ..checks import check_mixed_call, mixed_adapter_reason
 from ..mixed_batch import LoraStackCache, RowGroups, group_rows
+from .dropout import PER_DRAW
 from .library import adapter_dtype_reason, cuda_reason, segmented_backward, segmented_forward
 
 
@@ -42,10 +44,11 @@ def lora_linear_mixed_cuda_fwd(
     dropout_ps: list[float],
     seed: Optional[Tensor],
     max_rank: int,
-) -> tuple[Tensor, Tensor]:
-    """(y, h) for 2-D x: y (M, out) in x's dtype, h = dropout(x)Aᵀ/(1-p) (M, max_rank) fp32,
-    segment s being rows[seg_starts[s]:seg_starts[s+1]] of x on ranks
-    rank_offsets[s] .. + ranks[s] of the stacked A (R_total, in) and B (out, R_total)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, keep) for 2-D x: y (M, out) in x's dtype, h = dropout(x)Aᵀ/(1-p) (M, max_rank)
+    fp32, keep the keep bytes of x's dropout mask (empty without dropout), segment s being
+    rows[seg_starts[s]:seg_starts[s+1]] of x on ranks rank_offsets[s] .. + ranks[s] of the
+    stacked A (R_total, in) and B (out, R_total)."""
     return segmented_forward(x, weight, bias, A, B, rows, seg_starts, rank_offsets, ranks, scalings, dropout_ps,
                              seed, max_rank)  # fmt: skip
 
@@ -53,7 +56,9 @@ def lora_linear_mixed_cuda_fwd(
 @lora_linear_mixed_cuda_fwd.register_fake
 def _(x, weight, bias, A, B, rows, seg_starts, rank_offsets, ranks, scalings, dropout_ps, seed, max_rank):
     M = x.shape[0]
-    return x.new_empty((M, weight.shape[0])), x.new_empty((M, max_rank), dtype=torch.float32)
+    dropout = any(p > 0.0 for p in dropout_ps)
+    keep = x.new_empty((M, -(-x.shape[1] // PER_DRAW)) if dropout else (0,), dtype=torch.uint8)
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, max_rank), dtype=torch.float32), keep
 
 
 @torch.library.custom_op("peft_fast::lora_linear_mixed_cuda_bwd", mutates_args=())
@@ -70,32 +75,33 @@ def lora_linear_mixed_cuda_bwd(
     ranks: list[int],
     scalings: list[float],
     dropout_ps: list[float],
-    seed: Optional[Tensor],
+    keep: Tensor,
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA, dB) of lora_linear_mixed_cuda_fwd's y: the stacked adapters' gradients, each
-    adapter's from its own rows only; dx is an empty tensor when not `need_dx`."""
+    """(dx, dA, dB) of lora_linear_mixed_cuda_fwd's y, the mask read from its keep bytes: the
+    stacked adapters' gradients, each adapter's from its own rows only; dx is an empty tensor
+    when not `need_dx`."""
     return segmented_backward(dy, x, weight, A, B, h, rows, seg_starts, rank_offsets, ranks, scalings, dropout_ps,
-                              seed, need_dx)  # fmt: skip
+                              keep, need_dx)  # fmt: skip
 
 
 @lora_linear_mixed_cuda_bwd.register_fake
-def _(dy, x, weight, A, B, h, rows, seg_starts, rank_offsets, ranks, scalings, dropout_ps, seed, need_dx):
+def _(dy, x, weight, A, B, h, rows, seg_starts, rank_offsets, ranks, scalings, dropout_ps, keep, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
     return dx, A.new_empty(A.shape), B.new_empty(B.shape)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, A, B, rows, seg_starts, rank_offsets, ranks, scalings, dropout_ps, seed, _ = inputs
-    ctx.save_for_backward(x, weight, A, B, output[1], rows, seed)
+    ctx.save_for_backward(x, weight, A, B, output[1], rows, output[2])
     ctx.segments = (seg_starts, rank_offsets, ranks, scalings, dropout_ps)
 
 
-def _backward(ctx, dy, _dh):
-    x, weight, A, B, h, rows, seed = ctx.saved_tensors
+def _backward(ctx, dy, *_):
+    x, weight, A, B, h, rows, keep = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dA, dB = torch.ops.peft_fast.lora_linear_mixed_cuda_bwd(
-        dy, x, weight, A, B, h, rows, *ctx.segments, seed, need[0]
+        dy, x, weight, A, B, h, rows, *ctx.segments, keep, need[0]
     )
     dW, db = base_grads(dy, x, need[1], need[2])
     grads = (dx if need[0] else None, dW, db, dA if need[3] else None, dB if need[4] else None)
@@ -145,7 +151,7 @@ def lora_linear_mixed(
     ps = [float(dropout_ps[a]) if training else 0.0 for a in groups.present]
     seed = new_seed(x.device) if any(p > 0.0 for p in ps) else None
     ranks = [st.ranks[a] for a in groups.present]
-    y, _ = torch.ops.peft_fast.lora_linear_mixed_cuda_fwd(
+    y, _, _ = torch.ops.peft_fast.lora_linear_mixed_cuda_fwd(
         x2, weight, bias, st.A, st.B, _per_row(groups, x), seg_starts, [st.offsets[a] for a in groups.present],
         ranks, [float(scalings[a]) for a in groups.present], ps, seed, max(ranks),
     )  # fmt: skip

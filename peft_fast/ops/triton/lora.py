@@ -112,7 +112,7 @@ def lora_bwd_fake(
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-register_lora_autograd(lora_linear_triton_fwd, torch.ops.peft_fast.lora_linear_triton_bwd, keeps_mask=True)
+register_lora_autograd(lora_linear_triton_fwd, torch.ops.peft_fast.lora_linear_triton_bwd)
 
 
 def lora_linear(

@@ -93,9 +93,7 @@ def _(dy, x, weight, lora_A, lora_B, h, keep, scaling, dropout_p, need_dx):
     return lora_bwd_fake(dy, x, lora_A, lora_B, need_dx)
 
 
-register_lora_autograd(
-    lora_linear_triton_composite_fwd, torch.ops.peft_fast.lora_linear_triton_composite_bwd, keeps_mask=True
-)
+register_lora_autograd(lora_linear_triton_composite_fwd, torch.ops.peft_fast.lora_linear_triton_composite_bwd)
 
 
 def lora_linear(
