@@ -129,7 +129,11 @@ def require_backend(backend: str) -> str:
 
 
 def kernel_op(op: str, backend: str, stage: str = "fwd"):
-    """`torch.ops.peft_fast.<op>_<backend>_<stage>`: a backend's custom op."""
+    """`torch.ops.peft_fast.<op>_<backend>_<stage>`: a backend's custom op (its modules loaded
+    first: backends register their ops lazily, on first use)."""
+    from peft_fast.ops import dispatch
+
+    dispatch.unavailable_reason(backend)
     return getattr(torch.ops.peft_fast, f"{op}_{backend}_{stage}")
 
 
