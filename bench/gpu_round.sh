@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU round in one call: install, load the backends, GPU-marked and kernel tests on CUDA,
 # the static audit (when `peft-fast audit` exists), the quick benchmarks (LoRA, IA³, mixed
-# batch: ours vs bare frozen linear vs HF peft, one process), the end-to-end training step,
-# then a short table. Every stage has its own time limit (a hang costs that stage only);
-# the limits add up to 565 s. Output: at most 8 files under the output folder, 16 MiB each:
+# batch: ours vs bare frozen linear vs HF peft, one process), the end-to-end training step, the
+# other methods' suites (variants, qlora, xlora), then a short table. Every stage has its own
+# time limit (a hang costs that stage only); the limits add up to 600 s. Output: at most 8 files under the output folder, 16 MiB each:
 #   round.log  every stage's output but the tests'    tests.log  both test stages
 #   <device>-quick-<date>.json/.png   <device>-e2e-<date>.json   audit.json   summary.json
 #
@@ -95,7 +95,7 @@ raise SystemExit(1 if torch.cuda.is_available() and missing else 0)
 
 # -v: one line per test as it ends, so a stage stopped at its limit still says what passed.
 stage gpu-tests 60 "$TESTLOG" "$PY" -m pytest -v -p no:cacheprovider -rfE "${PER_TEST[@]}" "${GPU_TESTS[@]}"
-stage kernel-tests 90 "$TESTLOG" "$PY" -m pytest -v -p no:cacheprovider -rfE "${PER_TEST[@]}" "${KERNEL_TESTS[@]}"
+stage kernel-tests 80 "$TESTLOG" "$PY" -m pytest -v -p no:cacheprovider -rfE "${PER_TEST[@]}" "${KERNEL_TESTS[@]}"
 
 # The static audit for this GPU's family (sm_90a): registers, spills, shared memory, HGMMA per
 # kernel variant; --check fails the stage on a finding. The dry run checks the command only
@@ -110,8 +110,22 @@ else
     skip audit "\`peft-fast audit --help\` fails: no audit in this peft_fast (or Triton missing)"
 fi
 
-stage bench 110 "$LOG" "$PY" -m peft_fast_bench --suite quick --preset "$PRESET" "${ROUNDS[@]}" --out "$OUT_DIR"
+stage bench 95 "$LOG" "$PY" -m peft_fast_bench --suite quick --preset "$PRESET" "${ROUNDS[@]}" --out "$OUT_DIR"
 stage e2e 90 "$LOG" "$PY" -m peft_fast_bench --suite e2e --preset "$PRESET" --no-plot --out "$OUT_DIR"
+# The methods that landed after the quick preset (LoHa, LoKr, DoRA, AdaLoRA, VeRA; QLoRA; X-LoRA),
+# ours vs HF peft in each suite's own process, each under its own limit; their tables go to
+# round.log (no files: the round returns 8 at most).
+# The dry run times one variant method (a tiny model per method and library costs ~10 s on CPU).
+VARIANT_METHODS=loha,lokr,dora,adalora,vera
+[ "$DRY" = 1 ] && VARIANT_METHODS=lokr
+stage methods 60 "$LOG" bash -c '
+    rc=0
+    for s in variants:25 qlora:15 xlora:18; do
+        more=(); [ "${s%%:*}" = variants ] && more=(--methods "$3")
+        timeout -k 2 "${s#*:}" "$1" -m peft_fast_bench --suite "${s%%:*}" --preset "$2" "${more[@]}" \
+            || { echo "suite ${s%%:*}: exit $?"; rc=1; }
+    done
+    exit $rc' _ "$PY" "$PRESET" "$VARIANT_METHODS"
 
 # The transfer back takes at most 8 files of 16 MiB: keep a log's end if it grew past that.
 for f in "$OUT_DIR"/*; do

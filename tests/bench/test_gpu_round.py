@@ -22,7 +22,7 @@ from peft_fast_bench.main import main as bench_main
 from peft_fast_bench.report import load_round, misses
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["install", "backends", "gpu-tests", "kernel-tests", "audit", "bench", "e2e"]
+STAGES = ["install", "backends", "gpu-tests", "kernel-tests", "audit", "bench", "e2e", "methods"]
 
 
 @pytest.fixture
