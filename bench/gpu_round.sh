@@ -116,16 +116,18 @@ stage e2e 90 "$LOG" "$PY" -m peft_fast_bench --suite e2e --preset "$PRESET" --no
 # ours vs HF peft in each suite's own process, each under its own limit; their tables go to
 # round.log (no files: the round returns 8 at most).
 # The dry run times one variant method (a tiny model per method and library costs ~10 s on CPU).
+# The qlora suite measures the CPU step only (its GPU layer benchmark is not written): dry run only.
 VARIANT_METHODS=loha,lokr,dora,adalora,vera
-[ "$DRY" = 1 ] && VARIANT_METHODS=lokr
+METHOD_SUITES="variants:30 xlora:25"
+if [ "$DRY" = 1 ]; then VARIANT_METHODS=lokr; METHOD_SUITES="variants:25 qlora:15 xlora:18"; fi
 stage methods 60 "$LOG" bash -c '
     rc=0
-    for s in variants:25 qlora:15 xlora:18; do
+    for s in $4; do
         more=(); [ "${s%%:*}" = variants ] && more=(--methods "$3")
         timeout -k 2 "${s#*:}" "$1" -m peft_fast_bench --suite "${s%%:*}" --preset "$2" "${more[@]}" \
             || { echo "suite ${s%%:*}: exit $?"; rc=1; }
     done
-    exit $rc' _ "$PY" "$PRESET" "$VARIANT_METHODS"
+    exit $rc' _ "$PY" "$PRESET" "$VARIANT_METHODS" "$METHOD_SUITES"
 
 # The transfer back takes at most 8 files of 16 MiB: keep a log's end if it grew past that.
 for f in "$OUT_DIR"/*; do

@@ -42,7 +42,6 @@ LLAMA_TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "n
               "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
 PRESETS = {
     "full": {"model": LLAMA_100M, "tokens": 128, "reps": 3, "steps": 4, "isolate": True},
-    "quick": {"model": LLAMA_100M, "tokens": 128, "reps": 2, "steps": 2, "isolate": True},  # the GPU round's
     "cpu": {"model": LLAMA_100M, "tokens": 64, "reps": 2, "steps": 2, "isolate": True},
     "tiny": {"model": LLAMA_TINY, "tokens": 16, "reps": 1, "steps": 1, "isolate": False},
 }
