@@ -13,7 +13,9 @@ weight's original dtype, then casts to the gradient's), then to a's dtype for th
 
 The LoRA term (h: M × r fp32 from lora_shrink, B: P × r any strides) goes into the fp32
 accumulator first, scaled by alpha, and the base product accumulates on top; the bias is
-added last. Programs are grouped GROUP_M tile-rows at a time for L2 reuse; every ragged edge
+added last. With dropout (backward's dx = dy W + mask ⊙ dh A / (1 - p)), the LoRA term is gated
+by the forward's keep bytes (kernels/dropout.py: no Philox here) before the base product
+accumulates on top. Programs are grouped GROUP_M tile-rows at a time for L2 reuse; every ragged edge
 is masked (any M, N, K; blocks of the 4-bit layout may straddle rows).
 
 Small M (decode, M <= configs.SMALL_M): a split-K variant (SPLIT_K programs per output tile, each
@@ -29,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import dot_precision, qlora_config, rank_block, tl_dtype
+from .dropout import check_keep_bytes, load_keep
 from .nf4_dequant import dequant_4bit_elements
 from .tiles import grouped_tile, load_tile, store_tile
 
@@ -36,12 +39,12 @@ from .tiles import grouped_tile, load_tile, store_tile
 @triton.jit
 def _qlora_matmul_kernel(
     a_ptr, packed_ptr, table_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-    bias_ptr, h_ptr, b_ptr, out_ptr,
+    bias_ptr, h_ptr, b_ptr, out_ptr, keep_ptr,
     M, P, Q, R, W_COLS,
-    stride_am, stride_aq, stride_hm, stride_hr, stride_bp, stride_br, stride_om, stride_op,
+    stride_am, stride_aq, stride_hm, stride_hr, stride_bp, stride_br, stride_om, stride_op, stride_keep,
     alpha,
     TRANSPOSE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
     MID_DTYPE: tl.constexpr, A_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr,
     A_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -63,6 +66,8 @@ def _qlora_matmul_kernel(
                 b = load_tile(b_ptr, offs_r, offs_p, stride_br, stride_bp, R, P)
                 acc = tl.dot(h.to(LORA_DTYPE), b.to(LORA_DTYPE), acc, input_precision=LORA_PRECISION)
             acc = acc * alpha
+            if DROPOUT:  # backward's dx: the adapter term gated by the forward's mask
+                acc = tl.where(load_keep(keep_ptr, stride_keep, offs_m, offs_p, M, P), acc, 0.0)
 
     q_per_split = tl.cdiv(tl.cdiv(Q, SPLIT_K), BLOCK_K) * BLOCK_K
     q_start = pid_k * q_per_split
@@ -111,6 +116,7 @@ def qlora_matmul(
     code2: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     blocksize2: int = 256,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`a · Wᵀ + alpha · h · lora_Bᵀ + bias` (transpose=True, a: (M, K), out (M, N)) or
     `a · W + alpha · h · lora_Bᵀ` (transpose=False, a: (M, N), out (M, K)), in a's dtype, for
@@ -119,6 +125,8 @@ def qlora_matmul(
 
     W's values are rounded to `mid_dtype` (default a's dtype) and then to a's dtype before the
     product. h: (M, r) any float dtype, cast to lora_B's dtype; lora_B: (P, r), any strides.
+    With `keep` (the (M, ceil(P/8)) uint8 keep bytes of a dropout mask over the M × P output,
+    kernels/dropout.py: backward's dx, P = K) only the LoRA term is gated by the mask.
     """
     if a.dim() != 2 or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"a must be a 2-D float16/bfloat16/float32 tensor, got {a.dtype} {tuple(a.shape)}")
@@ -144,6 +152,11 @@ def qlora_matmul(
     R = h.shape[1] if has_lora else 0
     if has_lora and (h.dim() != 2 or h.shape[0] != M or lora_B.shape != (P, R)):
         raise ValueError(f"h must be ({M}, r) and lora_B ({P}, r), got {tuple(h.shape)} and {tuple(lora_B.shape)}")
+    dropout = keep is not None
+    if dropout:
+        if not has_lora:
+            raise ValueError("keep (the dropout mask's keep bytes) gates the LoRA term: give h and lora_B with it")
+        check_keep_bytes(keep, M, P, a.device)
     for name, t in (("packed", packed), ("absmax", absmax), ("bias", bias), ("h", h), ("lora_B", lora_B)):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name} must be on {a.device}, got {t.device}")
@@ -161,14 +174,15 @@ def qlora_matmul(
         absmax2.contiguous() if nested else dummy, code2.contiguous() if nested else dummy,
         offset.reshape(1) if nested else dummy,
         bias if bias is not None else dummy, h if has_lora else dummy, lora_B if has_lora else dummy, out,
+        keep if dropout else dummy,
         M, P, Q, R, K,
         a.stride(0), a.stride(1),
         h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
         lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), keep.stride(0) if dropout else 0,
         float(alpha),
         TRANSPOSE=transpose, NESTED=nested, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, DROPOUT=dropout, SPLIT_K=split_k,
         MID_DTYPE=tl_dtype(a.dtype if mid_dtype is None else mid_dtype), A_DTYPE=tl_dtype(a.dtype),
         LORA_DTYPE=tl_dtype(lora_dtype), A_PRECISION=dot_precision(a.dtype), LORA_PRECISION=dot_precision(lora_dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

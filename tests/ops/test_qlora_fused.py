@@ -8,6 +8,7 @@ torch path (kernel_testing.assert_close_to_oracle)."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -121,6 +122,130 @@ def test_lora_linear_4bit_forward_backward_matches_fp64(quant_type, nested, dtyp
         assert_close_to_oracle(name, g, o, dtype, t)
 
 
+# -- dropout on the fused path: the forward shrink's keep bytes, read again by dA and dx -------
+
+DROPOUT_CASES = [  # quant type, nested, dtype, (lead, M, K, N), strided x, p
+    ("nf4", True, torch.float32, ((2,), 5, 100, 70), False, 0.3),  # 3-D, K not a multiple of 8
+    ("nf4", False, torch.float16, ((), 37, 130, 33), True, 0.1),  # strided, M above the decode split
+    ("fp4", True, torch.float16, ((3,), 4, 64, 100), True, 0.5),  # 3-D and strided
+    ("fp4", False, torch.float32, ((), 1, 33, 40), False, 0.2),  # one row: split-K decode
+]
+
+
+def _replayed_mask(seed_value: int, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask a fused call made after `torch.manual_seed(seed_value)`: the same seed drawn
+    again, its keep bytes drawn by kernels/dropout.py and unpacked in torch."""
+    from peft_fast.kernels.dropout import draw_keep_bytes, unpack_keep_bytes
+    from peft_fast.ops.autograd import new_seed
+
+    torch.manual_seed(seed_value)
+    return unpack_keep_bytes(draw_keep_bytes(new_seed(torch.device(DEVICE)), M, K, p, DEVICE), K)
+
+
+@pytest.mark.parametrize("quant_type,nested,dtype,dims,strided,p", DROPOUT_CASES)
+def test_dropout_matches_fp64_with_the_recovered_mask(quant_type, nested, dtype, dims, strided, p):
+    """y, dx, dA, dB, db of the fused op with dropout against float64 with the very mask the
+    kernels drew (base on x, adapter on dropout(x)); fp16 within twice the error of the
+    same-dtype torch composition given the same mask."""
+    require_triton()
+    lead, M, K, N = dims
+    r, s = 8, 0.75
+    state, w64 = _quantized(N, K, quant_type, nested, dtype=dtype, seed=K)
+    xfull = randn(*lead, M, 2 * K, seed=11)
+    x = xfull[..., ::2] if strided else xfull[..., :K]
+    b, dy = randn(N, seed=12), randn(*lead, M, N, seed=13)
+    A, B = randn(r, K, seed=14) / K**0.5, randn(N, r, seed=15)
+    mask = _replayed_mask(100 + M, x.numel() // K, K, p).reshape(x.shape)
+    assert 0 < mask.sum() < mask.numel()
+
+    x64, b64, A64, B64 = (leaf(t, torch.float64) for t in (x, b, A, B))
+    y64 = x64 @ w64.T + b64 + s * ((x64 * mask / (1 - p)) @ A64.T) @ B64.T
+    oracle = [y64, *torch.autograd.grad(y64, [x64, A64, B64, b64], dy)]
+
+    xs, bs, As, Bs = (leaf(t, dtype) for t in (x, b, A, B))
+    if strided:  # the fused path gets the strided view itself
+        xs = leaf(xfull, dtype)[..., ::2]
+    torch.manual_seed(100 + M)
+    with peft_fast.use_backend("triton"):
+        y = ops.lora_linear_4bit(xs, state, bs, As, Bs, s, p, True, dtype)
+    got = [y, *torch.autograd.grad(y, [xs, As, Bs, bs], dy.to(dtype))]
+
+    xt, bt, At, Bt = (leaf(t, dtype) for t in (x, b, A, B))
+    yt = reference.lora_add(reference.linear_4bit(xt, state, bt, dtype), xt * mask / (1 - p), At, Bt, s)
+    torch_path = [yt, *torch.autograd.grad(yt, [xt, At, Bt, bt], dy.to(dtype))]
+    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    for name, g, o, t in zip(("y", "dx", "dA", "dB", "db"), got, oracle, torch_path):
+        assert g.shape == o.shape, name
+        assert_close_to_oracle(name, g, o, dtype, t)
+
+
+def test_dropout_op_returns_the_keep_bytes_its_seed_draws():
+    """The forward op's third output is the keep bytes of its seed (the mask dA and dx read), a
+    fresh mask each call, the same after `torch.manual_seed`; eval mode applies none."""
+    require_triton()
+    from peft_fast.kernels.dropout import draw_keep_bytes
+    from peft_fast.ops.triton.qlora import _state_args
+
+    M, K, N, r, p = 9, 100, 40, 4, 0.25
+    state, w64 = _quantized(N, K, "nf4", True)
+    x, A, B = randn(M, K, seed=21).float(), randn(r, K, seed=22).float(), randn(N, r, seed=23).float()
+    seed = torch.tensor([987], dtype=torch.int64, device=DEVICE)
+    op = torch.ops.peft_fast.lora_linear_4bit_triton_fwd
+    y, h, keep = op(x, None, A, B, *_state_args(state), 1.0, p, seed, torch.float32)
+    assert torch.equal(keep, draw_keep_bytes(seed, M, K, p, DEVICE))
+    with peft_fast.use_backend("triton"):
+        torch.manual_seed(5)
+        y1 = ops.lora_linear_4bit(x, state, None, A, B, 1.0, p, True, torch.float32)
+        y2 = ops.lora_linear_4bit(x, state, None, A, B, 1.0, p, True, torch.float32)
+        torch.manual_seed(5)
+        y3 = ops.lora_linear_4bit(x, state, None, A, B, 1.0, p, True, torch.float32)
+        y_eval = ops.lora_linear_4bit(x, state, None, A, B, 1.0, p, False, torch.float32)
+    assert not torch.equal(y1, y2) and torch.equal(y1, y3)
+    x64 = x.double()
+    assert rel_err(y_eval, x64 @ w64.T + (x64 @ A.double().T) @ B.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("r", [4, 40])  # one rank block in the shrink, and several (bytes drawn first)
+def test_a_4bit_training_step_draws_philox_as_the_plain_lora_path(r, monkeypatch):
+    """Forward and backward of a 4-bit LoRA layer with dropout evaluate Philox exactly as many
+    times as the plain LoRA layer of the same shapes (counted by the launch plan and at
+    `tl.randint4x` under the interpreter): one draw of the keep bytes in the forward shrink
+    (1/8 evaluation per element of x when the tiles fit x), none in backward."""
+    require_triton()
+    if DEVICE != "cpu":
+        pytest.skip("counts through Triton's interpreter")
+    import triton.language as tl
+
+    from peft_fast.kernels.dropout import count_philox
+
+    calls = [0]
+    randint4x = tl.randint4x
+
+    def counting(seed, offset, n_rounds=10, **kwargs):
+        calls[0] += math.prod(int(n) for n in offset.shape)
+        return randint4x(seed, offset, n_rounds)
+
+    monkeypatch.setattr(tl, "randint4x", counting)
+    M, K, N = 64, 96, 32  # multiples of the interpreter's 32-row, 32-column shrink tiles
+    state, w64 = _quantized(N, K, "nf4", True)
+    counts = {}
+    for path in ("plain", "4bit"):
+        x, A, B = (leaf(randn(*shape, seed=31 + i), torch.float32) for i, shape in enumerate(((M, K), (r, K), (N, r))))
+        calls[0] = 0
+        with peft_fast.use_backend("triton"), count_philox() as plan:
+            if path == "plain":
+                y = ops.lora_linear(x, w64.float(), None, A, B, 0.5, 0.1, True)
+            else:
+                y = ops.lora_linear_4bit(x, state, None, A, B, 0.5, 0.1, True, torch.float32)
+            forward = calls[0]
+            y.backward(randn(M, N, seed=34).float())
+        assert calls[0] == forward == sum(n for _, n in plan), path
+        assert x.grad is not None and A.grad is not None and B.grad is not None
+        counts[path] = (list(plan), calls[0])
+    assert counts["4bit"] == counts["plain"]
+    assert counts["4bit"][0] == ([("lora_shrink", M * K // 8)] if r == 4 else [("keep_bytes", counts["4bit"][1])])
+
+
 def test_strided_input_and_quant_storage():
     """x a strided view (every other column); the packed codes stored as bf16 and fp32."""
     require_triton()
@@ -155,20 +280,19 @@ def test_backward_keeps_no_dequantized_weight():
 
 
 def test_what_stays_on_the_torch_path():
-    """Dropout in training and bf16 under the interpreter fall back (dispatch says why);
-    "auto" on CPU tensors always takes the torch path."""
+    """bf16 under the interpreter falls back (dispatch says why); dropout in training now stays on
+    the fused path; "auto" on CPU tensors always takes the torch path."""
     require_triton()
     state, _ = _quantized(16, 64, "nf4", False)
     x, A, B = randn(3, 64).float(), randn(4, 64).float(), randn(16, 4).float()
-    from peft_fast.ops.triton.qlora import _supports_lora
+    from peft_fast.ops.triton.qlora import _supports_lora, lora_linear_4bit
 
     with peft_fast.use_backend("triton"):
         assert _supports_lora(x, state, None, A, B, 1.0, 0.0, True, torch.float32) is None
-        assert "dropout" in _supports_lora(x, state, None, A, B, 1.0, 0.1, True, torch.float32)
-        assert _supports_lora(x, state, None, A, B, 1.0, 0.1, False, torch.float32) is None
+        assert _supports_lora(x, state, None, A, B, 1.0, 0.1, True, torch.float32) is None
         assert "bf16" in _supports_lora(x, state, None, A, B, 1.0, 0.0, True, torch.bfloat16)
         args = (x, state, None, A, B, 1.0, 0.1, True, torch.float32)
-        assert dispatch.select("lora_linear_4bit", *args) is reference.lora_linear_4bit
+        assert dispatch.select("lora_linear_4bit", *args) is lora_linear_4bit
     with peft_fast.use_backend("auto"):
         assert dispatch.select("lora_linear_4bit", x, state, None, A, B, 1.0, 0.0, True, torch.float32) is (
             reference.lora_linear_4bit
@@ -189,3 +313,9 @@ def test_launcher_refuses_bad_operands():
         qlora_matmul(torch.zeros(2, 64, device=DEVICE), args[0][:-1], *args[1:])
     with pytest.raises(ValueError, match="h and lora_B must both be given"):
         qlora_matmul(torch.zeros(2, 64, device=DEVICE), *args, h=torch.zeros(2, 4, device=DEVICE))
+    keep = torch.zeros(2, 8, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="keep .* gates the LoRA term"):
+        qlora_matmul(torch.zeros(2, 64, device=DEVICE), *args, keep=keep)
+    lora = {"h": torch.zeros(2, 4, device=DEVICE), "lora_B": torch.zeros(64, 4, device=DEVICE)}
+    with pytest.raises(ValueError, match="keep must be uint8 keep bytes of shape \\(2, 8\\)"):
+        qlora_matmul(torch.zeros(2, 16, device=DEVICE), *args, transpose=False, keep=keep[:, :7], **lora)

@@ -10,6 +10,7 @@ autograd, public function, `supports`, registration with dispatch):
     lokr.py    lokr_linear          peft_fast::lokr_linear_triton_{fwd,bwd}
     xlora.py   xlora_linear         peft_fast::xlora_linear_triton_{fwd,bwd}
     dora.py    dora_linear          peft_fast::dora_linear_triton_{fwd,bwd}  (+ dora_weight_norm)
+    qlora.py   lora_linear_4bit     peft_fast::lora_linear_4bit_triton_{fwd,bwd}  (+ dequantize_4bit)
 
 Kernels live in `peft_fast.kernels` (kernels/ at the repo root). This file holds what the
 three share: can a call run on Triton (`device_reason`); argument checks are ops/checks.py,
