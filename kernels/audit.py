@@ -403,6 +403,8 @@ def _qlora_matmul(dtype: torch.dtype, mode: str) -> None:
         qlora_matmul(_t(rows, K, dtype=dtype), *weight, bias=_t(N, dtype=dtype), **lora, **stats)
     else:  # dx = dy W + dh A, W decoded untransposed, A through its transpose view
         lora = {"h": _t(rows, RANK), "lora_B": _t(RANK, K, dtype=dtype).t()}
+        if kind.endswith("_dropout"):  # the adapter term gated by the forward's keep bytes
+            lora["keep"] = _keep(rows, K)
         qlora_matmul(_t(rows, N, dtype=dtype), *weight, transpose=False, mid_dtype=dtype, **lora, **stats)
 
 
@@ -461,7 +463,7 @@ def variants() -> list[Variant]:
     for nested in (False, True):
         name = "nf4_dequant/" + ("nested" if nested else "plain")
         out.append(Variant(name, lambda d, n=nested: _nf4_dequant(d, n)))
-    for kind in ("fwd", "bwd_dx", "decode", "decode_bwd_dx"):
+    for kind in ("fwd", "bwd_dx", "bwd_dx_dropout", "decode", "decode_bwd_dx", "decode_bwd_dx_dropout"):
         for quant in ("plain", "nested"):
             mode = f"{kind}/{quant}"
             out.append(Variant(f"qlora_matmul/{mode}", lambda d, m=mode: _qlora_matmul(d, m), matmul_shaped=True))

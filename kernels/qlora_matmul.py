@@ -26,11 +26,13 @@ slice adds the LoRA term and the bias.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .configs import dot_precision, qlora_config, rank_block, tl_dtype
+from .configs import dot_precision, on_gpu, qlora_config, rank_block, tl_dtype
 from .dropout import check_keep_bytes, load_keep
 from .nf4_dequant import dequant_4bit_elements
 from .tiles import grouped_tile, load_tile, store_tile
@@ -161,6 +163,10 @@ def qlora_matmul(
         if t is not None and t.device != a.device:
             raise ValueError(f"{name} must be on {a.device}, got {t.device}")
     cfg, split_k = qlora_config(a.device, a.dtype, M)
+    if dropout and split_k == 1 and a.dtype == torch.float32 and on_gpu(a.device):
+        # The fp32 (FMA) tile with the keep mask spills 24 bytes on sm_90a at BLOCK_K = 32 (static
+        # audit, kernels/audit.py); half the K step keeps it at 128 registers, no spill.
+        cfg = dataclasses.replace(cfg, block_k=16)
     out_dtype = torch.float32 if split_k > 1 else a.dtype
     alloc = torch.zeros if split_k > 1 else torch.empty
     out = alloc((M, P), dtype=out_dtype, device=a.device)
