@@ -8,7 +8,6 @@ torch path (kernel_testing.assert_close_to_oracle)."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +21,7 @@ from peft_fast.quant.bnb import state_of
 from peft_fast.quant.formats import code_4bit
 
 BF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the oracle of the 4-bit format")
+from test_dropout import philox_calls  # noqa: E402, F401  (the fixture counting Philox evaluations)
 
 
 @pytest.fixture(autouse=True)
@@ -206,42 +206,31 @@ def test_dropout_op_returns_the_keep_bytes_its_seed_draws():
 
 
 @pytest.mark.parametrize("r", [4, 40])  # one rank block in the shrink, and several (bytes drawn first)
-def test_a_4bit_training_step_draws_philox_as_the_plain_lora_path(r, monkeypatch):
+def test_a_4bit_training_step_draws_philox_as_the_plain_lora_path(r, philox_calls):  # noqa: F811 (the fixture)
     """Forward and backward of a 4-bit LoRA layer with dropout evaluate Philox exactly as many
     times as the plain LoRA layer of the same shapes (counted by the launch plan and at
-    `tl.randint4x` under the interpreter): one draw of the keep bytes in the forward shrink
-    (1/8 evaluation per element of x when the tiles fit x), none in backward."""
+    `tl.randint4x` under the interpreter, tests/test_dropout.py's `philox_calls`): one draw of the
+    keep bytes in the forward shrink (1/8 evaluation per element of x when the tiles fit x), none
+    in backward."""
     require_triton()
-    if DEVICE != "cpu":
-        pytest.skip("counts through Triton's interpreter")
-    import triton.language as tl
-
     from peft_fast.kernels.dropout import count_philox
 
-    calls = [0]
-    randint4x = tl.randint4x
-
-    def counting(seed, offset, n_rounds=10, **kwargs):
-        calls[0] += math.prod(int(n) for n in offset.shape)
-        return randint4x(seed, offset, n_rounds)
-
-    monkeypatch.setattr(tl, "randint4x", counting)
     M, K, N = 64, 96, 32  # multiples of the interpreter's 32-row, 32-column shrink tiles
     state, w64 = _quantized(N, K, "nf4", True)
     counts = {}
     for path in ("plain", "4bit"):
         x, A, B = (leaf(randn(*shape, seed=31 + i), torch.float32) for i, shape in enumerate(((M, K), (r, K), (N, r))))
-        calls[0] = 0
+        philox_calls[0] = 0
         with peft_fast.use_backend("triton"), count_philox() as plan:
             if path == "plain":
                 y = ops.lora_linear(x, w64.float(), None, A, B, 0.5, 0.1, True)
             else:
                 y = ops.lora_linear_4bit(x, state, None, A, B, 0.5, 0.1, True, torch.float32)
-            forward = calls[0]
+            forward = philox_calls[0]
             y.backward(randn(M, N, seed=34).float())
-        assert calls[0] == forward == sum(n for _, n in plan), path
+        assert philox_calls[0] == forward == sum(n for _, n in plan), path
         assert x.grad is not None and A.grad is not None and B.grad is not None
-        counts[path] = (list(plan), calls[0])
+        counts[path] = (list(plan), philox_calls[0])
     assert counts["4bit"] == counts["plain"]
     assert counts["4bit"][0] == ([("lora_shrink", M * K // 8)] if r == 4 else [("keep_bytes", counts["4bit"][1])])
 
