@@ -235,6 +235,26 @@ def test_a_4bit_training_step_draws_philox_as_the_plain_lora_path(r, philox_call
     assert counts["4bit"][0] == ([("lora_shrink", M * K // 8)] if r == 4 else [("keep_bytes", counts["4bit"][1])])
 
 
+@pytest.mark.parametrize("nested,p", [(True, 0.2), (False, 0.0)])
+def test_opcheck_custom_ops(nested, p):
+    """torch.library.opcheck of the forward and backward ops (schema, fake kernels, autograd
+    registration, AOT dispatch), with the quant state as the ops take it."""
+    require_triton()
+    from peft_fast.ops.triton.qlora import _state_args
+
+    M, K, N, r = 5, 64, 40, 4
+    state, _ = _quantized(N, K, "nf4", nested)
+    x, b = leaf(randn(M, K, seed=41), torch.float32), leaf(randn(N, seed=42), torch.float32)
+    A, B = leaf(randn(r, K, seed=43), torch.float32), leaf(randn(N, r, seed=44), torch.float32)
+    seed = torch.tensor([11], dtype=torch.int64, device=DEVICE) if p else None
+    fwd_args = (x, b, A, B, *_state_args(state), 0.5, p, seed, torch.float32)
+    torch.library.opcheck(torch.ops.peft_fast.lora_linear_4bit_triton_fwd.default, fwd_args)
+    _, h, keep = torch.ops.peft_fast.lora_linear_4bit_triton_fwd(*fwd_args)
+    dy = randn(M, N, seed=45).float()
+    bwd_args = (dy, *(t.detach() for t in (x, A, B, h, keep)), *_state_args(state), 0.5, p, torch.float32, True)
+    torch.library.opcheck(torch.ops.peft_fast.lora_linear_4bit_triton_bwd.default, bwd_args)
+
+
 def test_strided_input_and_quant_storage():
     """x a strided view (every other column); the packed codes stored as bf16 and fp32."""
     require_triton()

@@ -99,6 +99,7 @@ def _state_args(state: QuantState4bit) -> tuple:
 
 
 def _state(packed, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, quant_type, dtype) -> QuantState4bit:
+    """The QuantState4bit that `_state_args` took apart (inside the ops)."""
     return QuantState4bit(
         packed=packed, absmax=absmax, shape=(int(shape[0]), int(shape[1])), dtype=dtype, blocksize=blocksize,
         quant_type=quant_type, offset=offset, absmax2=absmax2, code2=code2, blocksize2=blocksize2,
