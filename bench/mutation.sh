@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Mutation testing of peft_fast with mutmut 3 (pip install mutmut==3.8.1), one module at a time.
+# Mutation testing of peft_fast with mutmut 3 (pip install mutmut==3.8.1).
 #
-#   bench/mutation.sh [MODULE::TESTS ...]
+#   bench/mutation.sh [MODULES::TESTS ...]
 #
-# MODULE is a file to mutate, TESTS the pytest arguments selecting the tests that should
-# kill its mutants (keep them fast: every mutant runs them). Without arguments it runs the
-# subset recorded in bench/results/mutation.md. Each module runs in its own copy of the
-# working tree under $WORK (default: a fresh temp folder), so the checkout is never touched.
+# MODULES is a file to mutate, a folder (every .py file under it), or several of these joined
+# by commas; TESTS the pytest arguments selecting the tests that should kill its mutants (keep
+# them fast: mutmut runs, for each mutant, the selected tests that cover the mutated function).
+# Without arguments it runs the subset recorded in bench/results/mutation.md. Each spec runs in
+# its own copy of the working tree under $WORK (default: a fresh temp folder), so the checkout
+# is never touched.
 #
 #   bench/mutation.sh peft_fast/ops/reference.py::tests/ops/test_reference.py \
-#       "peft_fast/save_and_load.py::tests/test_peft_model.py -k save_load or state_dict"
+#       "peft_fast/save_and_load.py::tests/test_peft_model.py -k save_load or state_dict" \
+#       "peft_fast/tuners/lora/,peft_fast/tuners/targets.py::tests/test_peft_model.py"
 #
-# Environment: PYTHON (default: python), JOBS (mutmut --max-children, default 2),
-# REPORT (default: bench/results/mutation-<date>.md; "-" prints to stdout only).
+# Environment:
+#   PYTHON   interpreter with mutmut installed (default: python)
+#   JOBS     mutmut --max-children (default 2)
+#   REPORT   report file (default: bench/results/mutation-<date>.md; "-" prints to stdout only)
+#   SAMPLE   fraction in (0, 1]: run a seeded random sample of the mutants, stratified by file
+#            (ceil(SAMPLE * n) of each file's n mutants); default 1 (all of them)
+#   SEED     seed of that sample (default 1)
+#   MUTANTS  a file of mutant names (one a line) to run instead of all or a sample, e.g. the
+#            survivors of an earlier run, to check that new tests kill them
+#   WORK     folder for the copies (default: a fresh temp folder)
 #
 # Not for kernels/: mutmut 3 wraps every function in a trampoline, which `@triton.jit`
 # cannot compile, and the editable install maps peft_fast.kernels to the checkout's
@@ -21,10 +32,14 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
+SAMPLE=${SAMPLE:-1}
+SEED=${SEED:-1}
+MUTANTS=${MUTANTS:-}
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 stamp=$(date -u +%Y-%m-%d)
 REPORT=${REPORT:-$repo/bench/results/mutation-$stamp.md}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/peft-fast-mutation.XXXXXX")}
+[ -z "$MUTANTS" ] || MUTANTS=$(realpath "$MUTANTS")
 
 if [ $# -eq 0 ]; then
     set -- \
@@ -33,12 +48,24 @@ if [ $# -eq 0 ]; then
 fi
 
 summary=""
+files=""
 details=""
 for spec in "$@"; do
-    module=${spec%%::*}
+    modules=${spec%%::*}
     tests=${spec#*::}
-    [ -f "$repo/$module" ] || { echo "no such module: $module" >&2; exit 2; }
-    dir=$WORK/$(echo "$module" | tr '/.' '__')
+    patterns=()
+    IFS=',' read -r -a parts <<< "$modules"
+    for module in "${parts[@]}"; do
+        if [ -d "$repo/$module" ]; then
+            patterns+=("${module%/}/*.py")
+        elif [ -f "$repo/$module" ]; then
+            patterns+=("$module")
+        else
+            echo "no such module: $module" >&2
+            exit 2
+        fi
+    done
+    dir=$WORK/$(echo "$modules" | tr '/.,' '___')
     rm -rf "$dir" && mkdir -p "$dir"
     # the working tree as it is (tracked and untracked, not ignored files), without results
     (cd "$repo" && git ls-files -co --exclude-standard | grep -v '^bench/results/' | tar -cf - -T -) | tar -xf - -C "$dir"
@@ -47,7 +74,8 @@ for spec in "$@"; do
     {
         echo "[mutmut]"
         echo "source_paths=peft_fast"
-        echo "only_mutate=$module"
+        echo "only_mutate="
+        for p in "${patterns[@]}"; do echo "    $p"; done
         # a loaded 2-core machine makes test times noisy: generous timeouts, so a timeout means a hang
         echo "timeout_multiplier=${TIMEOUT_MULTIPLIER:-40}"
         echo "timeout_constant=${TIMEOUT_CONSTANT:-20}"
@@ -62,39 +90,98 @@ for spec in "$@"; do
         echo "    kernels"
         echo "    csrc"
     } > "$dir/setup.cfg"
-    echo "== $module ($tests) in $dir" >&2
+    echo "== $modules ($tests) in $dir" >&2
+    # which mutants: all of them (no names), a list, or a seeded sample stratified by file
+    # (the sample needs the mutants' names, so generate them first, as `mutmut run` would)
+    names=()
+    if [ -n "$MUTANTS" ]; then
+        mapfile -t names < <(grep -v '^ *$' "$MUTANTS")
+    elif [ "$SAMPLE" != "1" ]; then
+        (cd "$dir" && "$PYTHON" - "$SAMPLE" "$SEED" > generate.log 2>&1) <<'PY'
+import math
+import os
+import random
+import sys
+from collections import defaultdict
+
+from mutmut.__main__ import (
+    SourceFileMutationData, copy_also_copy_files, copy_src_dir, create_mutants,
+    set_mutant_under_test, setup_source_paths, walk_source_files,
+)
+
+fraction, seed = float(sys.argv[1]), int(sys.argv[2])
+if not 0.0 < fraction <= 1.0:
+    sys.exit(f"SAMPLE must be in (0, 1], got {fraction}")
+set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir()
+copy_also_copy_files()
+setup_source_paths()
+create_mutants(1)
+by_file = defaultdict(list)
+for path in walk_source_files():
+    data = SourceFileMutationData(path=path)
+    data.load()
+    by_file[str(path)].extend(sorted(data.exit_code_by_key))
+rng = random.Random(seed)
+with open("sample.txt", "w") as out:
+    for path in sorted(by_file):
+        keys = by_file[path]
+        for key in sorted(rng.sample(keys, math.ceil(fraction * len(keys)))):
+            out.write(key + "\n")
+PY
+        mapfile -t names < "$dir/sample.txt"
+        [ ${#names[@]} -gt 0 ] || { echo "no mutants sampled, see $dir/generate.log" >&2; exit 2; }
+    fi
+    printf '%s\n' "${names[@]}" > "$dir/selected.txt"
     # mutmut forks a warm test process per mutant: one thread per process, or torch's and
     # OpenMP's thread pools deadlock in the forked children
     (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" \
-        > mutmut-run.log 2>&1) || true
-    (cd "$dir" && "$PYTHON" -m mutmut results --all true > results.txt 2>&1) || true
+        "${names[@]}" > mutmut-run.log 2>&1) || true
+    (cd "$dir" && "$PYTHON" -m mutmut results --all true > results-all.txt 2>&1) || true
+    if [ ${#names[@]} -gt 0 ]; then
+        # only the selected mutants count; the others are "not checked" by design
+        grep -F -f <(sed 's/^/ /; s/$/:/' "$dir/selected.txt") "$dir/results-all.txt" > "$dir/results.txt" || true
+    else
+        cp "$dir/results-all.txt" "$dir/results.txt"
+    fi
     count() { grep -c ": $1\$" "$dir/results.txt" || true; }
     killed=$(count killed); survived=$(count survived); timeout=$(count timeout)
     suspicious=$(count suspicious); notests=$(count "no tests"); skipped=$(count skipped)
     unchecked=$(count "not checked")
     total=$((killed + survived + timeout + suspicious + notests + skipped + unchecked))
-    summary+="| \`$module\` | \`$tests\` | $total | $killed | $timeout | $survived | $notests | $suspicious | $unchecked |"$'\n'
-    details+=$'\n'"### $module: surviving and untested mutants"$'\n\n'
+    scope="all"
+    [ -z "$MUTANTS" ] || scope="listed ($(basename "$MUTANTS"))"
+    [ -n "$MUTANTS" ] || [ "$SAMPLE" = "1" ] || scope="sample $SAMPLE, seed $SEED"
+    summary+="| \`$modules\` | \`$tests\` | $scope | $total | $killed | $timeout | $survived | $notests | $suspicious | $unchecked |"$'\n'
+    # per file: mutants, killed (timeouts included), survived, no tests
+    files+=$(sed -E 's/^ *//; s/\.(x_|xǁ).*: / /' "$dir/results.txt" | awk '
+        { n[$1]++; if ($2 == "killed" || $2 == "timeout") k[$1]++; else if ($2 == "survived") s[$1]++; else if ($2 == "no") t[$1]++ }
+        END { for (f in n) printf "| `%s` | %d | %d | %d | %d |\n", f, n[f], k[f], s[f], t[f] }' | sort)$'\n'
+    details+=$'\n'"### $modules: surviving and untested mutants"$'\n\n'
     while read -r name; do
         details+='```diff'$'\n'"$(cd "$dir" && "$PYTHON" -m mutmut show "$name" 2>&1 | tail -n +1)"$'\n''```'$'\n'
     done < <(grep -E ": (survived|no tests)$" "$dir/results.txt" | sed 's/:.*//; s/^ *//')
 done
 
-report=$(cat <<EOF
+report=$(cat <<EOF2
 # Mutation testing (mutmut)
 
 - date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet || echo " (with uncommitted changes)")
 - versions: python $("$PYTHON" -c 'import platform; print(platform.python_version())'), mutmut $("$PYTHON" -c 'import importlib.metadata as m; print(m.version("mutmut"))'), torch $("$PYTHON" -c 'import torch; print(torch.__version__)')
-- command: \`bench/mutation.sh$(printf ' "%s"' "$@")\`
+- command: \`$( [ "$SAMPLE" = "1" ] || printf 'SAMPLE=%s SEED=%s ' "$SAMPLE" "$SEED")$( [ -z "$MUTANTS" ] || printf 'MUTANTS=%s ' "$(basename "$MUTANTS")")bench/mutation.sh$(printf ' "%s"' "$@")\`
 
 Timeouts count as killed (the mutant hung the tests).
 
-| module | tests | mutants | killed | timeout | survived | no tests | suspicious | not checked |
-|---|---|---|---|---|---|---|---|---|
+| modules | tests | mutants run | mutants | killed | timeout | survived | no tests | suspicious | not checked |
+|---|---|---|---|---|---|---|---|---|---|
 $summary
+| file | mutants | killed or timeout | survived | no tests |
+|---|---|---|---|---|
+$files
 $details
-EOF
+EOF2
 )
 if [ "$REPORT" = "-" ]; then
     echo "$report"
