@@ -19,7 +19,8 @@
 #   JOBS     mutmut --max-children (default 2)
 #   REPORT   report file (default: bench/results/mutation-<date>.md; "-" prints to stdout only)
 #   SAMPLE   fraction in (0, 1]: run a seeded random sample of the mutants, stratified by file
-#            (ceil(SAMPLE * n) of each file's n mutants); default 1 (all of them)
+#            (ceil(SAMPLE * n) of each file's n mutants; a larger SAMPLE, same SEED, is a superset);
+#            default 1 (all of them)
 #   SEED     seed of that sample (default 1)
 #   MUTANTS  a file of mutant names (one a line) to run instead of all or a sample, e.g. the
 #            survivors of an earlier run, to check that new tests kill them
@@ -123,11 +124,12 @@ for path in walk_source_files():
     data = SourceFileMutationData(path=path)
     data.load()
     by_file[str(path)].extend(sorted(data.exit_code_by_key))
-rng = random.Random(seed)
+# one shuffle per file, seeded by (SEED, file): a larger SAMPLE with the same SEED runs a superset
 with open("sample.txt", "w") as out:
     for path in sorted(by_file):
         keys = by_file[path]
-        for key in sorted(rng.sample(keys, math.ceil(fraction * len(keys)))):
+        random.Random(f"{seed}:{path}").shuffle(keys)
+        for key in sorted(keys[: math.ceil(fraction * len(keys))]):
             out.write(key + "\n")
 PY
         mapfile -t names < "$dir/sample.txt"
