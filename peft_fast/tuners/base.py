@@ -596,7 +596,8 @@ class BaseTuner(nn.Module):
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining:
             remaining = list(self.peft_config)[:1]
-        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        # As HF peft: after a delete the tuner's active adapter is a list (PeftModel.active_adapter its first).
+        self.active_adapter = remaining
 
     # -- merging / unloading ------------------------------------------------------------------
     def _check_mergeable(self) -> None:
