@@ -162,3 +162,38 @@ def test_8bit_ia3_computes_fp16_inputs_in_fp32_as_hf_peft(llama_dir):  # noqa: F
         want = layer.base_layer(x.float()) * layer.ia3_l["default"].flatten()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_4bit_ia3_gets_the_4bit_layer(llama_dir):  # noqa: F811
+    kw = dict(target_modules=["q_proj"], feedforward_modules=[])
+    ours = peft_fast.get_peft_model(load(llama_dir, "nf4-dq-fp32"), peft_fast.IA3Config(**kw))
+    assert type(ours.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "IA3Linear4bit"
+
+
+def test_use_dora_changed_after_the_config_is_refused_by_the_layer():
+    cfg = _lora(peft_fast)
+    cfg.use_dora = "yes"
+    with pytest.raises(TypeError, match="use_dora must be True or False, got 'yes'"):
+        peft_fast.get_peft_model(make_model("llama"), cfg)
+
+
+def test_lora_layer_train_defaults_to_training():
+    ours = peft_fast.get_peft_model(make_model("llama"), _lora(peft_fast))
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    layer.eval()
+    layer.train()
+    assert layer.training and layer.lora_A.training
+
+
+def test_injecting_a_second_adapter_keeps_the_layers_active_adapter_as_hf_peft():
+    active = []
+    for lib in (peft, peft_fast):
+        m = lib.get_peft_model(make_model("llama"), _lora(lib))
+        if lib is peft:  # HF peft's inject_adapter reads the config from peft_config
+            m.base_model.peft_config["other"] = _lora(peft)
+            m.base_model.inject_adapter(m.base_model.model, "other")
+        else:
+            m.base_model.inject_adapter(m.base_model.model, "other", _lora(peft_fast))
+        active.append(m.base_model.model.model.layers[0].self_attn.q_proj.active_adapters)
+    assert active[0] == ["default"]
+    assert active[1] == active[0]
