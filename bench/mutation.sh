@@ -25,6 +25,9 @@
 #   MUTANTS  a file of mutant names (one a line) to run instead of all or a sample, e.g. the
 #            survivors of an earlier run, to check that new tests kill them
 #   WORK     folder for the copies (default: a fresh temp folder)
+#   RESUME   1: with the same WORK and specs, continue an interrupted run (its copy, its selection,
+#            only the mutants without a result). Stopping this script does not stop a `mutmut run`
+#            already started: end that process too before resuming, or both write the same results
 #
 # Not for kernels/: mutmut 3 wraps every function in a trampoline, which `@triton.jit`
 # cannot compile, and the editable install maps peft_fast.kernels to the checkout's
@@ -36,6 +39,7 @@ JOBS=${JOBS:-2}
 SAMPLE=${SAMPLE:-1}
 SEED=${SEED:-1}
 MUTANTS=${MUTANTS:-}
+RESUME=${RESUME:-0}
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 stamp=$(date -u +%Y-%m-%d)
 REPORT=${REPORT:-$repo/bench/results/mutation-$stamp.md}
@@ -67,38 +71,51 @@ for spec in "$@"; do
         fi
     done
     dir=$WORK/$(echo "$modules" | tr '/.,' '___')
-    rm -rf "$dir" && mkdir -p "$dir"
-    # the working tree as it is (tracked and untracked, not ignored files), without results
-    (cd "$repo" && git ls-files -co --exclude-standard | grep -v '^bench/results/' | tar -cf - -T -) | tar -xf - -C "$dir"
-    # the test selection: paths, then everything after -k as one expression
-    paths=${tests%% -k *}
-    {
-        echo "[mutmut]"
-        echo "source_paths=peft_fast"
-        echo "only_mutate="
-        for p in "${patterns[@]}"; do echo "    $p"; done
-        # a loaded 2-core machine makes test times noisy: generous timeouts, so a timeout means a hang
-        echo "timeout_multiplier=${TIMEOUT_MULTIPLIER:-40}"
-        echo "timeout_constant=${TIMEOUT_CONSTANT:-20}"
-        echo "pytest_add_cli_args_test_selection="
-        for p in $paths; do echo "    $p"; done
-        if [ "$paths" != "$tests" ]; then
-            echo "    -k"
-            echo "    ${tests#* -k }"
+    if [ "$RESUME" = "1" ] && [ -f "$dir/selected.txt" ]; then
+        # an interrupted run: same copy, same selection, only the mutants without a result yet
+        echo "== resuming $modules in $dir" >&2
+        mapfile -t names < "$dir/selected.txt"
+        if [ ${#names[@]} -eq 0 ] || [ -z "${names[0]}" ]; then names=(); fi
+        (cd "$dir" && "$PYTHON" -m mutmut results --all true > results-before.txt 2>&1) || true
+        mapfile -t todo < <(grep ": not checked$" "$dir/results-before.txt" | sed 's/:.*//; s/^ *//' |
+            { if [ ${#names[@]} -gt 0 ]; then grep -x -F -f "$dir/selected.txt"; else cat; fi; } || true)
+        if [ ${#todo[@]} -gt 0 ]; then
+            (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" \
+                "${todo[@]}" >> mutmut-run.log 2>&1) || true
         fi
-        echo "also_copy="
-        echo "    tests"
-        echo "    kernels"
-        echo "    csrc"
-    } > "$dir/setup.cfg"
-    echo "== $modules ($tests) in $dir" >&2
-    # which mutants: all of them (no names), a list, or a seeded sample stratified by file
-    # (the sample needs the mutants' names, so generate them first, as `mutmut run` would)
-    names=()
-    if [ -n "$MUTANTS" ]; then
-        mapfile -t names < <(grep -v '^ *$' "$MUTANTS")
-    elif [ "$SAMPLE" != "1" ]; then
-        (cd "$dir" && "$PYTHON" - "$SAMPLE" "$SEED" > generate.log 2>&1) <<'PY'
+    else
+        rm -rf "$dir" && mkdir -p "$dir"
+        # the working tree as it is (tracked and untracked, not ignored files), without results
+        (cd "$repo" && git ls-files -co --exclude-standard | grep -v '^bench/results/' | tar -cf - -T -) | tar -xf - -C "$dir"
+        # the test selection: paths, then everything after -k as one expression
+        paths=${tests%% -k *}
+        {
+            echo "[mutmut]"
+            echo "source_paths=peft_fast"
+            echo "only_mutate="
+            for p in "${patterns[@]}"; do echo "    $p"; done
+            # a loaded 2-core machine makes test times noisy: generous timeouts, so a timeout means a hang
+            echo "timeout_multiplier=${TIMEOUT_MULTIPLIER:-40}"
+            echo "timeout_constant=${TIMEOUT_CONSTANT:-20}"
+            echo "pytest_add_cli_args_test_selection="
+            for p in $paths; do echo "    $p"; done
+            if [ "$paths" != "$tests" ]; then
+                echo "    -k"
+                echo "    ${tests#* -k }"
+            fi
+            echo "also_copy="
+            echo "    tests"
+            echo "    kernels"
+            echo "    csrc"
+        } > "$dir/setup.cfg"
+        echo "== $modules ($tests) in $dir" >&2
+        # which mutants: all of them (no names), a list, or a seeded sample stratified by file
+        # (the sample needs the mutants' names, so generate them first, as `mutmut run` would)
+        names=()
+        if [ -n "$MUTANTS" ]; then
+            mapfile -t names < <(grep -v '^ *$' "$MUTANTS")
+        elif [ "$SAMPLE" != "1" ]; then
+            (cd "$dir" && "$PYTHON" - "$SAMPLE" "$SEED" > generate.log 2>&1) <<'PY'
 import math
 import os
 import random
@@ -132,14 +149,15 @@ with open("sample.txt", "w") as out:
         for key in sorted(keys[: math.ceil(fraction * len(keys))]):
             out.write(key + "\n")
 PY
-        mapfile -t names < "$dir/sample.txt"
-        [ ${#names[@]} -gt 0 ] || { echo "no mutants sampled, see $dir/generate.log" >&2; exit 2; }
+            mapfile -t names < "$dir/sample.txt"
+            [ ${#names[@]} -gt 0 ] || { echo "no mutants sampled, see $dir/generate.log" >&2; exit 2; }
+        fi
+        printf '%s\n' "${names[@]}" > "$dir/selected.txt"
+        # mutmut forks a warm test process per mutant: one thread per process, or torch's and
+        # OpenMP's thread pools deadlock in the forked children
+        (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" \
+            "${names[@]}" > mutmut-run.log 2>&1) || true
     fi
-    printf '%s\n' "${names[@]}" > "$dir/selected.txt"
-    # mutmut forks a warm test process per mutant: one thread per process, or torch's and
-    # OpenMP's thread pools deadlock in the forked children
-    (cd "$dir" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PYTHON" -m mutmut run --max-children "$JOBS" \
-        "${names[@]}" > mutmut-run.log 2>&1) || true
     (cd "$dir" && "$PYTHON" -m mutmut results --all true > results-all.txt 2>&1) || true
     if [ ${#names[@]} -gt 0 ]; then
         # only the selected mutants count; the others are "not checked" by design
