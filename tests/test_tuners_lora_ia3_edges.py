@@ -197,3 +197,13 @@ def test_injecting_a_second_adapter_keeps_the_layers_active_adapter_as_hf_peft()
         active.append(m.base_model.model.model.layers[0].self_attn.q_proj.active_adapters)
     assert active[0] == ["default"]
     assert active[1] == active[0]
+
+
+def test_4bit_merge_without_quant_state_names_the_layer(llama_dir):  # noqa: F811
+    config = peft_fast.LoraConfig(r=2, target_modules=["k_proj"])
+    ours = peft_fast.get_peft_model(load(llama_dir, "nf4-dq-fp32"), config)
+    layer = ours.base_model.model.model.layers[1].self_attn.k_proj
+    layer.base_layer.weight.quant_state = None
+    layer.base_layer.quant_state = None
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"model.layers.1.self_attn.k_proj.*no quant_state"):
+        layer.merge()

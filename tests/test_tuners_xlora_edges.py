@@ -90,3 +90,14 @@ def test_config_without_adapters_warns_as_hf_peft():
 def test_config_names_a_bad_xlora_size():
     with pytest.raises(ValueError, match="xlora_size must be a positive integer, got 0"):
         _xlora({}, xlora_size=0)
+
+
+def test_fp16_model_keeps_fp16_activations_as_hf_peft(experts):  # noqa: F811
+    kwargs = {"task_type": "CAUSAL_LM", "hidden_size": 32, "xlora_size": 16}
+    dtypes = []
+    for lib, names in ((peft, ["0", "1"]), (peft_fast, ["a", "b"])):
+        torch.manual_seed(7)
+        m = lib.get_peft_model(_base().half(), lib.XLoraConfig(adapters=dict(zip(names, experts[:2])), **kwargs))
+        with torch.no_grad():
+            dtypes.append(m(input_ids=torch.tensor([[3, 4, 5]])).logits.dtype)
+    assert dtypes == [torch.float16, torch.float16]
