@@ -94,10 +94,13 @@ def test_config_names_a_bad_xlora_size():
 
 def test_fp16_model_keeps_fp16_activations_as_hf_peft(experts):  # noqa: F811
     kwargs = {"task_type": "CAUSAL_LM", "hidden_size": 32, "xlora_size": 16}
-    dtypes = []
+    dtypes, expert_dtypes = [], []
     for lib, names in ((peft, ["0", "1"]), (peft_fast, ["a", "b"])):
         torch.manual_seed(7)
         m = lib.get_peft_model(_base().half(), lib.XLoraConfig(adapters=dict(zip(names, experts[:2])), **kwargs))
         with torch.no_grad():
             dtypes.append(m(input_ids=torch.tensor([[3, 4, 5]])).logits.dtype)
+        expert_dtypes.append({p.dtype for n, p in m.named_parameters() if "lora_A" in n or "lora_B" in n})
     assert dtypes == [torch.float16, torch.float16]
+    assert expert_dtypes[0] == {torch.float32}  # HF peft's autocast_adapter_dtype: the experts in fp32
+    assert expert_dtypes[1] == expert_dtypes[0]
