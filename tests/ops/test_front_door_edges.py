@@ -126,3 +126,115 @@ def test_register_backend_module_adds_each_module_once_in_order(monkeypatch):
     dispatch.register_backend_module("new_backend", "e.f")
     assert dispatch._BACKEND_MODULES["new_backend"] == ("e.f",)
     monkeypatch.delitem(dispatch._BACKEND_MODULES, "new_backend")
+
+
+# -- more messages: the argument named, what was given -----------------------------------------------
+def test_check_errors_name_the_argument_and_what_was_given():
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"ia3_l must have shape \(1, 8\) for a feed-forward layer, got \(\)$"):
+        ops.ia3_linear(x, w, None, [1.0] * 8, True)
+    As, Bs, rows = [torch.randn(2, 8)], [torch.randn(5, 2)], torch.tensor([0, 0, -1, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"lora_Bs\[0\] must be \(5, 2\), got torch.Size\(\[5, 3\]\)"):
+        ops.lora_linear_mixed(x, w, None, As, [torch.randn(5, 3)], [1.0], [0.0], rows)
+    with pytest.raises(ValueError, match=r"^scalings must have one entry per adapter \(1\), got 2$"):
+        ops.lora_linear_mixed(x, w, None, As, Bs, [1.0, 2.0], [0.0], rows)
+    plan = ops.mixed_batch.group_rows([0, 0, 0], "cpu")
+    with pytest.raises(ValueError, match=r"^plan groups 3 rows but x has 6$"):
+        ops.lora_linear_mixed(x, w, None, As, Bs, [1.0], [0.0], rows, plan=plan)
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        ops.dora_linear(x, w, torch.zeros(4), torch.randn(2, 8), Bs[0], torch.ones(5), 1.0)
+    with pytest.raises(ValueError, match=r"lora_B must be \(5, 2\), got \(5, 3\)"):
+        ops.dora_weight_norm(w, torch.randn(2, 8), torch.randn(5, 3), 1.0)
+    with pytest.raises(ValueError, match=r"weight must be \(num_embeddings, embedding_dim\), got torch.Size\(\[8\]\)"):
+        ops.dora_embedding(
+            torch.tensor([0, 1]), torch.randn(8), torch.randn(2, 8), torch.randn(4, 2), torch.ones(4), 1.0
+        )
+    A, B, ts = torch.randn(3, 8), torch.randn(5, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"token_scalings must be .* = \(6, 2\), got \(6, 3\)$"):
+        ops.xlora_linear(x, w, None, A, B, [1, 2], ts, [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        ops.xlora_linear(x, w, torch.zeros(4), A, B, [1, 2], ts[:, :2], [0.0, 0.0])
+
+
+def test_dora_linear_checks_the_norm_against_the_output_features():
+    x, w, A, B, m = torch.randn(4, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2), torch.ones(5)
+    with pytest.raises(ValueError, match=r"^norm must be \(5,\), got \(8,\)$"):
+        ops.dora_linear(x, w, None, A, B, m, 1.0, norm=torch.ones(8))
+    norm = ops.dora_weight_norm(w, A, B, 1.0)
+    with peft_fast.use_backend("torch"):
+        torch.testing.assert_close(
+            ops.dora_linear(x, w, None, A, B, m, 1.0, norm=norm), ops.dora_linear(x, w, None, A, B, m, 1.0)
+        )
+
+
+def test_dora_norm_cache_returns_the_float64_norm_and_clears():
+    w, A, B = _randn(5, 8, seed=1), _randn(2, 8, seed=2), _randn(5, 2, seed=3)
+    expected = torch.linalg.vector_norm(w + 0.5 * B @ A, dim=1)
+    cache = ops.DoraNormCache()
+    torch.testing.assert_close(cache.get("a", w, A, B, 0.5).double(), expected, rtol=1e-6, atol=0)
+    assert len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_dora_embedding_matches_its_formula():
+    ids = torch.tensor([[0, 3], [2, 2]])
+    w, A, B, m = _randn(4, 6, seed=1), _randn(2, 4, seed=2), _randn(6, 2, seed=3), _randn(6, seed=4).abs() + 0.5
+    norm = torch.linalg.vector_norm(w.t() + 0.5 * B @ A, dim=1)
+    expected = m / norm * (w[ids] + 0.5 * A[:, ids].movedim(0, -1) @ B.t())
+    with peft_fast.use_backend("torch"):
+        torch.testing.assert_close(ops.dora_embedding(ids, w, A, B, m, 0.5), expected, rtol=1e-6, atol=0)  # fp32 norm
+
+
+def test_stack_cache_clear_drops_the_stack():
+    cache = LoraStackCache()
+    cache.get([torch.randn(2, 4)], [torch.randn(3, 2)], [1.0], [0.0])
+    cache.clear()
+    assert cache._stack is None and cache._key is None
+
+
+# -- size guards (meta tensors: no memory) -----------------------------------------------------------
+def test_size_reason_counts_rows_over_the_last_dimension_and_takes_1d_inputs():
+    from peft_fast.ops.checks import size_reason
+
+    meta = dict(device="meta")
+    # 2**16 rows of 8 features times 2**15 outputs: an output of 2**31 elements
+    assert "2147483648 elements" in size_reason(torch.empty(2**10, 64, 8, **meta), torch.empty(2**15, 8, **meta))
+    assert size_reason(torch.empty(2**10, 64, 8, **meta), torch.empty(2**14, 8, **meta)) is None
+    assert "2147483648 elements" in size_reason(torch.empty(8, **meta), torch.empty(2**28, 8, **meta))
+
+
+# -- backend status and the backend table --------------------------------------------------------------
+def test_interpreter_flag_and_triton_status(monkeypatch):
+    require_triton()
+    monkeypatch.setenv("TRITON_INTERPRET", "")
+    assert not dispatch.interpreter_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.interpreter_enabled()
+    if not torch.cuda.is_available():
+        assert dispatch._triton_status() is None
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "TRITON_INTERPRET=1 is not set" in dispatch._triton_status()
+
+
+def test_cuda_status_without_registered_modules(monkeypatch):
+    monkeypatch.setitem(dispatch._BACKEND_MODULES, "cuda", ())
+    assert dispatch._cuda_status() == "no CUDA C++ kernels are registered in this version of peft_fast"
+
+
+def test_a_backend_module_that_fails_to_import_is_the_reason(monkeypatch):
+    require_triton()
+    monkeypatch.setitem(dispatch._BACKEND_MODULES, "triton", ("peft_fast.no_such_module",))
+    monkeypatch.delitem(dispatch._loaded, "triton", raising=False)
+    reason = dispatch.unavailable_reason("triton")
+    assert reason.startswith("loading peft_fast.no_such_module failed (ModuleNotFoundError")
+    monkeypatch.delitem(dispatch._loaded, "triton")
+
+
+def test_missing_backend_table_is_named_without_the_env_note(tmp_path, monkeypatch):
+    path = tmp_path / "nope.json"
+    monkeypatch.setattr(dispatch, "_table_cache", None)
+    with pytest.raises(
+        FileNotFoundError, match=r"^backend table " + str(path).replace(".", r"\.") + " does not exist$"
+    ):
+        dispatch.load_backend_table(path)
