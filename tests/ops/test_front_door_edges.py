@@ -206,7 +206,7 @@ def test_size_reason_counts_rows_over_the_last_dimension_and_takes_1d_inputs():
 
 # -- backend status and the backend table --------------------------------------------------------------
 def test_interpreter_flag_and_triton_status(monkeypatch):
-    require_triton()
+    pytest.importorskip("triton")  # not require_triton(): a broken status check would skip this test
     monkeypatch.setenv("TRITON_INTERPRET", "")
     assert not dispatch.interpreter_enabled()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -231,6 +231,16 @@ def test_a_backend_module_that_fails_to_import_is_the_reason(monkeypatch):
     monkeypatch.delitem(dispatch._loaded, "triton")
 
 
+def test_shipped_table_errors_are_named_without_the_env_note(tmp_path, monkeypatch):
+    bad = tmp_path / "table.json"
+    bad.write_text("{not json")
+    monkeypatch.delenv(dispatch.BACKEND_TABLE_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "BACKEND_TABLE", bad)
+    monkeypatch.setattr(dispatch, "_table_cache", None)
+    with pytest.raises(ValueError, match=r"^backend table " + str(bad).replace(".", r"\.") + r" is not valid JSON \("):
+        dispatch.load_backend_table()
+
+
 def test_missing_backend_table_is_named_without_the_env_note(tmp_path, monkeypatch):
     path = tmp_path / "nope.json"
     monkeypatch.setattr(dispatch, "_table_cache", None)
@@ -238,3 +248,35 @@ def test_missing_backend_table_is_named_without_the_env_note(tmp_path, monkeypat
         FileNotFoundError, match=r"^backend table " + str(path).replace(".", r"\.") + " does not exist$"
     ):
         dispatch.load_backend_table(path)
+
+
+def _fake_op_with_default_order(monkeypatch, order, **refusals):
+    """An op "edges_fake_op" with an AUTO_DEFAULT entry `order`, impls returning their backend's
+    name on every backend (refusing where `refusals` says), every backend pretended available."""
+    import types
+
+    op = "edges_fake_op"
+    monkeypatch.setitem(dispatch._IMPLS, op, {})
+    monkeypatch.setitem(dispatch.AUTO_DEFAULT, op, order)
+    for b in ("torch", "triton", "triton_composite", "cuda"):
+        why = refusals.get(b)
+        dispatch.register(op, b, lambda *a, _b=b, **k: _b, lambda *a, _w=why, **k: _w)
+        if b != "torch":
+            monkeypatch.setitem(dispatch._STATUS, b, lambda: None)
+            monkeypatch.setitem(dispatch._loaded, b, None)
+    monkeypatch.setattr(dispatch, "_table_cache", {"entries": {}})
+    return op, types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, shape=(4, 8), numel=lambda: 32)
+
+
+def test_auto_follows_the_ops_default_order_on_cuda_tensors(monkeypatch):
+    op, cuda_like = _fake_op_with_default_order(monkeypatch, ("cuda", "torch"))
+    with peft_fast.use_backend("auto"):
+        assert dispatch.select(op, cuda_like)() == "cuda"  # not FALLBACK_ORDER's "triton"
+
+
+def test_a_refusing_composite_falls_back_along_the_ops_composites(monkeypatch):
+    op, cuda_like = _fake_op_with_default_order(
+        monkeypatch, ("triton_composite", "cuda", "torch"), triton_composite="refused"
+    )
+    with peft_fast.use_backend("triton_composite"):
+        assert dispatch.select(op, cuda_like)() == "cuda"  # the fused "triton" is not a composite
