@@ -182,3 +182,28 @@ def test_set_state_dict_errors_name_the_option_and_join_the_faults():
         match=r"1 keys the model has no place for, e\.g\. \['no\.such\.key'\]; 1 weights of adapter 'default'",
     ):
         sl.set_peft_model_state_dict(model, bad)
+
+
+def test_xlora_file_holds_the_classifier_under_its_path(tmp_path):
+    """X-LoRA's classifier is stored under its module path (oracle: the classifier's own state dict)."""
+    from conftest import make_model
+
+    import peft_fast
+
+    expert = peft_fast.get_peft_model(make_model("llama"), peft_fast.LoraConfig(r=2, target_modules=["q_proj"]))
+    expert.save_pretrained(tmp_path / "e0")
+    base = make_model("llama")
+    base.config.use_cache = False
+    config = peft_fast.XLoraConfig(
+        task_type="CAUSAL_LM", hidden_size=32, xlora_size=8, adapters={"e0": str(tmp_path / "e0")}
+    )
+    model = peft_fast.get_peft_model(base, config)
+    classifier = model.base_model.internal_xlora_classifier.state_dict()
+    assert classifier
+    for root, prefix in (
+        (model, "base_model.internal_xlora_classifier."),
+        (model.base_model, "internal_xlora_classifier."),
+    ):
+        saved = sl.get_peft_model_state_dict(root)
+        for k, v in classifier.items():
+            assert torch.equal(saved[prefix + k], v)
