@@ -245,9 +245,10 @@ def _chained_twins(kind, chain, dropout=0.0):
     return theirs, ours
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("chain", list(CHAINS))
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize(
+    "kind,chain,dropout",
+    [("llama", "dora+dora", 0.2), ("llama", "lora+dora", 0.0), ("gpt2", "dora+lora", 0.2), ("gpt2", "dora+dora", 0.0)],
+)
 def test_several_active_adapters_train_like_hf(kind, chain, dropout):
     theirs, ours = _chained_twins(kind, chain, dropout)
     trainable = {m: sorted(n for n, p in m.named_parameters() if p.requires_grad) for m in (theirs, ours)}
@@ -264,8 +265,7 @@ def test_several_active_adapters_train_like_hf(kind, chain, dropout):
         torch.testing.assert_close(g_o[name], g_t[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("chain", list(CHAINS))
+@pytest.mark.parametrize("kind,chain", [("llama", "dora+lora"), ("gpt2", "lora+dora"), ("llama", "dora+dora")])
 def test_several_active_adapters_eval_merge_and_files_like_hf(kind, chain, tmp_path):
     theirs, ours = _chained_twins(kind, chain)
     inputs = make_inputs(kind)
@@ -313,7 +313,7 @@ def test_several_active_adapters_eval_merge_and_files_like_hf(kind, chain, tmp_p
     torch.testing.assert_close(output_of(plain_o, inputs), output_of(plain_t, inputs), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["gpt2"])
 def test_mixed_batch_with_dora_as_hf(kind):
     """HF peft refuses `adapter_names` naming a DoRA adapter, and serves a batch that names only
     plain LoRA adapters (and "__base__") of a model that also holds DoRA adapters."""
