@@ -128,10 +128,6 @@ class LoraLayer(AdapterLayer):
         (out, in); 0 for Conv1D's (in, out) and Embedding's (num, dim))."""
         return 0 if getattr(self, "fan_in_fan_out", False) or isinstance(self, LoraEmbedding) else 1
 
-    def _dora_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        """The stored base weight (or a copy of it) seen as (out, in) for DoRA's norm."""
-        return weight if self._dora_norm_dim() == 1 else weight.T
-
     def _dora_weight(self) -> torch.Tensor:
         """The base weight DoRA's norm is taken of, as (out, in) for Linear / Conv1D and as stored
         (num, dim) for Embedding (quantized layers: dequantized)."""
