@@ -17,6 +17,11 @@ DoRA layers (`use_dora=True`, HF peft's `DoraLinearVariant` on `lora.Linear`) go
 `ops.dora_linear` under the same conditions, with their `lora_magnitude_vector` (the norm is
 recomputed each call, as HF peft does without its opt-in cache).
 
+HF peft's DoRA Embedding layers (`lora.Embedding` with its `DoraEmbeddingVariant`) go through
+`ops.dora_embedding` under the same conditions, on a plain `nn.Embedding` base and where the
+embedding applies no scale of its own (`_get_embed_scale()` is None); plain LoRA Embedding
+layers keep peft's forward.
+
 HF peft's bitsandbytes LoRA layers (QLoRA) are routed too: `lora.bnb.Linear4bit` through
 `ops.lora_linear_4bit` (the packed 4-bit weight read directly), `lora.bnb.Linear8bitLt`
 through bitsandbytes' int8 product plus `ops.lora_add`, under the same conditions, and only
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import dora_linear, ia3_linear, lora_add, lora_linear, lora_linear_4bit
+from .ops import dora_embedding, dora_linear, ia3_linear, lora_add, lora_linear, lora_linear_4bit
 
 __all__ = ["patch_peft", "patched_layers", "unpatch_peft"]
 
@@ -129,6 +134,47 @@ def _unhooked(base: nn.Module, cls: type) -> bool:
     return type(base) is cls and no_hooks and "forward" not in vars(base)
 
 
+def _dora_embedding_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """Arguments of `dora_embedding` equivalent to this HF peft lora.Embedding forward call (one
+    active DoRA adapter, HF's own DoRA classes, a plain nn.Embedding base, no embed scale), or None."""
+    try:
+        from peft.tuners.lora.dora import DoraEmbeddingLayer
+        from peft.tuners.lora.variants import DoraEmbeddingVariant
+    except ImportError:  # another peft version: never wrong, peft's forward runs
+        return None
+    if args or kwargs or not isinstance(x, torch.Tensor) or layer.disable_adapters or layer.merged:
+        return None
+    name = _single_active(layer, layer.lora_embedding_A)
+    if name is None:
+        return None
+    variant = layer.lora_variant.get(name)
+    dora = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
+    if not (variant is DoraEmbeddingVariant or type(variant) is DoraEmbeddingVariant):
+        return None
+    if type(dora) is not DoraEmbeddingLayer or "forward" in vars(dora):
+        return None
+    base = layer.base_layer
+    no_hooks = not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
+    if type(base) is not nn.Embedding or not no_hooks or "forward" in vars(base):
+        return None
+    get_scale = getattr(layer, "_get_embed_scale", None)
+    if get_scale is None or get_scale() is not None:
+        return None
+    scaling = layer.scaling[name]
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        return None
+    A, B = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    lookup = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+    return (x, base.weight, A, B, dora.weight, float(scaling), *lookup)
+
+
+def _lora_embedding_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+    fast = _dora_embedding_args(self, x, args, kwargs)
+    if fast is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return dora_embedding(*fast)
+
+
 def _lora_4bit_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
     from .quant import bnb as qbnb
 
@@ -182,7 +228,11 @@ def _peft_layer_types() -> dict[type, Any]:
         from peft.tuners.lora import layer as lora_layer
     except ImportError as e:
         raise ImportError(f"patch_peft needs Hugging Face peft installed ({e})") from e
-    forwards = {lora_layer.Linear: _lora_forward, ia3_layer.Linear: _ia3_forward}
+    forwards = {
+        lora_layer.Linear: _lora_forward,
+        lora_layer.Embedding: _lora_embedding_forward,
+        ia3_layer.Linear: _ia3_forward,
+    }
     try:  # HF peft defines its bnb layers only where bitsandbytes imports
         from peft.tuners.lora import bnb as lora_bnb
     except Exception:
@@ -195,8 +245,8 @@ def _peft_layer_types() -> dict[type, Any]:
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
-    """Make every HF peft `lora.Linear` and `ia3.Linear` layer (and LoRA's bitsandbytes
-    `Linear4bit` / `Linear8bitLt` layers) of `model` run through
+    """Make every HF peft `lora.Linear`, `lora.Embedding` and `ia3.Linear` layer (and LoRA's
+    bitsandbytes `Linear4bit` / `Linear8bitLt` layers) of `model` run through
     peft_fast's ops (in place; returns `model`). Outputs and gradients are HF peft's: calls
     the ops cannot reproduce exactly go to peft's own forward. Patching twice is harmless;
     `unpatch_peft` undoes it.
@@ -215,7 +265,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
         setattr(module, _MARK, True)
         count += 1
     if count == 0:
-        raise ValueError("model has no HF peft lora.Linear or ia3.Linear layer to patch")
+        raise ValueError("model has no HF peft lora.Linear, lora.Embedding or ia3.Linear layer to patch")
     return model
 
 

@@ -1,6 +1,7 @@
 """DoRA (`LoraConfig(use_dora=True)`) against HF peft 0.21.2: parameters, state-dict keys and
 files both ways, outputs, gradients and trainable counts on Linear (Llama), Conv1D (GPT-2) and
-Embedding, merging, disabling and deleting; and the errors for what is refused. HF peft is
+Embedding, merging, disabling and deleting; several active adapters (DoRA and plain LoRA, in
+turn, as HF chains them); mixed-adapter batches; and the errors for what is refused. HF peft is
 the oracle; the op-level tests (float64 oracle) are tests/ops/test_dora.py."""
 
 from __future__ import annotations
@@ -230,14 +231,112 @@ def test_embedding_dora_like_hf():
         torch.testing.assert_close(got, emb_t.get_parameter(name).grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+# (first adapter's use_dora, second's): HF peft applies active adapters in turn, a DoRA one
+# rescaling the output its predecessors left (base_result = result - bias without dropout).
+CHAINS = {"dora+dora": (True, True), "dora+lora": (True, False), "lora+dora": (False, True)}
+
+
+def _chained_twins(kind, chain, dropout=0.0):
+    first, second = CHAINS[chain]
+    other = {"r": 2, "lora_alpha": 3, "use_dora": second, "lora_dropout": dropout}
+    theirs, ours = _twins(kind, second=other, use_dora=first, lora_dropout=dropout)
+    for model in (theirs, ours):
+        model.base_model.set_adapter(["default", "other"])
+    return theirs, ours
+
+
+@pytest.mark.parametrize(
+    "kind,chain,dropout",
+    [("llama", "dora+dora", 0.2), ("llama", "lora+dora", 0.0), ("gpt2", "dora+lora", 0.2), ("gpt2", "dora+dora", 0.0)],
+)
+def test_several_active_adapters_train_like_hf(kind, chain, dropout):
+    theirs, ours = _chained_twins(kind, chain, dropout)
+    trainable = {m: sorted(n for n, p in m.named_parameters() if p.requires_grad) for m in (theirs, ours)}
+    assert trainable[ours] == trainable[theirs]
+    assert any(".other" in n for n in trainable[ours]) and any(".default" in n for n in trainable[ours])
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    for model in (theirs, ours):
+        model.train()
+    (l_t, g_t), (l_o, g_o) = _loss_and_grads(theirs, kind), _loss_and_grads(ours, kind)
+    torch.testing.assert_close(l_o, l_t, rtol=1e-5, atol=1e-6)
+    assert sorted(g_o) == sorted(g_t)
+    assert any(".other" in n for n in g_o) and any("lora_magnitude_vector" in n for n in g_o)
+    for name in g_t:
+        torch.testing.assert_close(g_o[name], g_t[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind,chain", [("llama", "dora+lora"), ("gpt2", "lora+dora"), ("llama", "dora+dora")])
+def test_several_active_adapters_eval_merge_and_files_like_hf(kind, chain, tmp_path):
+    theirs, ours = _chained_twins(kind, chain)
+    inputs = make_inputs(kind)
+    for model in (theirs, ours):
+        model.eval()
+    want = output_of(theirs, inputs)
+    torch.testing.assert_close(output_of(ours, inputs), want, rtol=1e-5, atol=1e-5)
+    ours.base_model.set_adapter("default")  # the chain is not the first adapter alone
+    assert not torch.allclose(output_of(ours, inputs), want, rtol=1e-3, atol=1e-3)
+    ours.base_model.set_adapter(["default", "other"])
+    torch.testing.assert_close(output_of(ours, inputs), want, rtol=1e-5, atol=1e-5)  # from the norm cache
+
+    # adapter files both ways: each library loads the other's two adapters and gives the same chain
+    theirs.save_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    for sub, dora in zip(("", "other"), CHAINS[chain]):  # adapters' own keys (embedding-layer copies aside)
+        hf_file = peft_fast.load_peft_weights(str(tmp_path / "hf" / sub))
+        our_file = peft_fast.load_peft_weights(str(tmp_path / "ours" / sub))
+        adapter_keys = sorted(k for k in hf_file if "lora_" in k)
+        assert sorted(k for k in our_file if "lora_" in k) == adapter_keys
+        assert any(k.endswith("lora_magnitude_vector") for k in adapter_keys) == dora
+        for k in adapter_keys:
+            torch.testing.assert_close(our_file[k], hf_file[k], rtol=0, atol=0)
+    loaded_o = peft_fast.PeftModel.from_pretrained(make_model(kind), tmp_path / "hf")
+    loaded_o.load_adapter(tmp_path / "hf" / "other", adapter_name="other")
+    loaded_t = peft.PeftModel.from_pretrained(make_model(kind), tmp_path / "ours")
+    loaded_t.load_adapter(tmp_path / "ours" / "other", adapter_name="other")
+    for model in (loaded_o, loaded_t):
+        model.base_model.set_adapter(["default", "other"])
+        torch.testing.assert_close(output_of(model.eval(), inputs), want, rtol=1e-5, atol=1e-5)
+
+    # merging both (HF merges them in turn, each DoRA norm taken of the unmerged weight)
+    for model in (theirs, ours):
+        model.merge_adapter()
+    for name, layer in _layers(ours).items():
+        assert layer.merged_adapters == _layers(theirs)[name].merged_adapters == ["default", "other"]
+        want_w = _layers(theirs)[name].get_base_layer().weight
+        torch.testing.assert_close(layer.base_layer.weight, want_w, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), rtol=1e-4, atol=1e-4)
+    for model in (theirs, ours):
+        model.unmerge_adapter()
+    torch.testing.assert_close(output_of(ours, inputs), want, rtol=1e-4, atol=1e-4)
+    plain_t, plain_o = theirs.merge_and_unload(), ours.merge_and_unload()
+    assert sorted(plain_o.state_dict()) == sorted(plain_t.state_dict())
+    torch.testing.assert_close(output_of(plain_o, inputs), output_of(plain_t, inputs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2"])
+def test_mixed_batch_with_dora_as_hf(kind):
+    """HF peft refuses `adapter_names` naming a DoRA adapter, and serves a batch that names only
+    plain LoRA adapters (and "__base__") of a model that also holds DoRA adapters."""
+    theirs, ours = _twins(kind, second={"r": 2, "lora_alpha": 3, "use_dora": False})
+    inputs = make_inputs(kind)
+    for model in (theirs, ours):
+        model.eval()
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+            output_of(model, inputs, adapter_names=["default", "other", "__base__"])
+    names = ["other", "__base__", "other"]
+    want = output_of(theirs, inputs, adapter_names=names)
+    torch.testing.assert_close(output_of(ours, inputs, adapter_names=names), want, rtol=1e-5, atol=1e-5)
+    ours.base_model.set_adapter("other")
+    only_other = output_of(ours, inputs)
+    torch.testing.assert_close(want[0], only_other[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want[1], output_of(make_model(kind), inputs)[1], rtol=1e-5, atol=1e-5)
+
+
 def test_refusals():
     _, ours = _twins(second={"r": 2, "lora_alpha": 3})
     inputs = make_inputs("llama")
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
         output_of(ours, inputs, adapter_names=["default", "other", "__base__"])
-    ours.base_model.set_adapter(["default", "other"])
-    with pytest.raises(ValueError, match="several active adapters with DoRA are not supported"):
-        output_of(ours, inputs)
     with pytest.raises(ValueError, match="DoRA does not support megatron_core"):
         peft_fast.LoraConfig(use_dora=True, megatron_config={"a": 1})
     with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):

@@ -227,6 +227,45 @@ def test_dora_layers_routed_with_hf_loss_and_grads(kind, dropout):
     assert dora_spy.call_count == 0
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_embedding_layers_routed_with_hf_loss_and_grads(kind):
+    """HF peft's DoRA Embedding (lora.Embedding + DoraEmbeddingVariant) through ops.dora_embedding:
+    the loss and gradients of unpatched peft, eval outputs too; merged or disabled: peft's forward."""
+    embedding = "embed_tokens" if kind == "llama" else "wte"
+    model = _lora_model(kind, dropout=0.1, use_dora=True)
+    model.add_adapter(
+        "emb", peft.LoraConfig(r=4, lora_alpha=8, target_modules=[embedding], init_lora_weights=False, use_dora=True)
+    )
+    model.base_model.set_adapter("emb")
+    model.train()
+    want = _loss_and_grads(model)
+    assert any("lora_magnitude_vector.emb" in n for n in want[1])
+    model.eval()
+    with torch.no_grad():
+        want_eval = model(**_batch()).logits
+    peft_fast.patch_peft(model)
+    layer = next(m for n, m in model.named_modules() if n.endswith(embedding) and hasattr(m, "lora_embedding_A"))
+    assert layer.__dict__.get("_peft_fast_patched")
+    model.train()
+    with _spy("dora_embedding") as spy:
+        got = _loss_and_grads(model)
+    assert spy.call_count == 1
+    _assert_same(got, want, 1e-5)
+    model.eval()
+    with _spy("dora_embedding") as spy, torch.no_grad():
+        torch.testing.assert_close(model(**_batch()).logits, want_eval, rtol=1e-5, atol=1e-6)
+        with model.disable_adapter():
+            model(**_batch())
+        assert spy.call_count == 1
+        model.merge_adapter()  # (GPT-2 ties wte to its head, so merged logits differ from unmerged ones)
+        model(**_batch())
+        assert spy.call_count == 1  # merged: peft's forward
+        model.unmerge_adapter()
+        layer._get_embed_scale = lambda: torch.tensor(2.0)  # a scaled embedding (Gemma3's): peft's forward
+        model(**_batch())
+        assert spy.call_count == 1
+
+
 def test_falls_back_for_several_active_adapters():
     model = _lora_model("llama")
     torch.manual_seed(5)

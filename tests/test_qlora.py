@@ -280,3 +280,138 @@ def test_patch_peft_routes_hf_bnb_layers(llama_dir, quant):
         mp.setattr(peft_fast.patch, op, lambda *a: calls.append(1) or original(*a))
         _check_same_training_step(hf, patched)
     assert len(calls) == 2 * 14  # every layer through the op: forward, then the checkpointed recompute
+
+
+# -- DoRA over quantized bases -----------------------------------------------------------------
+# HF peft 0.21.2's DoRA on Linear8bitLt breaks on CPU (bitsandbytes 0.50.2) once
+# prepare_model_for_kbit_training is applied, or in eval after a training step: its
+# `dequantize_module_weight` replaces the Int8Params in place and the int8 product then finds no
+# SCB ("'NoneType' object has no attribute 'unsqueeze'" / "... 'dtype'"). HF is compared on fresh
+# unprepared 8-bit models for each phase; ours runs every phase on one model.
+
+
+def _dora_pair(path, quant, **kw):
+    kw = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=True, **kw)
+    return _pair(path, quant, peft.LoraConfig(**kw), peft_fast.LoraConfig(**kw), prepare=quant != "int8")
+
+
+def _no_avx512_repacking(*models):
+    for m in models:  # bitsandbytes' AVX512-BF16 inference repacking: off for both
+        for mod in m.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                mod.support_avx512bf16_for_cpu = False
+
+
+@pytest.mark.parametrize("quant,dropout", [("nf4-dq-fp32", 0.1), ("fp4-bf16", 0.0), ("int8", 0.1)])
+def test_dora_training_step_matches_hf_peft(llama_dir, quant, dropout):
+    hf, ours = _dora_pair(llama_dir, quant, lora_dropout=dropout)
+    assert hf.get_nb_trainable_parameters() == ours.get_nb_trainable_parameters()
+    assert sorted(hf.state_dict()) == sorted(ours.state_dict())
+    assert any("lora_magnitude_vector.default.weight" in k for k in ours.state_dict())
+    layer = ours.base_model.model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == ("LoraLinear8bit" if quant == "int8" else "LoraLinear4bit")
+    torch.manual_seed(3)  # the same dropout masks
+    hf.train()
+    a = hf(input_ids=_ids(), labels=_ids())
+    a.loss.backward()
+    torch.manual_seed(3)
+    ours.train()
+    b = ours(input_ids=_ids(), labels=_ids())
+    b.loss.backward()
+    ga, gb = _grads(hf), _grads(ours)
+    assert set(ga) == set(gb) and any("lora_magnitude_vector" in k for k in gb)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    # bf16 compute: the norm's last-bit differences (ours never forms W + s·B·A) flip bf16 roundings
+    rtol = 2e-2 if quant == "fp4-bf16" else 1e-4
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=rtol, atol=rtol * ga[k].abs().max().item(), msg=k)
+    if quant == "int8":  # ours also trains on a prepared (gradient-checkpointed) 8-bit model: the same step
+        prepared = peft_fast.get_peft_model(
+            peft_fast.prepare_model_for_kbit_training(load(llama_dir, quant)),
+            peft_fast.LoraConfig(**ours.peft_config["default"].to_dict()),
+        )
+        peft_fast.set_peft_model_state_dict(prepared, peft_fast.get_peft_model_state_dict(ours))
+        torch.manual_seed(3)
+        prepared.train()
+        c = prepared(input_ids=_ids(), labels=_ids())
+        c.loss.backward()
+        torch.testing.assert_close(c.loss, b.loss, rtol=1e-6, atol=1e-6)
+        gc = _grads(prepared)
+        for k in gb:
+            torch.testing.assert_close(gc[k], gb[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("quant", ["nf4-dq-fp32", "int8"])
+def test_dora_init_eval_files_and_merge_match_hf_peft(llama_dir, quant, tmp_path):
+    # initialisation: the magnitude is the dequantized weight's row norm (B = 0), computed by each library
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True)
+    fresh_hf = peft.get_peft_model(load(llama_dir, quant), peft.LoraConfig(**kw))
+    fresh_ours = peft_fast.get_peft_model(load(llama_dir, quant), peft_fast.LoraConfig(**kw))
+    mags_hf = {k: v for k, v in fresh_hf.state_dict().items() if "magnitude" in k}
+    mags_ours = {k: v for k, v in fresh_ours.state_dict().items() if "magnitude" in k}
+    assert sorted(mags_hf) == sorted(mags_ours) and len(mags_hf) == 4
+    for k in mags_hf:
+        torch.testing.assert_close(mags_ours[k], mags_hf[k], rtol=1e-6, atol=0, msg=k)
+
+    tol = dict(rtol=1e-5, atol=1e-5)
+    hf, ours = _dora_pair(llama_dir, quant)
+    _no_avx512_repacking(hf, ours)
+    hf.eval()
+    ours.eval()
+    ids = _ids(2)
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, **tol)
+
+    # adapter files both ways, over fresh quantized bases
+    ours.save_pretrained(tmp_path / "ours")
+    hf.save_pretrained(tmp_path / "hf")
+    theirs_file, our_file = (peft_fast.load_peft_weights(str(tmp_path / d)) for d in ("hf", "ours"))
+    assert sorted(theirs_file) == sorted(our_file)
+    assert all(torch.equal(theirs_file[k], our_file[k]) for k in our_file)
+    hf_loaded = peft.PeftModel.from_pretrained(load(llama_dir, quant), tmp_path / "ours")
+    ours_loaded = peft_fast.PeftModel.from_pretrained(load(llama_dir, quant), tmp_path / "hf")
+    _no_avx512_repacking(hf_loaded, ours_loaded)
+    with torch.no_grad():
+        for m in (hf_loaded.eval(), ours_loaded.eval()):
+            torch.testing.assert_close(m(input_ids=ids).logits, want, **tol)
+
+    # merge, unmerge, merge_and_unload: dequantize, DoRA-merge, requantize, as HF peft
+    bits = 8 if quant == "int8" else 4
+    with pytest.warns(UserWarning, match=f"Merge lora module to {bits}-bit linear"):
+        ours.merge_adapter()
+    hf.merge_adapter()
+    for name in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):
+        hl = hf.base_model.model.model.layers[1].get_submodule(name).base_layer
+        ol = ours.base_model.model.model.layers[1].get_submodule(name).base_layer
+        assert type(ol) is type(hl) and torch.equal(ol.weight.data, hl.weight.data), name
+    hf.eval()
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, hf(input_ids=ids).logits, **tol)
+    with pytest.warns(UserWarning, match=f"Unmerge lora module to {bits}-bit linear"):
+        ours.unmerge_adapter()
+    hf.unmerge_adapter()
+    hl = hf.base_model.model.model.layers[0].mlp.gate_proj.base_layer
+    ol = ours.base_model.model.model.layers[0].mlp.gate_proj.base_layer
+    assert torch.equal(ol.weight.data, hl.weight.data)
+    merged = ours.merge_and_unload()
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+
+
+@pytest.mark.parametrize("quant", ["nf4-dq-fp32"])
+def test_dora_with_a_second_active_adapter_matches_hf_peft(llama_dir, quant):
+    """Several active adapters over a quantized base, a plain LoRA one then a DoRA one (HF's chain)."""
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    hf_base, our_base = load(llama_dir, quant), load(llama_dir, quant)
+    hf = peft.get_peft_model(hf_base, peft.LoraConfig(**kw))
+    ours = peft_fast.get_peft_model(our_base, peft_fast.LoraConfig(**kw))
+    hf.add_adapter("dora", peft.LoraConfig(**kw, use_dora=True))
+    ours.add_adapter("dora", peft_fast.LoraConfig(**kw, use_dora=True))
+    for name in ("default", "dora"):
+        state = peft.get_peft_model_state_dict(hf, adapter_name=name)
+        peft_fast.set_peft_model_state_dict(ours, state, adapter_name=name)
+    for m in (hf, ours):
+        m.base_model.set_adapter(["default", "dora"])
+    _no_avx512_repacking(hf, ours)
+    _check_same_training_step(hf, ours, exact=False)

@@ -3,12 +3,12 @@
 from . import dispatch
 from .adalora import adalora_linear
 from .dispatch import available_backends, get_backend, set_backend, use_backend
-from .dora import DoraNormCache, dora_embedding, dora_linear, dora_weight_norm
+from .dora import DoraNormCache, dora_add, dora_embedding, dora_linear, dora_weight_norm
 from .ia3 import ia3_linear
 from .loha import loha_conv, loha_linear
 from .lokr import lokr_conv, lokr_linear
 from .lora import lora_embedding, lora_linear, lora_linear_mixed
-from .qlora import dequantize_4bit, ia3_linear_4bit, lora_add, lora_linear_4bit
+from .qlora import dequantize_4bit, dora_linear_4bit, ia3_linear_4bit, lora_add, lora_linear_4bit
 from .vera import vera_linear
 from .xlora import xlora_linear
 
@@ -30,8 +30,10 @@ __all__ = [
     "DoraNormCache",
     "adalora_linear",
     "available_backends",
+    "dora_add",
     "dora_embedding",
     "dora_linear",
+    "dora_linear_4bit",
     "dora_weight_norm",
     "dequantize_4bit",
     "get_backend",

@@ -1,8 +1,10 @@
 """DoRA ops: what the DoRA layers call (`LoraConfig(use_dora=True)`).
 
 `dora_weight_norm` is ‖W + s·B·A‖ per output row; `dora_linear` and `dora_embedding` are the
-layers' outputs. Each checks its arguments once, here, then dispatches (see dispatch.py): the
-"torch" backend is `dora_reference.py`, the "triton" backend `ops/triton/dora.py`.
+layers' outputs; `dora_add` applies DoRA to an output computed elsewhere (a quantized base
+layer's, or one that earlier active adapters already changed), as HF peft chains adapters.
+Each checks its arguments once, here, then dispatches (see dispatch.py): the "torch" backend
+is `dora_reference.py`, the "triton" backend `ops/triton/dora.py` (`dora_linear`, the norm).
 
 The norm is treated as a constant, as HF peft does. In eval mode a layer's `DoraNormCache`
 keeps it between calls (HF peft's DoRA caching, here always on: it is one float per output
@@ -20,8 +22,9 @@ from .checks import check_lora_args
 dispatch.register("dora_weight_norm", "torch", reference.dora_weight_norm)
 dispatch.register("dora_linear", "torch", reference.dora_linear)
 dispatch.register("dora_embedding", "torch", reference.dora_embedding)
+dispatch.register("dora_add", "torch", reference.dora_add)
 
-__all__ = ["DoraNormCache", "dora_embedding", "dora_linear", "dora_weight_norm"]
+__all__ = ["DoraNormCache", "dora_add", "dora_embedding", "dora_linear", "dora_weight_norm"]
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -115,6 +118,51 @@ def dora_linear(
     return fn(*args, norm=norm)
 
 
+def dora_add(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HF peft's DoRA update applied to `result` (..., out), an output computed elsewhere:
+    `result + (m/‖W + s·B·A‖ − 1) ⊙ base + m/‖W + s·B·A‖ ⊙ s·x'AᵀBᵀ` where base is
+    `result − bias` without dropout (eval or dropout_p = 0: earlier adapters' updates in
+    `result` are rescaled too, as in HF peft) and `x'Wᵀ` with x' = dropout(x) otherwise.
+
+    x: (..., in); weight: (out, in) in any floating dtype (a dequantized 4-bit or 8-bit weight
+    is fine; it is frozen here); bias: (out,) or None, the bias already in `result`;
+    lora_A (r, in), lora_B (out, r), magnitude (out,); `norm` (out,) as in `dora_linear`.
+    Returns a tensor of result's shape and dtype."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        got = getattr(weight, "shape", weight)
+        raise ValueError(f"weight must be a floating (out_features, in_features) tensor, got {got!r}")
+    out_f, in_f = weight.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x must be (..., {in_f}), got {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(result, torch.Tensor) or tuple(result.shape) != (*x.shape[:-1], out_f):
+        raise ValueError(f"result must be {(*x.shape[:-1], out_f)}, got {tuple(getattr(result, 'shape', ()))}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,)):
+        raise ValueError(f"bias must be ({out_f},) or None, got {tuple(getattr(bias, 'shape', ()))}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_magnitude(magnitude, out_f)
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)  # checks lora_A, lora_B and scaling
+    elif tuple(norm.shape) != (out_f,):
+        raise ValueError(f"norm must be ({out_f},), got {tuple(norm.shape)}")
+    args = (result, x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), training)
+    fn = dispatch.select("dora_add", *args, norm=norm)
+    return fn(*args, norm=norm)
+
+
 def dora_embedding(
     input_ids: torch.Tensor,
     weight: torch.Tensor,
@@ -129,15 +177,20 @@ def dora_embedding(
     sparse: bool = False,
     *,
     norm: torch.Tensor | None = None,
+    result: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA on an embedding (HF peft's DoraEmbeddingLayer): weight (num, dim), lora_A (r, num),
     lora_B (dim, r), magnitude (dim,); `norm` (dim,) is ‖Wᵀ + s·B·A‖ per embedding dimension
-    when the caller holds it. Returns `m/norm ⊙ (E[ids] + s · A[:, ids]ᵀ Bᵀ)`."""
+    when the caller holds it. Returns `m/norm ⊙ (result + s · A[:, ids]ᵀ Bᵀ)`, where `result`
+    is the lookup E[ids] unless given (the output with earlier adapters added, HF peft's chain)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be (num_embeddings, embedding_dim), got {getattr(weight, 'shape', weight)!r}")
     _check_magnitude(magnitude, weight.shape[1])
+    want = (*input_ids.shape, weight.shape[1])
+    if result is not None and (not isinstance(result, torch.Tensor) or tuple(result.shape) != want):
+        raise ValueError(f"result must have the lookup's shape {want}, got {tuple(getattr(result, 'shape', ()))}")
     if norm is None:
         norm = dora_weight_norm(weight.t(), lora_A, lora_B, scaling)
     fn = dispatch.select("dora_embedding", input_ids, weight, lora_A, lora_B, magnitude, scaling)
     lookup = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    return fn(input_ids, weight, lora_A, lora_B, magnitude, scaling, *lookup, norm=norm)
+    return fn(input_ids, weight, lora_A, lora_B, magnitude, scaling, *lookup, norm=norm, result=result)

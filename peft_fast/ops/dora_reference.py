@@ -30,7 +30,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dora_embedding", "dora_linear", "dora_weight_norm", "dora_weight_norm_float64"]
+from ..quant.formats import QuantState4bit
+from .reference import dequantize_4bit, linear_4bit
+
+__all__ = [
+    "dora_add",
+    "dora_embedding",
+    "dora_linear",
+    "dora_linear_4bit",
+    "dora_weight_norm",
+    "dora_weight_norm_float64",
+]
 
 # Elements of W per block of the norm computation (bounds its fp32 temporaries to 16 MiB).
 NORM_BLOCK_ELEMENTS = 2**22
@@ -169,6 +179,59 @@ def dora_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def dora_add(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HF peft's DoRA variant on an output computed elsewhere (`result`: a quantized base layer's
+    output, or the base output with earlier adapters already added), with plain autograd:
+    `result + (scale − 1) ⊙ base + scale ⊙ s · x'AᵀBᵀ`, scale = m / ‖W + s·B·A‖, where
+    base = result − b without dropout (so earlier adapters' updates are rescaled too, as in
+    HF peft) and base = x'Wᵀ with it (x' = dropout(x), drawn as `F.dropout` draws it)."""
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    xa = x.to(lora_A.dtype)
+    scale = magnitude / norm.to(magnitude.dtype)
+    if dropout_p > 0.0 and training:
+        xa = F.dropout(xa, p=dropout_p, training=True)
+        base = F.linear(xa, weight.to(xa.dtype))
+    else:
+        base = result if bias is None else result - bias
+    lora = F.linear(F.linear(xa, lora_A), lora_B)
+    return (result + ((scale - 1) * base + scale * lora * scaling)).to(result.dtype)
+
+
+def dora_linear_4bit(
+    x: torch.Tensor,
+    state: QuantState4bit,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    compute_dtype: torch.dtype,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA on a 4-bit base as HF peft's bnb Linear4bit computes it: bitsandbytes' Linear4bit
+    output, then the DoRA update with the dequantized weight (its norm, and x'Wᵀ with dropout)."""
+    weight = dequantize_4bit(state)
+    result = linear_4bit(x, state, bias, compute_dtype)
+    return dora_add(result, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, norm=norm)
+
+
 def dora_embedding(
     input_ids: torch.Tensor,
     weight: torch.Tensor,
@@ -183,14 +246,17 @@ def dora_embedding(
     sparse: bool = False,
     *,
     norm: torch.Tensor | None = None,
+    result: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA on an embedding (HF peft's DoraEmbeddingLayer): weight (num, dim), A (r, num),
     B (dim, r); the norm runs over each embedding dimension (a column of weight), and
-    `y = scale ⊙ (E[ids] + s · A[:, ids]ᵀ Bᵀ)` with scale = m / norm (dim,)."""
+    `y = scale ⊙ (result + s · A[:, ids]ᵀ Bᵀ)` with scale = m / norm (dim,) and result the
+    lookup E[ids] unless given (the output with earlier adapters added, as HF peft chains them)."""
     if norm is None:
         norm = dora_weight_norm(weight.t(), lora_A, lora_B, scaling)
     lookup = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    result = F.embedding(input_ids, weight, *lookup)
+    if result is None:
+        result = F.embedding(input_ids, weight, *lookup)
     out_dtype = result.dtype
     scale = magnitude / norm.to(magnitude.dtype)
     after_A = F.embedding(input_ids, lora_A.T, *lookup)

@@ -50,10 +50,24 @@ def lora_embedding(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     sparse: bool = False,
+    *,
+    result: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Embedding lookup plus its LoRA update; A: (r, num_embeddings), B: (dim, r)."""
+    """Embedding lookup plus its LoRA update; A: (r, num_embeddings), B: (dim, r). With `result`
+    (the lookup's shape, e.g. the output with other adapters applied) the update is added to it
+    instead of to the lookup."""
+    lookup = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    if result is not None:
+        _check_embedding_result(result, input_ids, weight)
+        return reference.lora_embedding(input_ids, weight, lora_A, lora_B, scaling, *lookup, result=result)
     fn = dispatch.select("lora_embedding", input_ids, weight, lora_A, lora_B, scaling)
-    return fn(input_ids, weight, lora_A, lora_B, scaling, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    return fn(input_ids, weight, lora_A, lora_B, scaling, *lookup)
+
+
+def _check_embedding_result(result: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor) -> None:
+    want = (*input_ids.shape, weight.shape[1])
+    if not isinstance(result, torch.Tensor) or tuple(result.shape) != want:
+        raise ValueError(f"result must have the lookup's shape {want}, got {tuple(getattr(result, 'shape', ()))}")
 
 
 def lora_linear_mixed(

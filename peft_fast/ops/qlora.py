@@ -1,4 +1,4 @@
-"""QLoRA ops: LoRA and IA³ on a base weight stored in bitsandbytes' 4-bit format, the 4-bit
+"""QLoRA ops: LoRA, DoRA and IA³ on a base weight stored in bitsandbytes' 4-bit format, the 4-bit
 dequantizer, and the LoRA update added to a base output computed elsewhere (8-bit layers,
 whose int8 product stays bitsandbytes'). Each dispatches to a backend (see dispatch.py); the
 "torch" backend is `reference.py`: dequantize, `F.linear`, then the adapter."""
@@ -9,11 +9,14 @@ import torch
 
 from ..quant.formats import QuantState4bit
 from . import dispatch, reference
+from .dora import dora_weight_norm
+from .dora_reference import dora_linear_4bit as _dora_linear_4bit_reference
 
 dispatch.register("dequantize_4bit", "torch", reference.dequantize_4bit)
 dispatch.register("lora_linear_4bit", "torch", reference.lora_linear_4bit)
 dispatch.register("ia3_linear_4bit", "torch", reference.ia3_linear_4bit)
 dispatch.register("lora_add", "torch", reference.lora_add)
+dispatch.register("dora_linear_4bit", "torch", _dora_linear_4bit_reference)
 
 
 def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -42,6 +45,42 @@ def lora_linear_4bit(
     compute_dtype = x.dtype if compute_dtype is None else compute_dtype
     args = (x, state, bias, lora_A, lora_B, scaling, dropout_p, training, compute_dtype)
     return dispatch.select("lora_linear_4bit", *args)(*args)
+
+
+def dora_linear_4bit(
+    x: torch.Tensor,
+    state: QuantState4bit,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    *,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA with W (out, in) in 4 bits: `y = x Wᵀ + b + (m/‖W + s·B·A‖ − 1) ⊙ x'Wᵀ + m/‖W + s·B·A‖ ⊙ s·x'AᵀBᵀ`.
+
+    The base product is bitsandbytes' Linear4bit (in `compute_dtype`, default x's dtype, back in
+    x's dtype); the norm and, with dropout, x'Wᵀ use the dequantized weight, as HF peft's bnb
+    DoRA does. `norm` (out,) is the weight norm when the caller holds it. Returns (..., out) in
+    x's dtype."""
+    if not isinstance(state, QuantState4bit):
+        raise TypeError(f"state must be a QuantState4bit, got {type(state).__name__}")
+    out_f, in_f = state.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x must be (..., {in_f}), got {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (out_f,):
+        raise ValueError(f"magnitude must be a ({out_f},) tensor, got {tuple(getattr(magnitude, 'shape', ()))}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    compute_dtype = x.dtype if compute_dtype is None else compute_dtype
+    if norm is None:
+        norm = dora_weight_norm(dequantize_4bit(state), lora_A, lora_B, scaling)
+    args = (x, state, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), training, compute_dtype)
+    return dispatch.select("dora_linear_4bit", *args, norm=norm)(*args, norm=norm)
 
 
 def ia3_linear_4bit(

@@ -81,9 +81,13 @@ def lora_embedding(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     sparse: bool = False,
+    *,
+    result: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Embedding lookup plus `scaling · A[:, ids]ᵀ Bᵀ`, with A (r, num_embeddings), B (dim, r)."""
-    result = F.embedding(input_ids, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    """Embedding lookup (or `result`, when given) plus `scaling · A[:, ids]ᵀ Bᵀ`, with A
+    (r, num_embeddings), B (dim, r)."""
+    if result is None:
+        result = F.embedding(input_ids, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     out_dtype = result.dtype
     after_A = F.embedding(input_ids, lora_A.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     return (result + (after_A @ lora_B.T) * scaling).to(out_dtype)

@@ -229,3 +229,87 @@ def test_dora_linear_bf16_within_twice_the_torch_error(path, p):
         errors[backend] = [_rel(y, want)] + [_rel(t.grad, ref.grad) for t, ref in zip((x, A, B, mag), leaves)]
     for got, torch_err in zip(errors["triton"], errors["torch"]):
         assert got <= 2 * torch_err + 1e-3
+
+
+def _dora_add_oracle(result, x, weight, bias, A, B, mag, s, keep, p):
+    """float64 HF peft DoRA variant on an output `result` computed elsewhere (norm detached):
+    result + (scale - 1) * base + scale * s * x'AᵀBᵀ, base = result - b, or x'Wᵀ with dropout."""
+    r_, x_, A_, B_, m_ = (t.detach().double().requires_grad_(t.requires_grad) for t in (result, x, A, B, mag))
+    w = weight.detach().double()
+    scale = m_ / torch.linalg.norm(w + s * B_.detach() @ A_.detach(), dim=1)
+    if keep is None:
+        base = r_ if bias is None else r_ - bias.double()
+        dropped = x_
+    else:
+        dropped = x_ * keep / (1 - p)
+        base = dropped @ w.T
+    return r_ + (scale - 1) * base + scale * s * (dropped @ A_.T @ B_.T), (r_, x_, A_, B_, m_)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["2d", "3d"])
+def test_dora_add_matches_float64(p, bias, layout):
+    """ops.dora_add on an arbitrary `result` (not the base output: HF peft chains adapters, and a
+    DoRA adapter rescales what is already there), with a bf16 weight like a dequantized one."""
+    x, weight, b, A, B, mag = _inputs(7, 33, 20, 3, torch.float32, bias, layout, seed=4)
+    g = torch.Generator().manual_seed(9)
+    result = torch.randn(*x.shape[:-1], 20, generator=g).requires_grad_(True)
+    weight = weight.bfloat16()
+    keep = None
+    torch.manual_seed(55)
+    if p > 0:  # F.dropout's draw on x's shape, replayed
+        keep = torch.empty_like(x.detach()).bernoulli_(1 - p).bool().double()
+    torch.manual_seed(55)
+    y = ops.dora_add(result, x, weight, b, A, B, mag, 1.5, p, True)
+    want, leaves = _dora_add_oracle(result, x, weight, b, A, B, mag, 1.5, keep, p)
+    assert y.dtype == result.dtype and y.shape == result.shape
+    assert _rel(y, want) < 1e-5
+    dy = torch.randn(want.shape, generator=g)
+    y.backward(dy)
+    want.backward(dy.double())
+    for t, ref in zip((result, x, A, B, mag), leaves):
+        assert _rel(t.grad, ref.grad) < 1e-5
+    # eval (training=False): no dropout, whatever p
+    y_eval = ops.dora_add(result, x, weight, b, A, B, mag, 1.5, p, False)
+    assert _rel(y_eval, _dora_add_oracle(result, x, weight, b, A, B, mag, 1.5, None, p)[0]) < 1e-5
+
+
+def test_dora_add_bad_arguments():
+    x, weight, bias, A, B, mag = _inputs(4, 8, 6, 2, torch.float32, True, "2d")
+    result = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"result must be \(4, 6\)"):
+        ops.dora_add(result[:, :5], x, weight, bias, A, B, mag, 1.0)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 8\)"):
+        ops.dora_add(result, x[:, :7], weight, bias, A, B, mag, 1.0)
+    with pytest.raises(ValueError, match="weight must be a floating"):
+        ops.dora_add(result, x, weight.to(torch.int8), bias, A, B, mag, 1.0)
+    with pytest.raises(ValueError, match=r"bias must be \(6,\)"):
+        ops.dora_add(result, x, weight, bias[:2], A, B, mag, 1.0)
+    with pytest.raises(ValueError, match="magnitude must be"):
+        ops.dora_add(result, x, weight, bias, A, B, mag[:2], 1.0)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        ops.dora_add(result, x, weight, bias, A, B[:3], mag, 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.dora_add(result, x, weight, bias, A, B, mag, 1.0, -0.1)
+    with pytest.raises(ValueError, match="norm must be"):
+        ops.dora_add(result, x, weight, bias, A, B, mag, 1.0, norm=torch.ones(2))
+
+
+def test_embeddings_add_onto_a_given_result():
+    """dora_embedding and lora_embedding with `result=` (the output earlier adapters left) against
+    float64: scale ⊙ (result + s·A[:, ids]ᵀBᵀ) and result + s·A[:, ids]ᵀBᵀ."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    weight = torch.randn(11, 6, generator=g)
+    A, B = torch.randn(2, 11, generator=g), torch.randn(6, 2, generator=g)
+    mag = torch.rand(6, generator=g) + 0.5
+    result = torch.randn(3, 5, 6, generator=g)
+    lora = (A.double().T[ids] @ B.double().T) * 0.7
+    scale = mag.double() / torch.linalg.norm(weight.double().T + 0.7 * B.double() @ A.double(), dim=1)
+    assert _rel(ops.dora_embedding(ids, weight, A, B, mag, 0.7, result=result), scale * (result.double() + lora)) < 1e-6
+    assert _rel(ops.lora_embedding(ids, weight, A, B, 0.7, result=result), result.double() + lora) < 1e-6
+    with pytest.raises(ValueError, match=r"result must have the lookup's shape \(3, 5, 6\)"):
+        ops.dora_embedding(ids, weight, A, B, mag, 0.7, result=result[:, :2])
+    with pytest.raises(ValueError, match=r"result must have the lookup's shape \(3, 5, 6\)"):
+        ops.lora_embedding(ids, weight, A, B, 0.7, result=result[..., :2])

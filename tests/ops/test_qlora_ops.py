@@ -137,6 +137,44 @@ def test_lora_linear_4bit_compute_dtype_and_bias_grad():
     assert torch.allclose(gb, torch.full_like(gb, 15.0))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_dora_linear_4bit_matches_fp64(p):
+    """DoRA on a 4-bit base: base product plus (m/‖W + s·B·A‖ − 1)·x'Wᵀ + m/‖W + s·B·A‖·s·x'AᵀBᵀ with W
+    the dequantized weight (HF peft's bnb DoRA), forward and gradients of x, A, B and m."""
+    M, K, N, r, s = 9, 64, 33, 4, 0.75
+    state = _state((N, K), "nf4", True, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x, A = torch.randn(2, M, K, generator=g, dtype=torch.float64), torch.randn(r, K, generator=g, dtype=torch.float64)
+    B, b = torch.randn(N, r, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    m = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    dy = torch.randn(2, M, N, generator=g, dtype=torch.float64)
+    leaves32 = [leaf(t, torch.float32) for t in (x, A, B, m)]
+    keep = torch.ones(2, M, K, dtype=torch.float64)
+    torch.manual_seed(8)
+    if p > 0:  # F.dropout's draw, replayed
+        keep = torch.empty(2, M, K).bernoulli_(1 - p).double() / (1 - p)
+    torch.manual_seed(8)
+    with ops.use_backend("torch"):
+        y = ops.dora_linear_4bit(leaves32[0], state, b.float(), *leaves32[1:3], leaves32[3], s, p, True)
+    grads = torch.autograd.grad(y, leaves32, dy.float())
+
+    x64, A64, B64, m64 = (leaf(t, torch.float64) for t in (x, A, B, m))
+    W = dequantize_4bit(state, torch.float32).double()
+    scale = m64 / torch.linalg.norm(W + s * B @ A, dim=1)
+    xd = x64 * keep
+    y64 = x64 @ W.T + b + (scale - 1) * (xd @ W.T) + scale * s * (xd @ A64.T @ B64.T)
+    grads64 = torch.autograd.grad(y64, [x64, A64, B64, m64], dy)
+    assert y.dtype == torch.float32 and y.shape == (2, M, N)
+    for got, want in [(y, y64), *zip(grads, grads64)]:
+        assert rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match=r"magnitude must be a \(33,\) tensor"):
+        ops.dora_linear_4bit(x.float(), state, None, A.float(), B.float(), m[:3].float(), s)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 64\)"):
+        ops.dora_linear_4bit(x[..., :8].float(), state, None, A.float(), B.float(), m.float(), s)
+    with pytest.raises(TypeError, match="state must be a QuantState4bit"):
+        ops.dora_linear_4bit(x.float(), W, None, A.float(), B.float(), m.float(), s)
+
+
 def test_backward_keeps_no_dequantized_weight():
     """Between forward and backward only the packed weight is kept, never an (out, in) float copy."""
     state = _state((96, 128))

@@ -128,9 +128,10 @@ class LoraLayer(AdapterLayer):
         (out, in); 0 for Conv1D's (in, out) and Embedding's (num, dim))."""
         return 0 if getattr(self, "fan_in_fan_out", False) or isinstance(self, LoraEmbedding) else 1
 
-    def _dora_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        """The stored base weight (or a copy of it) seen as (out, in) for DoRA's norm."""
-        return weight if self._dora_norm_dim() == 1 else weight.T
+    def _dora_weight(self) -> torch.Tensor:
+        """The base weight DoRA's norm is taken of, as (out, in) for Linear / Conv1D and as stored
+        (num, dim) for Embedding (quantized layers: dequantized)."""
+        return self.base_weight()
 
     def _init_dora(self, adapter_name: str, use_dora: bool) -> None:
         if not isinstance(use_dora, bool):
@@ -139,16 +140,35 @@ class LoraLayer(AdapterLayer):
         if not use_dora:
             return
         A, B = self.lora_weights(adapter_name)
-        magnitude = initial_magnitude(self._dora_out_in(self.base_layer.weight), A, B, self.scaling[adapter_name])
+        weight = self._dora_weight()
+        out_in = weight.T if isinstance(self, LoraEmbedding) else weight
+        magnitude = initial_magnitude(out_in, A, B, self.scaling[adapter_name])
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
-    def _check_dora_single(self, names: list[str]) -> None:
-        dora = [n for n in names if self.use_dora.get(n, False)]
-        if dora and len(names) > 1:
-            raise ValueError(
-                f"active adapters {names} include DoRA adapters {dora}: several active adapters with DoRA are not "
-                "supported by peft_fast; activate one at a time"
-            )
+    def _active_names(self) -> list[str]:
+        """The active adapters this layer has, in activation order (HF peft applies them in turn)."""
+        return [a for a in self.active_adapters if a in self.r]
+
+    def _chained_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Several active adapters with at least one DoRA among them, applied one after the other
+        as HF peft does: a DoRA adapter rescales the output its predecessors produced."""
+        result = self._first_adapter_output(x, names[0])
+        for name in names[1:]:
+            result = self._add_adapter_output(result, x, name)
+        return result
+
+    def _first_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The eval-mode cached norm of `name` over `weight` ((out, in)), or None (training)."""
+        if self.training:
+            return None
+        A, B = self.lora_weights(name)
+        return self._dora_norms.get(name, weight, A, B, self.scaling[name])
 
     def _refuse_dora_mixed(self, mb: MixedBatch) -> None:
         if any(self.use_dora.get(n, False) for n in mb.names):
@@ -261,23 +281,46 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        names = [a for a in self.active_adapters if a in self.r]
-        self._check_dora_single(names)
-        if names and self.use_dora.get(names[0], False):
+        names = self._active_names()
+        if not names:
+            return None
+        if len(names) > 1 and any(self.use_dora.get(n, False) for n in names):
+            return self._chained_forward(x, names)
+        if self.use_dora.get(names[0], False):
             return self._dora_forward(x, names[0])
         lora = self.active_lora()
-        if lora is None:
-            return None
-        A, B, scaling, p = lora
+        assert lora is not None
+        return self._lora_forward(x, *lora)
+
+    def _lora_forward(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float
+    ) -> torch.Tensor:
+        """The base output plus one (possibly rank-concatenated) LoRA update."""
         return ops.lora_linear(x, self.base_weight(), self.base_layer.bias, A, B, scaling, p, self.training)
 
     def _dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The base output with the DoRA adapter `name` applied."""
         A, B = self.lora_weights(name)
         weight, scaling = self.base_weight(), self.scaling[name]
-        norm = None if self.training else self._dora_norms.get(name, weight, A, B, scaling)
+        norm = self._dora_norm(name, weight)
         magnitude = self.lora_magnitude_vector[name].weight
         p = self.dropout_p(name)
         return ops.dora_linear(x, weight, self.base_layer.bias, A, B, magnitude, scaling, p, self.training, norm=norm)
+
+    def _first_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.use_dora.get(name, False):
+            return self._dora_forward(x, name)
+        return self._lora_forward(x, *self.lora_weights(name), self.scaling[name], self.dropout_p(name))
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_weights(name)
+        scaling, p = self.scaling[name], self.dropout_p(name)
+        if not self.use_dora.get(name, False):
+            return ops.lora_add(result, x, A, B, scaling, p, self.training)
+        weight = self._dora_weight()
+        magnitude = self.lora_magnitude_vector[name].weight
+        bias, norm = self.base_layer.bias, self._dora_norm(name, weight)
+        return ops.dora_add(result, x, weight, bias, A, B, magnitude, scaling, p, self.training, norm=norm)
 
     def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:
         self._refuse_dora_mixed(mb)
@@ -335,7 +378,9 @@ class LoraEmbedding(LoraLayer):
         A, B = self.lora_weights(adapter_name)
         return (B @ A).T * self.scaling[adapter_name]
 
-    def _embed(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    def _embed(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, result: torch.Tensor | None = None
+    ) -> torch.Tensor:
         base = self.base_layer
         return ops.lora_embedding(
             x,
@@ -348,23 +393,36 @@ class LoraEmbedding(LoraLayer):
             base.norm_type,
             base.scale_grad_by_freq,
             base.sparse,
+            result=result,
         )
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        names = [a for a in self.active_adapters if a in self.r]
-        self._check_dora_single(names)
-        if names and self.use_dora.get(names[0], False):
+        names = self._active_names()
+        if not names:
+            return None
+        if len(names) > 1 and any(self.use_dora.get(n, False) for n in names):
+            return self._chained_forward(x, names)
+        if self.use_dora.get(names[0], False):
             return self._dora_embed(x, names[0])
         lora = self.active_lora()
-        if lora is None:
-            return None
+        assert lora is not None
         A, B, scaling, _ = lora  # HF peft applies no dropout to embedding LoRA
         return self._embed(x, A, B, scaling)
 
-    def _dora_embed(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _first_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.use_dora.get(name, False):
+            return self._dora_embed(x, name)
+        return self._embed(x, *self.lora_weights(name), self.scaling[name])
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.use_dora.get(name, False):
+            return self._dora_embed(x, name, result=result)
+        return self._embed(x, *self.lora_weights(name), self.scaling[name], result=result)
+
+    def _dora_embed(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         A, B = self.lora_weights(name)
         base, scaling = self.base_layer, self.scaling[name]
-        norm = None if self.training else self._dora_norms.get(name, base.weight.T, A, B, scaling)
+        norm = self._dora_norm(name, base.weight.T)
         return ops.dora_embedding(
             x,
             base.weight,
@@ -378,6 +436,7 @@ class LoraEmbedding(LoraLayer):
             base.scale_grad_by_freq,
             base.sparse,
             norm=norm,
+            result=result,
         )
 
     def _mixed_forward(self, x: torch.Tensor, mb: MixedBatch) -> torch.Tensor:

@@ -57,11 +57,6 @@ class LoraModel(BaseTuner):
     def _update_layer(self, layer: AdapterLayer, adapter_name: str, config: PeftConfig, key: str) -> None:
         assert isinstance(config, LoraConfig) and isinstance(layer, (LoraLinear, LoraEmbedding))
         r, alpha = self._layer_numbers(config, key)
-        if config.use_dora and type(layer) not in (LoraLinear, LoraEmbedding):
-            raise ValueError(
-                f"use_dora=True on {key!r} ({type(layer).__name__}): DoRA on quantized (bitsandbytes) layers is not "
-                "implemented in peft_fast; use_dora works on nn.Linear, transformers' Conv1D and nn.Embedding"
-            )
         layer.update_layer(
             adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, config.use_dora
         )
