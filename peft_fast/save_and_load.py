@@ -126,14 +126,18 @@ def _extra_base_keys(model: nn.Module, adapter_name: str, save_embedding_layers:
                 and getattr(module.base_layer, "bias", None) is not None
             ):
                 keys.append(f"{path}.base_layer.bias")
+    targets = getattr(config, "target_modules", None)
+    targeted = isinstance(targets, (set, list)) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto":
-        targets = getattr(config, "target_modules", None)
-        save_embedding_layers = isinstance(targets, (set, list)) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+        save_embedding_layers = targeted
     if save_embedding_layers:
+        # HF peft's rule: when an embedding layer is targeted, only the embedding layers that carry
+        # an adapter (a base_layer) are stored; otherwise (resized vocabulary) all of them are.
+        marks = [f".{n}.base_layer." if targeted else f".{n}." for n in EMBEDDING_LAYER_NAMES]
         keys += [
             k
             for k, _ in model.named_parameters()
-            if any(f".{n}." in k for n in EMBEDDING_LAYER_NAMES) and k not in adapter_keys and "lora_" not in k
+            if any(m in k for m in marks) and k not in adapter_keys and "lora_" not in k
         ]
     return keys
 
