@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,15 @@ PRESETS = {
 CASES = (("peft_fast", "fp32"), ("hf_peft", "fp32"), ("peft_fast", "4bit"), ("hf_peft", "4bit"))
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 YLABEL = "training step time / HF peft's at the same precision (lower is better)"
+MEMORY = (
+    "peak_rss_mib: the case's process peak RSS (VmHWM), imports and loading included; load_peak_mib: the "
+    "peak up to the end of from_pretrained (transformers + bitsandbytes, the same code for both libraries); "
+    "step_peak_mib: the peak RSS during the training steps (warm-up included) minus the RSS just before the "
+    "first step (VmHWM reset with /proc/self/clear_refs), the issue's 'peak memory of the training step'; "
+    "train_rss_mib: RSS growth over training; heap_in_use_mib: bytes malloc hands out (live memory, no "
+    "fragmentation), before and after the steps"
+)
+SHARED_PROCESS = "cases share one process (tiny preset): the memory columns are not per case"
 GPU_NUMBERS = "not measured: the per-layer GPU suite (fused 4-bit matmul vs bitsandbytes) needs a GPU round"
 
 
@@ -60,6 +68,8 @@ class QloraRow:
     step_ms: float
     peak_rss_mib: float
     train_rss_mib: float
+    load_peak_mib: float
+    step_peak_mib: float
     base_weight_mib: float
     trainable_params: int
     last_loss: float
@@ -69,6 +79,39 @@ class QloraRow:
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM: peak RSS, VmRSS, RssAnon, RssFile) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Make the peak RSS (VmHWM, and getrusage's ru_maxrss with it) start again from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _heap_in_use_mib() -> float:
+    """Bytes glibc's malloc hands out now (all arenas and mmapped chunks), in MiB: the memory
+    live tensors hold, without what malloc keeps from earlier frees (fragmentation). NaN where
+    the C library is not glibc."""
+    import ctypes
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]  # fmt: skip  # noqa: E501
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return math.nan
+    fn.restype = _Mallinfo2
+    info = fn()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def _base_weight_bytes(model: torch.nn.Module) -> int:
@@ -108,6 +151,7 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(case["checkpoint"], device_map="cpu", **kw)
     load_s = time.perf_counter() - t0
+    load_peak = _status_mib("VmHWM")  # the process's peak so far: imports and loading (shared code)
     base_bytes = _base_weight_bytes(model)
     if case["precision"] == "4bit":
         for m in model.modules():  # training: no inference-only repacking by bitsandbytes
@@ -121,6 +165,9 @@ def run_case(case: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, case["vocab"], (1, case["tokens"]), generator=g)
     rss_loaded = _rss_mib()
+    heap_before = _heap_in_use_mib()
+    peak_before = _status_mib("VmHWM")
+    _reset_peak_rss()  # from here VmHWM is the peak of the training steps alone
     times, loss = [], None
     for step in range(case["steps"] + 1):
         t = time.perf_counter()
@@ -130,13 +177,19 @@ def run_case(case: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         if step:  # the first step warms up
             times.append(time.perf_counter() - t)
+    step_peak = _status_mib("VmHWM")
     return {
         "impl": case["impl"],
         "precision": case["precision"],
         "load_s": load_s,
         "step_s": times,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": max(peak_before, step_peak),
         "train_rss_mib": _rss_mib() - rss_loaded,
+        "load_peak_mib": load_peak,
+        "rss_before_steps_mib": rss_loaded,
+        "step_peak_mib": step_peak - rss_loaded,
+        "heap_in_use_mib": {"before_steps": heap_before, "after_steps": _heap_in_use_mib()},
+        "rss_file_mib": _status_mib("RssFile"),
         "base_weight_mib": base_bytes / 2**20,
         "trainable": sum(p.numel() for p in params),
         "loss": loss.item(),
@@ -188,6 +241,8 @@ def run(preset: dict, device: torch.device) -> tuple[list[QloraRow], dict]:
                 step_ms=1e3 * statistics.median(s for r in mine for s in r["step_s"]),
                 peak_rss_mib=statistics.median(r["peak_rss_mib"] for r in mine),
                 train_rss_mib=statistics.median(r["train_rss_mib"] for r in mine),
+                load_peak_mib=statistics.median(r["load_peak_mib"] for r in mine),
+                step_peak_mib=statistics.median(r["step_peak_mib"] for r in mine),
                 base_weight_mib=mine[0]["base_weight_mib"],
                 trainable_params=mine[0]["trainable"],
                 last_loss=mine[-1]["loss"],
@@ -206,9 +261,8 @@ def run(preset: dict, device: torch.device) -> tuple[list[QloraRow], dict]:
         "steps": {"warmup": 1, "timed": preset["steps"], "rounds": preset["reps"], "statistic": "median step time"},
         "threads": torch.get_num_threads(),
         "isolated_processes": preset["isolate"],
-        "memory": "peak_rss_mib: the case's process peak RSS; train_rss_mib: RSS growth over training"
-        if preset["isolate"]
-        else "cases share one process (tiny preset): the memory columns are not per case",
+        "memory": MEMORY if preset["isolate"] else SHARED_PROCESS,
+        "targets": memory_targets(rows),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "bitsandbytes": bitsandbytes.__version__,
         "gpu_numbers": GPU_NUMBERS,
@@ -217,15 +271,37 @@ def run(preset: dict, device: torch.device) -> tuple[list[QloraRow], dict]:
     return rows, extra
 
 
+def memory_targets(rows: list[QloraRow]) -> dict[str, float | bool]:
+    """The issue's memory target, "CPU peak memory of the 4-bit training step <= HF peft +
+    bitsandbytes", read on the step's own peak (step_peak_mib), with the whole process's peak
+    (loading included) beside it."""
+    ours = next(r for r in rows if r.impl == "peft_fast" and r.precision == "4bit")
+    hf = next(r for r in rows if r.impl == "hf_peft" and r.precision == "4bit")
+    return {
+        "step_peak_mib": ours.step_peak_mib,
+        "hf_step_peak_mib": hf.step_peak_mib,
+        "step_peak_vs_hf": ours.step_peak_mib / hf.step_peak_mib,
+        "step_peak_met": ours.step_peak_mib <= hf.step_peak_mib,
+        "process_peak_vs_hf": ours.peak_rss_mib / hf.peak_rss_mib,
+    }
+
+
 def table(rows: list[QloraRow]) -> str:
     """A printable table of `rows`."""
-    head = f"{'impl':<10} {'prec':<5} {'step ms':>9} {'/hf':>6} {'peak MiB':>9} {'train MiB':>9} {'base MiB':>9} {'trainable':>10}"  # noqa: E501
+    head = f"{'impl':<10} {'prec':<5} {'step ms':>9} {'/hf':>6} {'peak MiB':>9} {'load pk':>8} {'step pk':>8} {'train MiB':>9} {'base MiB':>9} {'trainable':>10}"  # noqa: E501
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.impl:<10} {r.precision:<5} {r.step_ms:>9.1f} {r.step_ratio:>6.2f} {r.peak_rss_mib:>9.0f} "
-            f"{r.train_rss_mib:>9.0f} {r.base_weight_mib:>9.1f} {r.trainable_params:>10,}"
+            f"{r.load_peak_mib:>8.0f} {r.step_peak_mib:>8.0f} {r.train_rss_mib:>9.0f} {r.base_weight_mib:>9.1f} "
+            f"{r.trainable_params:>10,}"
         )
+    t = memory_targets(rows)
+    lines.append(
+        f"4-bit training step peak (RSS during the steps minus RSS before them): {t['step_peak_mib']:.0f} MiB vs "
+        f"HF peft + bitsandbytes {t['hf_step_peak_mib']:.0f} MiB ({t['step_peak_vs_hf']:.2f}x; target <= 1: "
+        f"{'met' if t['step_peak_met'] else 'MISSED'}); whole-process peak {t['process_peak_vs_hf']:.2f}x HF's"
+    )
     return "\n".join(lines)
 
 
