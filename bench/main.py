@@ -7,8 +7,10 @@ Suites (each in its own module of this package):
   quick   lora, ia3 and sgmv in one process, one record and one figure (the GPU round's preset)
   e2e     a training step of a Llama-shaped model: frozen, HF peft, peft_fast, HF peft + patch_peft (e2e.py)
   variants  LoRA's variants (LoHa, LoKr, ...: variants.METHODS) vs HF peft: model step and one layer (variants.py)
-  qlora   a training step of a Llama-shaped model in 4 bits vs fp32, peft_fast vs HF peft + bitsandbytes,
-          with each case's peak memory (qlora.py; CPU: presets cpu, tiny and full)
+  qlora   CPU: a training step of a Llama-shaped model in 4 bits vs fp32, peft_fast vs HF peft + bitsandbytes,
+          with each case's peak memory (qlora.py; presets cpu, tiny and full; tiny also runs the layer
+          harness below under TRITON_INTERPRET=1); CUDA: one 4-bit LoRA layer, fused vs HF peft +
+          bitsandbytes vs an Unsloth-style composite (qlora_layers.py; presets full and quick)
   xlora   X-LoRA forward and training step at 2-16 experts vs HF peft's X-LoRA and plain LoRA (xlora.py)
 
 Presets: "full" and "quick" are GPU sizes (default on CUDA: full; --quick: quick); "cpu" is
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, ia3, lora, qlora, sgmv, variants, xlora
+from . import e2e, ia3, lora, qlora, qlora_layers, sgmv, variants, xlora
 from .plot import plot_ratios
 from .timing import CPU_ROUNDS, device_name, make_record, write_record
 
@@ -155,15 +157,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"(<= 1: {'met' if t['peak_met'] else 'MISSED'})"
             )
         figure, ylabel = variants.ratios(record["rows"]), variants.YLABEL
+    elif args.suite == "qlora" and cuda:
+        if preset not in qlora_layers.PRESETS:
+            parser.error(f"argument --preset: the qlora layer suite (CUDA) has presets {list(qlora_layers.PRESETS)}")
+        rows, extra = qlora_layers.run(qlora_layers.PRESETS[preset], device)
+        print(f"\n[qlora] layers, {preset} preset on {device_name(device)}")
+        print(qlora_layers.table(rows))
+        print("\n".join(qlora_layers.target_lines(extra["targets"])))
+        extra["model_benchmark"] = "not run: the model training step benchmark is CPU-only"
+        record = make_record("qlora", device, rows, argv=argv, extra={"preset": preset, "benchmark": "layers", **extra})
+        print("qlora layer rows (JSON): " + json.dumps(record["rows"]))  # raw numbers in the log without --out
+        figure, ylabel = qlora_layers.ratios(record["rows"]), qlora_layers.YLABEL
     elif args.suite == "qlora":
-        if cuda:
-            parser.error(f"argument --suite qlora: measures the CPU training step only ({qlora.GPU_NUMBERS})")
         if preset not in qlora.PRESETS:
             parser.error(f"argument --preset: the qlora suite has presets {list(qlora.PRESETS)}, not {preset!r}")
         rows, extra = qlora.run(qlora.PRESETS[preset], device)
         print(f"\n[qlora] {preset} preset on {device_name(device)}")
         print(qlora.table(rows))
-        record = make_record("qlora", device, rows, argv=argv, extra={"preset": preset, **extra})
+        if preset == "tiny":  # the GPU layer benchmark's harness, on CPU
+            extra["layers"] = _qlora_layer_harness(device)
+        record = make_record("qlora", device, rows, argv=argv, extra={"preset": preset, "benchmark": "model", **extra})
         figure, ylabel = qlora.ratios(record["rows"]), qlora.YLABEL
     else:
         record, figure = _run_op_suites(args.suite, preset, device, args.rounds, argv)
@@ -202,6 +215,20 @@ def _run_op_suites(
         part = parts[suite]
         return make_record(suite, device, part.pop("rows"), argv=argv, extra=part), figure
     return make_record(suite, device, [], argv=argv, extra={"preset": preset, "parts": parts}), figure
+
+
+def _qlora_layer_harness(device: torch.device) -> dict:
+    """The qlora layer benchmark's tiny preset on CPU (a harness check, no numbers claimed)."""
+    from peft_fast.ops.dispatch import interpreter_enabled
+
+    if not interpreter_enabled():
+        why = "not run: on CPU the fused kernels need Triton's interpreter (TRITON_INTERPRET=1)"
+        print(f"qlora layer harness check {why}")
+        return {"skipped": why}
+    rows, extra = qlora_layers.run(qlora_layers.PRESETS["tiny"], device)
+    print(f"\n[qlora] layers, tiny preset on {device_name(device)}: {qlora_layers.HARNESS_ONLY}")
+    print(qlora_layers.table(rows))
+    return {**extra, "rows": [dataclasses.asdict(r) for r in rows]}
 
 
 def _given(argv: list[str] | None, flag: str) -> bool:
