@@ -15,9 +15,15 @@ The "tiny" preset runs its cases in this process instead (a harness check: its m
 columns are not per case, and the record says so).
 
 Presets: "full" (the ~105M-parameter model, 128 tokens per step, 3 rounds of 4 steps), "cpu"
-(the same model, 64 tokens, 2 rounds of 2 steps) and "tiny" (one small layer). The issue's GPU
-suite (fused 4-bit matmul vs bitsandbytes vs an Unsloth-style composite per layer) needs a
-GPU round and is not measured yet.
+(the same model, 64 tokens, 2 rounds of 2 steps) and "tiny" (one small layer; `peft-fast bench`
+then also runs the GPU layer benchmark's harness, bench/qlora_layers.py, on CPU). On CUDA the
+suite is the per-layer benchmark instead (fused 4-bit matmul vs bitsandbytes vs an
+Unsloth-style composite: bench/qlora_layers.py); it has not run on a GPU yet.
+
+Memory: the whole process's peak RSS is mostly set by loading (transformers materializes and
+quantizes the weights; the same code for both libraries) and by glibc keeping freed heap
+(fragmentation, which swings tens of MiB between runs of one case); the training step's own
+peak is recorded apart (see MEMORY), and the issue's CPU memory target is read on it.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ MEMORY = (
     "fragmentation), before and after the steps"
 )
 SHARED_PROCESS = "cases share one process (tiny preset): the memory columns are not per case"
-GPU_NUMBERS = "not measured: the per-layer GPU suite (fused 4-bit matmul vs bitsandbytes) needs a GPU round"
+GPU_NUMBERS = "not measured: the per-layer GPU benchmark (--suite qlora on CUDA, qlora_layers.py) has not run on a GPU"
 
 
 @dataclass
