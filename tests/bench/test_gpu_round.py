@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,11 +75,29 @@ def test_dry_run_runs_every_stage_and_its_output_files_in(tmp_path, repo):
     assert len(rnd.tests) == 2  # both test stages ended with pytest's result line
     tail = proc.stdout.strip().splitlines()
     assert "e2e training step" in proc.stdout and tail[-1].startswith("0 stage(s) failed")
+    log = (out / "round.log").read_text()
+    # the methods stage ran qlora's tiny preset: the CPU model step and the GPU layer benchmark's harness
+    assert "[qlora] tiny preset" in log and "[qlora] layers, tiny preset" in log and "suite qlora: exit" not in log
 
     # the same folder through the ingester (a CPU round needs allow_cpu)
     dest = ingest_mod.ingest(out, repo=repo, allow_cpu=True)
     assert sorted(p.name for p in dest.iterdir()) == [p.name for p in files]
     assert "LoRA 32→48, 16 tokens, r=4, p=0.1" in (repo / "README.md").read_text()
+
+
+def test_stage_limits_add_up_to_600_seconds():
+    """On a GPU the stages' limits add up to the round's 600 s, and the methods stage's suites fit in its own."""
+    script = (REPO / "bench" / "gpu_round.sh").read_text()
+    limits = {}
+    for line in script.splitlines():
+        found = re.match(r'\s*(?:\[ "\$DRY" = 1 \] \|\| )?stage (\S+) (\d+) ', line)
+        if found and "dry run: not installing" not in line:  # the dry run's install replaces the real one
+            limits[found[1]] = int(found[2])
+    limits["summary"] = int(re.search(r"limit summary (\d+)", script)[1])
+    assert set(limits) == {*STAGES, "nvidia-smi", "summary"} and sum(limits.values()) == 600
+    suites = re.search(r'^METHOD_SUITES="([^"]+)"', script, re.M)[1].split()
+    assert {s.split(":")[0] for s in suites} == {"variants", "xlora", "qlora"}
+    assert sum(int(s.split(":")[1]) for s in suites) <= limits["methods"]
 
 
 # -- a synthetic GPU round -------------------------------------------------------------------------
