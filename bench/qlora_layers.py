@@ -47,8 +47,8 @@ PRESETS = {
         "dtype": torch.bfloat16,
         "rounds": None,
     },
-    # CPU harness check: the split-K (M <= 16) and the tiled path of the fused kernel, odd N
-    "tiny": {"cases": ((64, 96, 1), (64, 96, 20)), "dtype": torch.float32, "rounds": 1},
+    # CPU harness check, one case (the tiled path; the split-K one costs as much again under the interpreter)
+    "tiny": {"cases": ((64, 96, 20),), "dtype": torch.float32, "rounds": 1},
 }
 TARGETS = {"fwd_bwd_speedup_at_8192": 1.3, "decode_speedup_4096x14336": 2.0, "extra_vs_bf16_weight": 0.10}
 YLABEL = "HF peft + bitsandbytes fwd+bwd time / the variant's (higher is better)"
@@ -68,6 +68,7 @@ class LayerRow:
     fwd_ms: float
     fwd_bwd_ms: float
     fwd_speedup: float  # hf_bnb's time / this variant's (higher is better)
+    base_fwd_ms: float  # bitsandbytes' Linear4bit alone, inference forward (no adapter): the case's reference
     fwd_bwd_speedup: float
     peak_mib: float  # max_memory_allocated over fwd+bwd minus the layer's weights (CUDA)
     extra_mib: float  # the pass's transient memory beyond what it holds before and after (CUDA)
@@ -180,14 +181,18 @@ def run_case(k: int, n: int, m: int, dtype: torch.dtype, device: torch.device, r
     fns = _variants(layer, x)
     timing = {} if rounds is None else {"rounds": rounds}
 
+    x_inference = x.detach()  # no grad anywhere: bitsandbytes takes its inference kernel (gemv at M = 1)
+
     def inference(f):
         def go():
             with torch.no_grad():
-                return f(x)
+                return f(x_inference)
 
         return go
 
-    fwd = median_times_ms({v: inference(f) for v, f in fns.items()}, cuda=cuda, **timing)
+    inference_fns = {v: inference(f) for v, f in fns.items()}
+    inference_fns["bnb_base"] = inference(layer.base_layer)
+    fwd = median_times_ms(inference_fns, cuda=cuda, **timing)
     both = median_times_ms(
         {v: (lambda f=f: f(x).backward(dy)) for v, f in fns.items()},
         cuda=cuda,
@@ -206,7 +211,7 @@ def run_case(k: int, n: int, m: int, dtype: torch.dtype, device: torch.device, r
         rows.append(
             LayerRow(
                 K=k, N=n, M=m, r=RANK, dtype=str(dtype).removeprefix("torch."), variant=v,
-                fwd_ms=fwd[v], fwd_bwd_ms=both[v], fwd_speedup=fwd["hf_bnb"] / fwd[v],
+                fwd_ms=fwd[v], fwd_bwd_ms=both[v], fwd_speedup=fwd["hf_bnb"] / fwd[v], base_fwd_ms=fwd["bnb_base"],
                 fwd_bwd_speedup=both["hf_bnb"] / both[v], peak_mib=peak, extra_mib=extra,
                 extra_vs_bf16_weight=extra * 2**20 / bf16_weight, rel_err_vs_hf=err,
             )
@@ -223,10 +228,15 @@ def targets(rows: list[LayerRow]) -> dict[str, dict]:
     if big:
         goal = TARGETS["fwd_bwd_speedup_at_8192"]
         out["fwd_bwd_at_8192"] = {"speedup_vs_hf_bnb": big, "target": goal, "met": min(big.values()) >= goal}
-    decode = [r.fwd_speedup for r in fused if (r.K, r.N, r.M) == (4096, 14336, 1)]
+    decode = [r for r in fused if (r.K, r.N, r.M) == (4096, 14336, 1)]
     if decode:
-        goal = TARGETS["decode_speedup_4096x14336"]
-        out["decode_4096x14336"] = {"speedup_vs_hf_bnb": decode[0], "target": goal, "met": decode[0] >= goal}
+        goal, r = TARGETS["decode_speedup_4096x14336"], decode[0]
+        out["decode_4096x14336"] = {
+            "speedup_vs_hf_bnb": r.fwd_speedup,
+            "target": goal,
+            "met": r.fwd_speedup >= goal,
+            "speedup_vs_bnb_base_alone": r.base_fwd_ms / r.fwd_ms,  # stricter: bitsandbytes without an adapter
+        }
     extra = {f"{r.K}x{r.N} M={r.M}": r.extra_vs_bf16_weight for r in fused}
     if fused and not any(math.isnan(v) for v in extra.values()):
         goal = TARGETS["extra_vs_bf16_weight"]
@@ -262,7 +272,8 @@ def run(preset: dict, device: torch.device) -> tuple[list[LayerRow], dict]:
             "composite": "Unsloth-style: bitsandbytes' dequantize_4bit + cuBLAS matmul + addmm_ (autograd Function)",
         },
         "quantization": "bitsandbytes NF4, blocksize 64, double quantization; adapters fp32, r=16, alpha=32",
-        "phases": "fwd: inference forward (no_grad); fwd_bwd: forward + backward (grads of x, A, B)",
+        "phases": "fwd: inference forward (no_grad, x without grad); fwd_bwd: forward + backward (grads of x, A, B); "
+        "base_fwd_ms: bitsandbytes' Linear4bit alone, inference forward",
         "memory": "CUDA only: peak_mib = max_memory_allocated over one fwd+bwd minus the layer's weights; "
         "extra_mib = that peak minus the larger of the allocation before and after the pass (transients)",
         "targets": targets(rows),

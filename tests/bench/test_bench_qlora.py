@@ -64,6 +64,7 @@ def test_tiny_preset_prints_its_table_and_writes_its_record(tmp_path, capsys):
         hf_row = got[(k, n, m, "hf_bnb")]
         assert r["fwd_speedup"] == pytest.approx(hf_row["fwd_ms"] / r["fwd_ms"])
         assert r["fwd_bwd_speedup"] == pytest.approx(hf_row["fwd_bwd_ms"] / r["fwd_bwd_ms"])
+        assert r["base_fwd_ms"] == hf_row["base_fwd_ms"] > 0  # bitsandbytes alone, timed once per case
         # the same layer three ways: HF peft's bnb layer is the oracle of the other two (fp32)
         assert r["rel_err_vs_hf"] < 1e-5 and r["dtype"] == "float32" and r["r"] == qlora_layers.RANK
         assert math.isnan(r["peak_mib"]) and math.isnan(r["extra_mib"])  # CUDA only
@@ -142,7 +143,7 @@ def test_composite_matches_float64_formula(m):
 def _row(k, n, m, variant, fwd_speedup=1.0, fwd_bwd_speedup=1.0, extra=0.0):
     return qlora_layers.LayerRow(
         K=k, N=n, M=m, r=16, dtype="bfloat16", variant=variant, fwd_ms=1.0, fwd_bwd_ms=1.0,
-        fwd_speedup=fwd_speedup, fwd_bwd_speedup=fwd_bwd_speedup, peak_mib=1.0, extra_mib=extra,
+        fwd_speedup=fwd_speedup, base_fwd_ms=0.8, fwd_bwd_speedup=fwd_bwd_speedup, peak_mib=1.0, extra_mib=extra,
         extra_vs_bf16_weight=extra, rel_err_vs_hf=0.0,
     )  # fmt: skip
 
@@ -158,7 +159,8 @@ def test_targets_are_read_on_the_fused_rows():
     t = qlora_layers.targets(rows)
     assert t["fwd_bwd_at_8192"] == {"speedup_vs_hf_bnb": {"4096x4096": 1.5, "4096x14336": 1.2}, "target": 1.3,
                                     "met": False}  # fmt: skip
-    assert t["decode_4096x14336"] == {"speedup_vs_hf_bnb": 2.5, "target": 2.0, "met": True}
+    assert t["decode_4096x14336"] == {"speedup_vs_hf_bnb": 2.5, "target": 2.0, "met": True,
+                                      "speedup_vs_bnb_base_alone": 0.8}  # fmt: skip
     assert t["extra_memory"]["met"] is False and t["extra_memory"]["vs_bf16_weight"]["4096x14336 M=1"] == 0.12
     rows[2] = _row(4096, 14336, 1, "fused", fwd_speedup=1.9, extra=0.05)
     t = qlora_layers.targets(rows)
