@@ -12,6 +12,7 @@ at 4096→4096, 4096→14336 and 14336→4096, M ∈ {1, 16, 512, 8192} tokens, 
 adapters (HF peft's default on a 4-bit base). Phases: "fwd" is inference (a forward under
 `torch.no_grad`, what decoding runs), "fwd_bwd" a training forward + backward (gradients of x,
 A and B). Times come from bench/timing.py (CUDA events, `triton.testing.do_bench` medians).
+bitsandbytes' `Linear4bit` alone (no adapter) is timed in the inference phase too: `base_fwd_ms`.
 
 Memory, per case, over one fwd+bwd pass (CUDA only): `peak_mib` is
 `torch.cuda.max_memory_allocated()` during the pass minus the layer's weights (packed codes,
