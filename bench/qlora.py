@@ -288,7 +288,7 @@ def memory_targets(rows: list[QloraRow]) -> dict[str, float | bool]:
     return {
         "step_peak_mib": ours.step_peak_mib,
         "hf_step_peak_mib": hf.step_peak_mib,
-        "step_peak_vs_hf": ours.step_peak_mib / hf.step_peak_mib,
+        "step_peak_vs_hf": ours.step_peak_mib / hf.step_peak_mib if hf.step_peak_mib > 0 else math.nan,
         "step_peak_met": ours.step_peak_mib <= hf.step_peak_mib,
         "process_peak_vs_hf": ours.peak_rss_mib / hf.peak_rss_mib,
     }

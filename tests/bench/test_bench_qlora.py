@@ -181,3 +181,5 @@ def test_memory_target_reads_the_step_peak():
     assert t["process_peak_vs_hf"] == pytest.approx(1.1)
     t = qlora.memory_targets([row("peft_fast", 900.0, 270.0), row("hf_peft", 1000.0, 260.0)])
     assert not t["step_peak_met"]
+    t = qlora.memory_targets([row("peft_fast", 900.0, 0.0), row("hf_peft", 1000.0, 0.0)])  # tiny steps: no growth
+    assert t["step_peak_met"] and math.isnan(t["step_peak_vs_hf"])
