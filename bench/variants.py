@@ -146,11 +146,23 @@ def _library(library: str) -> ModuleType:
     return importlib.import_module("peft" if library == "hf" else "peft_fast")
 
 
-def wrap(method: str, library: str, model: torch.nn.Module, targets: Any) -> torch.nn.Module:
-    """`model` with `method`'s adapter from `library` on `targets` (adapter weights from seed 1)."""
+# The model case wraps a causal LM as a user training it does, with task_type "CAUSAL_LM": only then
+# does HF peft run AdaLoraModel.forward, which adds AdaLoRA's orthogonality penalty to the loss (a bare
+# PeftModel calls the transformers model directly and skips it), so both libraries run the same step.
+MODEL_TASK_TYPE = "CAUSAL_LM"
+
+
+def wrap(
+    method: str, library: str, model: torch.nn.Module, targets: Any, task_type: str | None = None
+) -> torch.nn.Module:
+    """`model` with `method`'s adapter from `library` on `targets` (adapter weights from seed 1),
+    the config's task_type set to `task_type` when given."""
     lib = _library(library)
+    config = METHODS[method](lib, targets)
+    if task_type is not None:
+        config.task_type = task_type
     torch.manual_seed(1)
-    return lib.get_peft_model(model, METHODS[method](lib, targets))
+    return lib.get_peft_model(model, config)
 
 
 def make_batch(preset: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -226,9 +238,8 @@ def memory_child(variant: str, preset: dict[str, Any]) -> dict[str, int]:
     resident memory just before them (bytes)."""
     method, library = variant.split("-", 1)
     device = torch.device("cpu")
-    step = Step(
-        wrap(method, library, build_model(preset, device, torch.float32), "all-linear"), make_batch(preset, device)
-    )
+    model = build_model(preset, device, torch.float32)
+    step = Step(wrap(method, library, model, "all-linear", MODEL_TASK_TYPE), make_batch(preset, device))
     gc.collect()
     before = _rss_bytes()
     _reset_peak_rss()
@@ -292,7 +303,7 @@ def run_model_case(preset: dict[str, Any], device: torch.device, methods: list[s
     steps: dict[str, Step] = {}
     for v in _variants(methods):
         method, library = v.split("-", 1)
-        steps[v] = Step(wrap(method, library, build_model(preset, device, dtype), "all-linear"), batch)
+        steps[v] = Step(wrap(method, library, build_model(preset, device, dtype), "all-linear", MODEL_TASK_TYPE), batch)
     first = {v: s() for v, s in steps.items()}  # also the warm-up of the optimizer state
     peaks: dict[str, float] = {}
     if cuda:  # peak over one step each, above what is resident before it
