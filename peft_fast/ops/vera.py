@@ -11,7 +11,7 @@ fused backend can register under "vera_linear" with this signature.
 The CPU path is one autograd Function (same tensors and dtypes, frozen base weight; anything else
 runs HF peft's composition with plain autograd). Against HF peft's composition it saves, per call:
 - the dropout's scale `1/(1-p)` folded into λ_d (r values) instead of a pass over the (M, in) noise,
-  and a bool keep-mask saved (HF: the fp32 noise); the mask is F.dropout's own draw on CPU
+  and a bool mask of the dropped entries saved (HF: the fp32 noise); the mask is F.dropout's own draw on CPU
   (`bernoulli_(1-p)` on x's shape and dtype), so the same seed gives HF peft's mask;
 - `λ_b ⊙ v` added in place onto the base output (HF: a product and a sum, two (M, out) tensors),
   and no scalar pass in backward (autograd's addcmul multiplies by its `value`);
@@ -61,10 +61,10 @@ class _VeraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sliced_A, sliced_B, lambda_d, lambda_b, dropout_p):
         y = F.linear(x, weight, bias)
-        keep = None
+        dropped = None
         if dropout_p > 0.0:
             noise = torch.empty_like(x).bernoulli_(1.0 - dropout_p)  # F.dropout's draw on CPU
-            keep = noise.bool()
+            dropped = noise == 0  # bool, for backward's masked_fill_ (a bool multiply would cast it)
             xd = x * noise
             del noise
         else:
@@ -74,14 +74,14 @@ class _VeraLinear(torch.autograd.Function):
         d_scale = lambda_d / (1.0 - dropout_p) if dropout_p > 0.0 else lambda_d
         v = F.linear(u * d_scale, sliced_B)
         y.addcmul_(v, lambda_b)
-        ctx.save_for_backward(weight, sliced_A, sliced_B, d_scale, lambda_b, keep, u, v)
+        ctx.save_for_backward(weight, sliced_A, sliced_B, d_scale, lambda_b, dropped, u, v)
         ctx.dropout_p = dropout_p
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, sliced_A, sliced_B, d_scale, lambda_b, keep, u, v = ctx.saved_tensors
+        weight, sliced_A, sliced_B, d_scale, lambda_b, dropped, u, v = ctx.saved_tensors
         need = ctx.needs_input_grad
         d_lambda_b = (dy * v).sum(0) if need[6] else None
         du = (dy * lambda_b) @ sliced_B  # dL/d(u ⊙ λ_d')
@@ -89,8 +89,8 @@ class _VeraLinear(torch.autograd.Function):
         dx = None
         if need[0]:
             dxd = (du * d_scale) @ sliced_A
-            if keep is not None:
-                dxd.mul_(keep)
+            if dropped is not None:
+                dxd.masked_fill_(dropped, 0.0)
             dx = torch.addmm(dxd, dy, weight)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, None, db, None, None, d_lambda_d, d_lambda_b, None
