@@ -3,9 +3,9 @@ in the same run, interleaved.
 
 Two cases per method:
 
-  model   one training step (forward + backward + AdamW) of a Llama-shaped causal LM built
-          from a config (random weights, nothing downloaded), the method's HF-default config
-          on all linear layers;
+  model   one training step (forward + backward + AdamW, and AdaLoRA's update_and_allocate) of a
+          Llama-shaped causal LM built from a config (random weights, nothing downloaded), the
+          method's config on all linear layers with task_type "CAUSAL_LM" (MODEL_TASK_TYPE);
   layer   forward + backward of one adapted nn.Linear (`layer_in` -> `layer_out`, `layer_rows`
           rows), the method on that layer alone.
 
@@ -15,7 +15,9 @@ Another method joins the suite with one `register_method` call; nothing else cha
 
 Timing: every variant (method x library) of a case is built first; then rounds run the variants
 one after another (interleaved, rotated each round), so load from other processes falls on all of
-them alike; each reports the median over rounds. On CUDA each call is synchronized.
+them alike; each reports the median over rounds. On CUDA each call is synchronized. The model
+case also records each call's CPU time (`extra["cpu_median_ms"]`, and its ratio to HF peft's):
+on a busy CPU machine, the work done, which other processes inflate less than wall time.
 
 Peak memory, measured so that variants compare:
 - CPU: the peak resident memory of a fresh child process (`python -m peft_fast_bench.variants
@@ -146,11 +148,23 @@ def _library(library: str) -> ModuleType:
     return importlib.import_module("peft" if library == "hf" else "peft_fast")
 
 
-def wrap(method: str, library: str, model: torch.nn.Module, targets: Any) -> torch.nn.Module:
-    """`model` with `method`'s adapter from `library` on `targets` (adapter weights from seed 1)."""
+# The model case wraps a causal LM as a user training it does, with task_type "CAUSAL_LM": only then
+# does HF peft run AdaLoraModel.forward, which adds AdaLoRA's orthogonality penalty to the loss (a bare
+# PeftModel calls the transformers model directly and skips it), so both libraries run the same step.
+MODEL_TASK_TYPE = "CAUSAL_LM"
+
+
+def wrap(
+    method: str, library: str, model: torch.nn.Module, targets: Any, task_type: str | None = None
+) -> torch.nn.Module:
+    """`model` with `method`'s adapter from `library` on `targets` (adapter weights from seed 1),
+    the config's task_type set to `task_type` when given."""
     lib = _library(library)
+    config = METHODS[method](lib, targets)
+    if task_type is not None:
+        config.task_type = task_type
     torch.manual_seed(1)
-    return lib.get_peft_model(model, METHODS[method](lib, targets))
+    return lib.get_peft_model(model, config)
 
 
 def make_batch(preset: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -226,9 +240,8 @@ def memory_child(variant: str, preset: dict[str, Any]) -> dict[str, int]:
     resident memory just before them (bytes)."""
     method, library = variant.split("-", 1)
     device = torch.device("cpu")
-    step = Step(
-        wrap(method, library, build_model(preset, device, torch.float32), "all-linear"), make_batch(preset, device)
-    )
+    model = build_model(preset, device, torch.float32)
+    step = Step(wrap(method, library, model, "all-linear", MODEL_TASK_TYPE), make_batch(preset, device))
     gc.collect()
     before = _rss_bytes()
     _reset_peak_rss()
@@ -265,18 +278,27 @@ def peak_rss_in_children(variants: list[str], preset: dict[str, Any], at_once: i
 # ---- the two cases ---------------------------------------------------------------------------
 
 
-def _interleaved(calls: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Milliseconds of each call over `rounds` interleaved rounds (rotated), after one warm-up round."""
+def _interleaved(
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    cpu_ms: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds of each call over `rounds` interleaved rounds (rotated), after one warm-up round;
+    with `cpu_ms`, each call's CPU time of this process goes there too (the work done: on a busy
+    machine other processes inflate it far less than wall time)."""
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
     for k in range(rounds + 1):
         for name in names[k % len(names) :] + names[: k % len(names)]:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             calls[name]()
             _sync(device)
             if k > 0:
                 times[name].append((time.perf_counter() - t0) * 1e3)
+                if cpu_ms is not None:
+                    cpu_ms.setdefault(name, []).append((time.process_time() - c0) * 1e3)
     return times
 
 
@@ -292,7 +314,7 @@ def run_model_case(preset: dict[str, Any], device: torch.device, methods: list[s
     steps: dict[str, Step] = {}
     for v in _variants(methods):
         method, library = v.split("-", 1)
-        steps[v] = Step(wrap(method, library, build_model(preset, device, dtype), "all-linear"), batch)
+        steps[v] = Step(wrap(method, library, build_model(preset, device, dtype), "all-linear", MODEL_TASK_TYPE), batch)
     first = {v: s() for v, s in steps.items()}  # also the warm-up of the optimizer state
     peaks: dict[str, float] = {}
     if cuda:  # peak over one step each, above what is resident before it
@@ -303,7 +325,8 @@ def run_model_case(preset: dict[str, Any], device: torch.device, methods: list[s
             s()
             _sync(device)
             peaks[v] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    times = _interleaved(dict(steps), rounds, device)
+    cpu_ms: dict[str, list[float]] = {}
+    times = _interleaved(dict(steps), rounds, device, cpu_ms)
     saved = {v: s.saved_for_backward_bytes() / 2**20 for v, s in steps.items()}
     trainable = {v: sum(p.numel() for p in s.params) for v, s in steps.items()}
     del steps
@@ -327,6 +350,7 @@ def run_model_case(preset: dict[str, Any], device: torch.device, methods: list[s
             saved[v],
             trainable[v],
             first[v],
+            extra={"cpu_median_ms": statistics.median(cpu_ms[v]), "cpu_times_ms": cpu_ms[v]},
         )  # fmt: skip
         for v in _variants(methods)
     ]
@@ -383,6 +407,8 @@ def _compare_with_hf(rows: list[VariantRow]) -> None:
         ref = hf[(r.case, r.method)]
         r.speedup_vs_hf = ref.median_ms / r.median_ms
         r.peak_vs_hf = r.peak_mib / ref.peak_mib if ref.peak_mib > 0 else float("nan")
+        if "cpu_median_ms" in r.extra:
+            r.extra["cpu_speedup_vs_hf"] = ref.extra["cpu_median_ms"] / r.extra["cpu_median_ms"]
 
 
 def targets(rows: list[VariantRow]) -> dict[str, dict[str, Any]]:
@@ -394,6 +420,7 @@ def targets(rows: list[VariantRow]) -> dict[str, dict[str, Any]]:
             target = SPEEDUP_TARGETS.get(r.method, TARGET_SPEEDUP)
             out[r.method] = {
                 "speedup_vs_hf": r.speedup_vs_hf,
+                "cpu_time_speedup_vs_hf": r.extra.get("cpu_speedup_vs_hf", float("nan")),
                 "speedup_target": target,
                 "speedup_met": r.speedup_vs_hf >= target,
                 "peak_vs_hf": r.peak_vs_hf,

@@ -1,7 +1,7 @@
 """The seam between layers and kernels: ops take tensors and numbers, dispatch picks a backend."""
 
 from . import dispatch
-from .adalora import adalora_linear
+from .adalora import adalora_linear, orthogonality_norms
 from .dispatch import available_backends, get_backend, set_backend, use_backend
 from .dora import DoraNormCache, dora_add, dora_embedding, dora_linear, dora_weight_norm
 from .ia3 import ia3_linear
@@ -48,6 +48,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_4bit",
     "lora_linear_mixed",
+    "orthogonality_norms",
     "set_backend",
     "use_backend",
     "vera_linear",

@@ -4,9 +4,14 @@ Why no kernel of its own: AdaLoRA's adapter is LoRA's with `A ⊙ E` in place of
 singular value per rank) and the scaling `alpha / (ranknum + 1e-5)`. Forming `A ⊙ E · scale`
 costs r·in multiplies, nothing next to the two matmuls (M·r·(in + out) for M rows), so the
 work is LoRA's:
-- "torch" (the reference, and the CPU path): the scale folded into `A ⊙ E`, and the adapter's
-  second matmul accumulated onto the base output in one `addmm` (HF peft scales, divides and
-  adds the (M, out) update in three more passes);
+- "torch" (the reference, and the CPU path): one autograd Function (same dtype and device, frozen
+  base weight; anything else runs the same math with plain autograd) that folds the scale and
+  the dropout's `1/(1-p)` into `A ⊙ E` (r × in), accumulates the adapter's second matmul onto the
+  base output in one `addmm` (HF peft scales, divides and adds the (M, out) update in three more
+  passes, and two more in backward), saves a bool mask of the dropped entries (HF: the fp32 noise), and adds the
+  adapter's input gradient into the base's inside one `addmm` (HF: two (M, in) tensors summed
+  by autograd). The mask is F.dropout's own draw on CPU (`bernoulli_(1-p)` on x's shape and
+  dtype), so the same seed gives HF peft's mask;
 - "triton" and "cuda": `A ⊙ E · scale` handed to `lora_linear`'s front door, so AdaLoRA runs
   LoRA's fused kernels (and their fallbacks).
 """
@@ -23,7 +28,7 @@ from .lora import lora_linear
 # HF peft divides by `ranknum + 1e-5`.
 RANKNUM_EPS = 1e-5
 
-__all__ = ["RANKNUM_EPS", "adalora_linear"]
+__all__ = ["RANKNUM_EPS", "adalora_linear", "orthogonality_norms"]
 
 
 def _scaled_a(lora_A: torch.Tensor, lora_E: torch.Tensor, scaling: float, ranknum: float) -> torch.Tensor:
@@ -38,7 +43,53 @@ def _pruned_away(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
-def _adalora_linear_torch(
+class _AdaLoraLinear(torch.autograd.Function):
+    """`y = x Wᵀ + b + ((x ⊙ keep) (A ⊙ E · c)ᵀ) Bᵀ` for 2-D x, W frozen, one dtype, with
+    c = scaling / (ranknum + 1e-5) / (1 - p) (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scale, dropout_p):
+        y = F.linear(x, weight, bias)
+        dropped = None
+        if dropout_p > 0.0:
+            noise = torch.empty_like(x).bernoulli_(1.0 - dropout_p)  # F.dropout's draw on CPU
+            dropped = noise == 0  # bool, for backward's masked_fill_ (a bool multiply would cast it)
+            xd = x * noise
+            del noise
+            scale = scale / (1.0 - dropout_p)
+        else:
+            xd = x
+        e_scaled = lora_E * scale
+        a_scaled = lora_A * e_scaled
+        h = F.linear(xd, a_scaled)
+        y.addmm_(h, lora_B.t())
+        ctx.save_for_backward(weight, lora_A, lora_B, e_scaled, a_scaled, dropped, xd, h)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, lora_A, lora_B, e_scaled, a_scaled, dropped, xd, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dB = dy.t() @ h if need[5] else None
+        dh = dy @ lora_B
+        dA = dE = None
+        if need[3] or need[4]:
+            da_scaled = dh.t() @ xd  # dL/d(A ⊙ E · c)
+            dA = da_scaled * e_scaled if need[3] else None
+            dE = (da_scaled * lora_A).sum(1, keepdim=True).mul_(ctx.scale) if need[4] else None
+        dx = None
+        if need[0]:
+            dxd = dh @ a_scaled
+            if dropped is not None:
+                dxd.masked_fill_(dropped, 0.0)
+            dx = torch.addmm(dxd, dy, weight)
+        db = dy.sum(0) if ctx.has_bias and need[2] else None
+        return dx, None, db, dA, dE, dB, None, None
+
+
+def _adalora_linear_composed(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -80,6 +131,35 @@ def _adalora_linear_via_lora(
     return lora_linear(x, weight, bias, _scaled_a(lora_A, lora_E, scaling, ranknum), lora_B, 1.0, dropout_p, training)
 
 
+def _adalora_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    ranknum: float,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
+    """The CPU path: `_AdaLoraLinear` where it applies (one dtype and device, frozen base weight,
+    r > 0), else the same math with plain autograd (`_adalora_linear_composed`)."""
+    tensors = (x, weight, lora_A, lora_E, lora_B) + (() if bias is None else (bias,))
+    if (
+        weight.requires_grad
+        or lora_A.shape[0] == 0
+        or len({t.dtype for t in tensors}) != 1
+        or len({t.device for t in tensors}) != 1
+    ):
+        return _adalora_linear_composed(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, training)
+    in_f, out_f = weight.shape[1], weight.shape[0]
+    p = float(dropout_p) if training else 0.0
+    scale = scaling / (ranknum + RANKNUM_EPS)
+    y = _AdaLoraLinear.apply(x.reshape(-1, in_f), weight, bias, lora_A, lora_E, lora_B, scale, p)
+    return y.view(*x.shape[:-1], out_f)
+
+
 dispatch.register("adalora_linear", "torch", _adalora_linear_torch)
 dispatch.register("adalora_linear", "triton", _adalora_linear_via_lora)
 dispatch.register("adalora_linear", "cuda", _adalora_linear_via_lora)
@@ -115,3 +195,44 @@ def adalora_linear(
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     args = (x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, training)
     return dispatch.select("adalora_linear", *args)(*args)
+
+
+class _OrthogonalityNorms(torch.autograd.Function):
+    """Σ_F ‖F Fᵀ − I‖_F over factors F (r, n), with the gradient written out:
+    d‖D‖/dF = 2 D F / ‖D‖ for D = F Fᵀ − I (symmetric), 0 where ‖D‖ = 0 (as autograd's norm)."""
+
+    @staticmethod
+    def forward(ctx, *factors):
+        devs, norms = [], []
+        for f in factors:
+            dev = f @ f.t()
+            dev.diagonal().sub_(1.0)
+            devs.append(dev)
+            norms.append(torch.linalg.matrix_norm(dev))
+        ctx.save_for_backward(*factors, *devs, *norms)
+        ctx.count = len(factors)
+        return torch.stack(norms).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, n = ctx.saved_tensors, ctx.count
+        grads = []
+        for f, dev, norm in zip(saved[:n], saved[n : 2 * n], saved[2 * n :]):
+            if not ctx.needs_input_grad[len(grads)]:
+                grads.append(None)
+                continue
+            coeff = torch.where(norm > 0, 2.0 * grad / norm, 0.0)
+            grads.append((dev @ f).mul_(coeff))
+        return tuple(grads)
+
+
+def orthogonality_norms(factors: list[torch.Tensor]) -> torch.Tensor:
+    """`Σ ‖F Fᵀ − I‖_F` over `factors` (each (r, n); AdaLoRA passes every A and every Bᵀ), the sum
+    of HF peft's orthogonality terms, with gradients to each factor. One autograd node for all
+    of them (HF peft: five per factor), its backward one (r, r) @ (r, n) product per factor."""
+    if not factors:
+        raise ValueError("factors must be a non-empty list of 2-D tensors")
+    for i, f in enumerate(factors):
+        if not isinstance(f, torch.Tensor) or f.dim() != 2:
+            raise ValueError(f"factors[{i}] must be a 2-D tensor, got {tuple(getattr(f, 'shape', ()))}")
+    return _OrthogonalityNorms.apply(*factors)

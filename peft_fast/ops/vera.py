@@ -6,7 +6,17 @@ the vectors into LoRA factors (A' = λ_d A_s, B' = λ_b B_s) to reuse `lora_line
 would make backward form the full gradients of A' (r·in·M multiplies) and B' (out·r·M), work
 HF peft never does since A and B are frozen; the unfused form needs only M·r and M·out for
 the two vectors. The torch path adds `λ_b ⊙ v` onto the base output in one pass (addcmul). A
-fused backend can register under "vera_linear" with this signature."""
+fused backend can register under "vera_linear" with this signature.
+
+The CPU path is one autograd Function (same tensors and dtypes, frozen base weight; anything else
+runs HF peft's composition with plain autograd). Against HF peft's composition it saves, per call:
+- the dropout's scale `1/(1-p)` folded into λ_d (r values) instead of a pass over the (M, in) noise,
+  and a bool mask of the dropped entries saved (HF: the fp32 noise); the mask is F.dropout's own draw on CPU
+  (`bernoulli_(1-p)` on x's shape and dtype), so the same seed gives HF peft's mask;
+- `λ_b ⊙ v` added in place onto the base output (HF: a product and a sum, two (M, out) tensors),
+  and no scalar pass in backward (autograd's addcmul multiplies by its `value`);
+- the adapter's input gradient accumulated into the base's in one `addmm` (HF: two (M, in)
+  tensors summed by autograd)."""
 
 from __future__ import annotations
 
@@ -44,7 +54,78 @@ def _vera_linear_reference(
     return (result + lambda_b * v).to(out_dtype)
 
 
-dispatch.register("vera_linear", "torch", _vera_linear_reference)
+class _VeraLinear(torch.autograd.Function):
+    """`y = x Wᵀ + b + λ_b ⊙ ((λ_d' ⊙ (x ⊙ keep) A_sᵀ) B_sᵀ)` for 2-D x, W frozen, one dtype, with
+    λ_d' = λ_d / (1 - p) (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sliced_A, sliced_B, lambda_d, lambda_b, dropout_p):
+        y = F.linear(x, weight, bias)
+        dropped = None
+        if dropout_p > 0.0:
+            noise = torch.empty_like(x).bernoulli_(1.0 - dropout_p)  # F.dropout's draw on CPU
+            dropped = noise == 0  # bool, for backward's masked_fill_ (a bool multiply would cast it)
+            xd = x * noise
+            del noise
+        else:
+            xd = x
+        u = F.linear(xd, sliced_A)
+        del xd
+        d_scale = lambda_d / (1.0 - dropout_p) if dropout_p > 0.0 else lambda_d
+        v = F.linear(u * d_scale, sliced_B)
+        y.addcmul_(v, lambda_b)
+        ctx.save_for_backward(weight, sliced_A, sliced_B, d_scale, lambda_b, dropped, u, v)
+        ctx.dropout_p = dropout_p
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, sliced_A, sliced_B, d_scale, lambda_b, dropped, u, v = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_lambda_b = (dy * v).sum(0) if need[6] else None
+        du = (dy * lambda_b) @ sliced_B  # dL/d(u ⊙ λ_d')
+        d_lambda_d = (du * u).sum(0).div_(1.0 - ctx.dropout_p) if need[5] else None
+        dx = None
+        if need[0]:
+            dxd = (du * d_scale) @ sliced_A
+            if dropped is not None:
+                dxd.masked_fill_(dropped, 0.0)
+            dx = torch.addmm(dxd, dy, weight)
+        db = dy.sum(0) if ctx.has_bias and need[2] else None
+        return dx, None, db, None, None, d_lambda_d, d_lambda_b, None
+
+
+def _vera_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    vera_A: torch.Tensor,
+    vera_B: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
+    """The CPU path: `_VeraLinear` where it applies (one dtype and device, frozen base weight and
+    projections), else HF peft's composition (`_vera_linear_reference`)."""
+    tensors = (x, weight, vera_A, vera_B, lambda_d, lambda_b) + (() if bias is None else (bias,))
+    if (
+        weight.requires_grad
+        or vera_A.requires_grad
+        or vera_B.requires_grad
+        or len({t.dtype for t in tensors}) != 1
+        or len({t.device for t in tensors}) != 1
+    ):
+        return _vera_linear_reference(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
+    in_f, out_f = weight.shape[1], weight.shape[0]
+    p = float(dropout_p) if training else 0.0
+    x2 = x.reshape(-1, in_f)
+    y = _VeraLinear.apply(x2, weight, bias, vera_A[:, :in_f], vera_B[:out_f, :], lambda_d, lambda_b, p)
+    return y.view(*x.shape[:-1], out_f)
+
+
+dispatch.register("vera_linear", "torch", _vera_linear_torch)
 
 
 def vera_linear(

@@ -110,6 +110,59 @@ def test_dropout_draws_hf_peft_s_mask():
     assert rel_err(ops.vera_linear(x, w, b, VA, VB, ld, lb, 0.4, False), _vera_oracle(x, w, b, VA, VB, ld, lb)) < 1e-5
 
 
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_dropout_gradients_match_the_oracle(weight_trains):
+    """Training with dropout: outputs and every gradient (x, A, E, B; x, λ_d, λ_b; the bias, and the
+    weight when it trains, which takes the plain-autograd path) equal the float64 oracle run with
+    the mask F.dropout draws from the same seed."""
+    x, w, b, g = _inputs(2, 33, 17, 3)
+    A, E, B = torch.randn(3, 33, generator=g), torch.randn(3, 1, generator=g), torch.randn(17, 3, generator=g)
+    VA, VB, ld, lb = torch.randn(3, 40, generator=g), torch.randn(20, 3, generator=g), torch.randn(3), torch.randn(17)
+    dy = torch.randn(2, 4, 17, generator=g)
+    torch.manual_seed(4)
+    mask = F.dropout(torch.ones_like(x), p=0.4, training=True)
+    cases = [
+        (lambda x, w, b, A, E, B: ops.adalora_linear(x, w, b, A, E, B, 8.0, 3.0, 0.4, True), (A, E, B),
+         lambda x, w, b, A, E, B: _adalora_oracle(x, w, b, A, E, B, 8.0, 3.0, mask)),
+        (lambda x, w, b, ld, lb: ops.vera_linear(x, w, b, VA, VB, ld, lb, 0.4, True), (ld, lb),
+         lambda x, w, b, ld, lb: _vera_oracle(x, w, b, VA, VB, ld, lb, mask)),
+    ]  # fmt: skip
+    for op, adapter, oracle in cases:
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b, *adapter)]
+        leaves[1].requires_grad_(weight_trains)
+        torch.manual_seed(4)
+        y = op(*leaves)
+        got = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy)
+        leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+        want = oracle(*leaves64)
+        want_grads = torch.autograd.grad(want, [t for t in leaves64 if t.requires_grad], dy.double())
+        assert rel_err(y, want) < 1e-5
+        assert len(got) == len(want_grads) == len(leaves) - (not weight_trains)
+        for a, e in zip(got, want_grads):
+            assert rel_err(a, e) < 1e-5
+
+
+def test_orthogonality_norms_match_hf_peft_s_terms():
+    """Σ ‖F Fᵀ − I‖_F and its gradients against autograd through HF peft's formula in float64,
+    with a factor whose rows are orthonormal (norm 0: gradient 0, as autograd's norm gives)."""
+    g = torch.Generator().manual_seed(7)
+    factors = [torch.randn(3, 10, generator=g), torch.randn(17, 5, generator=g).T, torch.eye(2, 6)]
+    leaves = [f.clone().requires_grad_(True) for f in factors]
+    got = ops.orthogonality_norms(leaves)
+    got_grads = torch.autograd.grad(2.5 * got, leaves)
+    leaves64 = [f.double().requires_grad_(True) for f in factors]
+    want = sum(torch.norm(f @ f.T - torch.eye(f.shape[0], dtype=f.dtype), p="fro") for f in leaves64)
+    want_grads = torch.autograd.grad(2.5 * want, leaves64)
+    assert rel_err(got, want) < 1e-6
+    for a, e in zip(got_grads, want_grads):
+        assert a.shape == e.shape and rel_err(a, e) < 1e-5
+    assert torch.all(got_grads[2] == 0)
+    with pytest.raises(ValueError, match="factors"):
+        ops.orthogonality_norms([])
+    with pytest.raises(ValueError, match=r"factors\[1\]"):
+        ops.orthogonality_norms([factors[0], torch.ones(3)])
+
+
 def test_adalora_rank_zero_is_the_base_layer():
     x, w, b, _ = _inputs(2, 7, 5, 1)
     empty_a, empty_e, empty_b = torch.zeros(0, 7), torch.zeros(0, 1), torch.zeros(5, 0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import ops
 from ...config import PeftConfig
 from ..base import LINEAR_TYPES, AdapterLayer, fan_in_fan_out_for
 from ..lora.model import LoraModel
@@ -99,19 +100,14 @@ class AdaLoraModel(LoraModel):
     # -- the orthogonality penalty ---------------------------------------------------------------
     def orthogonal_penalty(self) -> torch.Tensor | float:
         """HF peft's regulariser: the mean over the trainable adapter's A and B of
-        `‖A Aᵀ − I‖_F` and `‖Bᵀ B − I‖_F` (0 when there is none)."""
+        `‖A Aᵀ − I‖_F` and `‖Bᵀ B − I‖_F` (0 when there is none), through `ops.orthogonality_norms`
+        (one autograd node for all factors)."""
         name = self.trainable_adapter_name
-        total: torch.Tensor | float = 0
-        count = 0
+        factors = []
         for _, layer in self._svd_layers():
-            if name not in layer.lora_A:
-                continue
-            A, B = layer.lora_A[name], layer.lora_B[name]
-            for cov in (A @ A.T, B.T @ B):
-                eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
-                total = total + torch.norm(cov - eye, p="fro")
-                count += 1
-        return total / count if count else 0
+            if name in layer.lora_A:
+                factors += [layer.lora_A[name], layer.lora_B[name].T]  # both (r, features)
+        return ops.orthogonality_norms(factors) / len(factors) if factors else 0
 
     def _add_orthogonal_penalty(self, module: nn.Module, args: Any, outputs: Any) -> Any:
         loss = getattr(outputs, "loss", None)
