@@ -166,8 +166,24 @@ def test_from_pretrained_low_cpu_mem_usage(kind, tmp_path):
     model = _wrap(kind, "lora")
     inputs = make_inputs(kind)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(make_model(kind), tmp_path, low_cpu_mem_usage=True)
+    with pytest.warns(UserWarning, match="low_cpu_mem_usage=True: peft_fast creates the adapter weights"):
+        loaded = PeftModel.from_pretrained(make_model(kind), tmp_path, low_cpu_mem_usage=True)
     _close(output_of(loaded, inputs), output_of(model, inputs))
+
+
+def test_get_peft_model_low_cpu_mem_usage_warns_and_builds_the_same_model():
+    """HF peft leaves the adapter weights empty on meta; peft_fast initializes them and says so."""
+    from peft_fast import LoraConfig, get_peft_model
+
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    plain = get_peft_model(make_model("llama"), LoraConfig(**config))
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="not empty on the meta device as HF peft does"):
+        low = get_peft_model(make_model("llama"), LoraConfig(**config), low_cpu_mem_usage=True)
+    sd_plain, sd_low = plain.state_dict(), low.state_dict()
+    assert sd_plain.keys() == sd_low.keys()
+    assert all(not t.is_meta and torch.equal(t, sd_plain[k]) for k, t in sd_low.items())
 
 
 # -- disabling ----------------------------------------------------------------------------------

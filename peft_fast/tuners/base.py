@@ -477,7 +477,20 @@ class BaseTuner(nn.Module):
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, config: PeftConfig, low_cpu_mem_usage: bool = False
     ) -> None:
-        """Wrap every target module of `model` with an adapter layer carrying `adapter_name`."""
+        """Wrap every target module of `model` with an adapter layer carrying `adapter_name`.
+
+        `low_cpu_mem_usage=True` is accepted for HF peft's signature, but the adapter weights are
+        still created initialized on the base layers' device (HF peft leaves them empty on the meta
+        device): the model is the same and usable, only this step saves no memory or time. A
+        warning says so."""
+        if low_cpu_mem_usage:
+            warnings.warn(
+                "low_cpu_mem_usage=True: peft_fast creates the adapter weights initialized on the base layers'"
+                " device, not empty on the meta device as HF peft does; the model is the same, but creating it"
+                " saves no memory or time",
+                UserWarning,
+                stacklevel=2,
+            )
         config = self._prepare_config(config, model)
         self._check_new_adapter_config(config)
         targets = config.target_modules
