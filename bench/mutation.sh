@@ -29,6 +29,27 @@
 #            only the mutants without a result). Stopping this script does not stop a `mutmut run`
 #            already started: end that process too before resuming, or both write the same results
 #
+#   TIMEOUT_MULTIPLIER, TIMEOUT_CONSTANT  mutmut's limits (default 10 and 10). mutmut 3.8.1 gives
+#            each mutant a CPU-time limit of 2*(t + CONSTANT)*MULTIPLIER seconds (t: the mutant's
+#            tests' time in the stats run) AND a wall-clock limit of half that, (t + CONSTANT)*MULTIPLIER,
+#            after which it sends SIGXCPU; both count as "timeout" (killed). The wall limit is what ends
+#            a mutant that sleeps with no CPU, e.g. one blocked on the folder lock in load_peft_weights
+#            (folder_lock(shared=True) taken exclusive). With the old defaults (40 and 20) that took
+#            at least 800 s per such mutant; keep MULTIPLIER*CONSTANT small on a machine where a hang
+#            must not eat the run, but large enough that a busy machine does not turn slow tests into
+#            false timeouts.
+#   FRESH    1 (default): rerun each mutant that mutmut reports "survived" in a fresh process
+#            (`MUTANT_UNDER_TEST=<name> python -m pytest -x <TESTS>` from the copy's mutants/ folder)
+#            and report those it kills as "killed (fresh)"; 0: skip that step.
+#            Why: mutmut 3 imports the package once and forks a worker per mutant, so a mutant of a
+#            function that runs only at import time (registration: register_lora_autograd,
+#            register_backend_module, ...) is never active in its forked run and always looks
+#            "survived". The fresh run also uses all of TESTS, not only the tests mutmut mapped to
+#            the function, so it kills what a test outside that mapping catches. pytest exit codes
+#            1 (a test failed) and 2 (collection error, e.g. the mutant breaks the import) count as
+#            killed, a hang past FRESH_TIMEOUT seconds (default 600) as timeout, anything else as
+#            survived.
+#
 # Not for kernels/: mutmut 3 wraps every function in a trampoline, which `@triton.jit`
 # cannot compile, and the editable install maps peft_fast.kernels to the checkout's
 # kernels/ folder, not the mutated copy. See bench/results/mutation.md.
@@ -40,6 +61,8 @@ SAMPLE=${SAMPLE:-1}
 SEED=${SEED:-1}
 MUTANTS=${MUTANTS:-}
 RESUME=${RESUME:-0}
+FRESH=${FRESH:-1}
+FRESH_TIMEOUT=${FRESH_TIMEOUT:-600}
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 stamp=$(date -u +%Y-%m-%d)
 REPORT=${REPORT:-$repo/bench/results/mutation-$stamp.md}
@@ -95,8 +118,8 @@ for spec in "$@"; do
             echo "only_mutate="
             for p in "${patterns[@]}"; do echo "    $p"; done
             # a loaded 2-core machine makes test times noisy: generous timeouts, so a timeout means a hang
-            echo "timeout_multiplier=${TIMEOUT_MULTIPLIER:-40}"
-            echo "timeout_constant=${TIMEOUT_CONSTANT:-20}"
+            echo "timeout_multiplier=${TIMEOUT_MULTIPLIER:-10}"
+            echo "timeout_constant=${TIMEOUT_CONSTANT:-10}"
             echo "pytest_add_cli_args_test_selection="
             for p in $paths; do echo "    $p"; done
             if [ "$paths" != "$tests" ]; then
@@ -165,15 +188,35 @@ PY
     else
         cp "$dir/results-all.txt" "$dir/results.txt"
     fi
+    if [ "$FRESH" = "1" ]; then
+        # survivors again, each in a fresh process (import-time mutants; see FRESH above)
+        paths=${tests%% -k *}
+        kexpr=()
+        [ "$paths" = "$tests" ] || kexpr=(-k "${tests#* -k }")
+        while read -r name; do
+            rc=0
+            # shellcheck disable=SC2086  # $paths: several pytest arguments
+            (cd "$dir/mutants" && MUTANT_UNDER_TEST="$name" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+                timeout "$FRESH_TIMEOUT" "$PYTHON" -m pytest -x -q -p no:cacheprovider $paths "${kexpr[@]}" \
+                > "$dir/fresh-$name.log" 2>&1) || rc=$?
+            case $rc in
+                1 | 2) verdict="killed (fresh)" ;;
+                124) verdict="timeout (fresh)" ;;
+                *) verdict="survived" ;;
+            esac
+            sed -i "s/^\( *$(printf '%s' "$name" | sed 's/[.[\*^$/]/\\&/g')\): survived\$/\1: $verdict/" "$dir/results.txt"
+        done < <(grep -E ": survived$" "$dir/results.txt" | sed 's/:.*//; s/^ *//')
+    fi
     count() { grep -c ": $1\$" "$dir/results.txt" || true; }
     killed=$(count killed); survived=$(count survived); timeout=$(count timeout)
+    fresh=$(count "killed (fresh)"); timeout=$((timeout + $(count "timeout (fresh)")))
     suspicious=$(count suspicious); notests=$(count "no tests"); skipped=$(count skipped)
     unchecked=$(count "not checked")
-    total=$((killed + survived + timeout + suspicious + notests + skipped + unchecked))
+    total=$((killed + fresh + survived + timeout + suspicious + notests + skipped + unchecked))
     scope="all"
     [ -z "$MUTANTS" ] || scope="listed ($(basename "$MUTANTS"))"
     [ -n "$MUTANTS" ] || [ "$SAMPLE" = "1" ] || scope="sample $SAMPLE, seed $SEED"
-    summary+="| \`$modules\` | \`$tests\` | $scope | $total | $killed | $timeout | $survived | $notests | $suspicious | $unchecked |"$'\n'
+    summary+="| \`$modules\` | \`$tests\` | $scope | $total | $killed | $fresh | $timeout | $survived | $notests | $suspicious | $unchecked |"$'\n'
     # per file: mutants, killed (timeouts included), survived, no tests
     files+=$(sed -E 's/^ *//; s/\.(x_|xǁ).*: / /' "$dir/results.txt" | awk '
         { n[$1]++; if ($2 == "killed" || $2 == "timeout") k[$1]++; else if ($2 == "survived") s[$1]++; else if ($2 == "no") t[$1]++ }
@@ -192,10 +235,11 @@ report=$(cat <<EOF2
 - versions: python $("$PYTHON" -c 'import platform; print(platform.python_version())'), mutmut $("$PYTHON" -c 'import importlib.metadata as m; print(m.version("mutmut"))'), torch $("$PYTHON" -c 'import torch; print(torch.__version__)')
 - command: \`$( [ "$SAMPLE" = "1" ] || printf 'SAMPLE=%s SEED=%s ' "$SAMPLE" "$SEED")$( [ -z "$MUTANTS" ] || printf 'MUTANTS=%s ' "$(basename "$MUTANTS")")bench/mutation.sh$(printf ' "%s"' "$@")\`
 
-Timeouts count as killed (the mutant hung the tests).
+Timeouts count as killed (the mutant hung the tests). "killed (fresh)": reported survived by mutmut,
+killed when rerun in a fresh process (FRESH=1; import-time code, or a test outside mutmut's mapping).
 
-| modules | tests | mutants run | mutants | killed | timeout | survived | no tests | suspicious | not checked |
-|---|---|---|---|---|---|---|---|---|---|
+| modules | tests | mutants run | mutants | killed | killed (fresh) | timeout | survived | no tests | suspicious | not checked |
+|---|---|---|---|---|---|---|---|---|---|---|
 $summary
 | file | mutants | killed or timeout | survived | no tests |
 |---|---|---|---|---|
