@@ -187,6 +187,11 @@ def test_lokr_form_follows_its_cost_formula():
     assert seen == {"factored", "delta_weight"}
     # by hand: rows 1, all sizes 1: delta 1 + 8 + 2 = 11, factored 2 + 2 + 8 = 12
     assert _lokr_cost(1, 1, 1, 1, 1, 1) == (11, 12) and lycoris_reference.lokr_form(1, (1, 1), (1, 1)) == "delta_weight"
+    # a tie keeps delta_weight: rows 9, w1 (1, 2), w2 (3, 1): delta 6·9 + 2·9·6 = 162,
+    # w1 first 2·9·(2 + 3) + 8·9·1 = 162 (w2 first 648)
+    assert (
+        _lokr_cost(9, 1, 2, 3, 1, 1) == (162, 162) and lycoris_reference.lokr_form(9, (1, 2), (3, 1)) == "delta_weight"
+    )
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):
