@@ -94,6 +94,9 @@ def state_of(layer: nn.Module, where: str = "weight") -> QuantState4bit:
     return state
 
 
+NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _native_dequantizer_reason(state: QuantState4bit) -> str | None:
     """None when bitsandbytes' native CPU dequantizer gives `formats.dequantize_4bit`'s exact
     bytes for `state`, else why it is not used."""
@@ -117,7 +120,8 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> 
     it is installed and reads this layout right (about 10x faster than the torch composition
     on CPU), else through the torch composition."""
     dtype = state.dtype if dtype is None else dtype
-    if _native_dequantizer_reason(state) is not None:
+    # bitsandbytes' C kernel writes fp16, bf16 and fp32 only (a float64 output came back wrong).
+    if dtype not in NATIVE_DTYPES or _native_dequantizer_reason(state) is not None:
         return dequantize_4bit_torch(state, dtype)
     absmax = dequantize_absmax(state)
     return torch.ops.bitsandbytes.dequantize_4bit.default(

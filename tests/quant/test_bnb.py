@@ -27,10 +27,12 @@ def test_dequantize_is_the_format_bytes(shape, blocksize, native, quant_type, ne
     w = torch.randn(shape, generator=g) * 0.3
     state = quantize_4bit(w, blocksize, quant_type, compress_statistics=nested)
     assert (qbnb._native_dequantizer_reason(state) is None) == native
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         got = qbnb.dequantize_4bit(state, dtype)
         assert got.dtype == dtype and got.shape == shape
         assert torch.equal(got, dequantize_torch(state, dtype)), dtype
+    # float64 is the fp32 values widened (bitsandbytes' C kernel writes no float64: it came back wrong)
+    assert torch.equal(qbnb.dequantize_4bit(state, torch.float64), dequantize_torch(state, torch.float32).double())
     if native:  # and bitsandbytes' own entry point agrees (its kernel is exact for these rows)
         packed, qs = BF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
         assert torch.equal(packed.view(-1), state.packed_bytes())
