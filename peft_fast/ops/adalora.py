@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .checks import check_linear_args
+from .frozen_linear import applies, draw_dropout, input_grad
 from .lora import lora_linear
 
 # HF peft divides by `ranknum + 1e-5`.
@@ -50,15 +51,9 @@ class _AdaLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scale, dropout_p):
         y = F.linear(x, weight, bias)
-        dropped = None
+        xd, dropped = draw_dropout(x, dropout_p)
         if dropout_p > 0.0:
-            noise = torch.empty_like(x).bernoulli_(1.0 - dropout_p)  # F.dropout's draw on CPU
-            dropped = noise == 0  # bool, for backward's masked_fill_ (a bool multiply would cast it)
-            xd = x * noise
-            del noise
             scale = scale / (1.0 - dropout_p)
-        else:
-            xd = x
         e_scaled = lora_E * scale
         a_scaled = lora_A * e_scaled
         h = F.linear(xd, a_scaled)
@@ -81,10 +76,7 @@ class _AdaLoraLinear(torch.autograd.Function):
             dE = (da_scaled * lora_A).sum(1, keepdim=True).mul_(ctx.scale) if need[4] else None
         dx = None
         if need[0]:
-            dxd = dh @ a_scaled
-            if dropped is not None:
-                dxd.masked_fill_(dropped, 0.0)
-            dx = torch.addmm(dxd, dy, weight)
+            dx = input_grad(dh @ a_scaled, dropped, dy, weight)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, None, db, dA, dE, dB, None, None
 
@@ -146,12 +138,7 @@ def _adalora_linear_torch(
     """The CPU path: `_AdaLoraLinear` where it applies (one dtype and device, frozen base weight,
     r > 0), else the same math with plain autograd (`_adalora_linear_composed`)."""
     tensors = (x, weight, lora_A, lora_E, lora_B) + (() if bias is None else (bias,))
-    if (
-        weight.requires_grad
-        or lora_A.shape[0] == 0
-        or len({t.dtype for t in tensors}) != 1
-        or len({t.device for t in tensors}) != 1
-    ):
+    if lora_A.shape[0] == 0 or not applies(weight, tensors):
         return _adalora_linear_composed(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_p, training)
     in_f, out_f = weight.shape[1], weight.shape[0]
     p = float(dropout_p) if training else 0.0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .checks import check_linear_args
+from .frozen_linear import applies, draw_dropout, input_grad
 
 __all__ = ["vera_linear"]
 
@@ -61,14 +62,7 @@ class _VeraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sliced_A, sliced_B, lambda_d, lambda_b, dropout_p):
         y = F.linear(x, weight, bias)
-        dropped = None
-        if dropout_p > 0.0:
-            noise = torch.empty_like(x).bernoulli_(1.0 - dropout_p)  # F.dropout's draw on CPU
-            dropped = noise == 0  # bool, for backward's masked_fill_ (a bool multiply would cast it)
-            xd = x * noise
-            del noise
-        else:
-            xd = x
+        xd, dropped = draw_dropout(x, dropout_p)
         u = F.linear(xd, sliced_A)
         del xd
         d_scale = lambda_d / (1.0 - dropout_p) if dropout_p > 0.0 else lambda_d
@@ -88,10 +82,7 @@ class _VeraLinear(torch.autograd.Function):
         d_lambda_d = (du * u).sum(0).div_(1.0 - ctx.dropout_p) if need[5] else None
         dx = None
         if need[0]:
-            dxd = (du * d_scale) @ sliced_A
-            if dropped is not None:
-                dxd.masked_fill_(dropped, 0.0)
-            dx = torch.addmm(dxd, dy, weight)
+            dx = input_grad((du * d_scale) @ sliced_A, dropped, dy, weight)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, None, db, None, None, d_lambda_d, d_lambda_b, None
 
@@ -110,13 +101,7 @@ def _vera_linear_torch(
     """The CPU path: `_VeraLinear` where it applies (one dtype and device, frozen base weight and
     projections), else HF peft's composition (`_vera_linear_reference`)."""
     tensors = (x, weight, vera_A, vera_B, lambda_d, lambda_b) + (() if bias is None else (bias,))
-    if (
-        weight.requires_grad
-        or vera_A.requires_grad
-        or vera_B.requires_grad
-        or len({t.dtype for t in tensors}) != 1
-        or len({t.device for t in tensors}) != 1
-    ):
+    if vera_A.requires_grad or vera_B.requires_grad or not applies(weight, tensors):
         return _vera_linear_reference(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
     in_f, out_f = weight.shape[1], weight.shape[0]
     p = float(dropout_p) if training else 0.0
