@@ -157,6 +157,24 @@ class LoraLayer(AdapterLayer):
             result = self._add_adapter_output(result, x, name)
         return result
 
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        names = self._active_names()
+        if not names:
+            return None
+        if any(self.use_dora.get(n, False) for n in names):
+            if len(names) > 1:
+                return self._chained_forward(x, names)
+            return self._first_adapter_output(x, names[0])
+        lora = self.active_lora()
+        assert lora is not None
+        return self._lora_forward(x, *lora)
+
+    def _lora_forward(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float
+    ) -> torch.Tensor:
+        """The base output plus one (possibly rank-concatenated) LoRA update, dropout p on its input."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def _first_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -280,18 +298,6 @@ class LoraLinear(LoraLayer):
         delta = (B @ A) * self.scaling[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        names = self._active_names()
-        if not names:
-            return None
-        if len(names) > 1 and any(self.use_dora.get(n, False) for n in names):
-            return self._chained_forward(x, names)
-        if self.use_dora.get(names[0], False):
-            return self._dora_forward(x, names[0])
-        lora = self.active_lora()
-        assert lora is not None
-        return self._lora_forward(x, *lora)
-
     def _lora_forward(
         self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float
     ) -> torch.Tensor:
@@ -396,17 +402,11 @@ class LoraEmbedding(LoraLayer):
             result=result,
         )
 
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        names = self._active_names()
-        if not names:
-            return None
-        if len(names) > 1 and any(self.use_dora.get(n, False) for n in names):
-            return self._chained_forward(x, names)
-        if self.use_dora.get(names[0], False):
-            return self._dora_embed(x, names[0])
-        lora = self.active_lora()
-        assert lora is not None
-        A, B, scaling, _ = lora  # HF peft applies no dropout to embedding LoRA
+    def _lora_forward(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float
+    ) -> torch.Tensor:
+        """The lookup plus one (possibly rank-concatenated) LoRA update; HF peft applies no
+        dropout to embedding LoRA, so `p` is unused."""
         return self._embed(x, A, B, scaling)
 
     def _first_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
