@@ -8,7 +8,7 @@ work is LoRA's:
   base weight; anything else runs the same math with plain autograd) that folds the scale and
   the dropout's `1/(1-p)` into `A ⊙ E` (r × in), accumulates the adapter's second matmul onto the
   base output in one `addmm` (HF peft scales, divides and adds the (M, out) update in three more
-  passes, and two more in backward), saves a bool mask of the dropped entries (HF: the fp32 noise), and adds the
+  passes, and two more in backward), saves a uint8 keep mask (HF: the fp32 noise), and adds the
   adapter's input gradient into the base's inside one `addmm` (HF: two (M, in) tensors summed
   by autograd). The mask is F.dropout's own draw on CPU (`bernoulli_(1-p)` on x's shape and
   dtype), so the same seed gives HF peft's mask;
@@ -51,21 +51,21 @@ class _AdaLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scale, dropout_p):
         y = F.linear(x, weight, bias)
-        xd, dropped = draw_dropout(x, dropout_p)
+        xd, keep = draw_dropout(x, dropout_p)
         if dropout_p > 0.0:
             scale = scale / (1.0 - dropout_p)
         e_scaled = lora_E * scale
         a_scaled = lora_A * e_scaled
         h = F.linear(xd, a_scaled)
         y.addmm_(h, lora_B.t())
-        ctx.save_for_backward(weight, lora_A, lora_B, e_scaled, a_scaled, dropped, xd, h)
+        ctx.save_for_backward(weight, lora_A, lora_B, e_scaled, a_scaled, keep, xd, h)
         ctx.scale = scale
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, lora_A, lora_B, e_scaled, a_scaled, dropped, xd, h = ctx.saved_tensors
+        weight, lora_A, lora_B, e_scaled, a_scaled, keep, xd, h = ctx.saved_tensors
         need = ctx.needs_input_grad
         dB = dy.t() @ h if need[5] else None
         dh = dy @ lora_B
@@ -76,7 +76,7 @@ class _AdaLoraLinear(torch.autograd.Function):
             dE = (da_scaled * lora_A).sum(1, keepdim=True).mul_(ctx.scale) if need[4] else None
         dx = None
         if need[0]:
-            dx = input_grad(dh @ a_scaled, dropped, dy, weight)
+            dx = input_grad(dh @ a_scaled, keep, dy, weight)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, None, db, dA, dE, dB, None, None
 

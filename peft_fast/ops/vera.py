@@ -11,11 +11,11 @@ fused backend can register under "vera_linear" with this signature.
 The CPU path is one autograd Function (same tensors and dtypes, frozen base weight; anything else
 runs HF peft's composition with plain autograd). Against HF peft's composition it saves, per call:
 - the dropout's scale `1/(1-p)` folded into λ_d (r values) instead of a pass over the (M, in) noise,
-  and a bool mask of the dropped entries saved (HF: the fp32 noise); the mask is F.dropout's own draw on CPU
-  (`bernoulli_(1-p)` on x's shape and dtype), so the same seed gives HF peft's mask;
+  and a uint8 keep mask saved (HF: the fp32 noise); the mask is F.dropout's own draw on CPU
+  (`bernoulli_(1-p)` on x's shape, into a uint8 tensor: the same draws), so the same seed gives HF peft's mask;
 - `λ_b ⊙ v` added in place onto the base output (HF: a product and a sum, two (M, out) tensors),
   and no scalar pass in backward (autograd's addcmul multiplies by its `value`);
-- the adapter's input gradient accumulated into the base's in one `addmm` (HF: two (M, in)
+- the adapter's input gradient, masked in place, taking the base's as the GEMM's accumulation (`addmm_`; HF: two (M, in)
   tensors summed by autograd)."""
 
 from __future__ import annotations
@@ -62,27 +62,27 @@ class _VeraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sliced_A, sliced_B, lambda_d, lambda_b, dropout_p):
         y = F.linear(x, weight, bias)
-        xd, dropped = draw_dropout(x, dropout_p)
+        xd, keep = draw_dropout(x, dropout_p)
         u = F.linear(xd, sliced_A)
         del xd
         d_scale = lambda_d / (1.0 - dropout_p) if dropout_p > 0.0 else lambda_d
         v = F.linear(u * d_scale, sliced_B)
         y.addcmul_(v, lambda_b)
-        ctx.save_for_backward(weight, sliced_A, sliced_B, d_scale, lambda_b, dropped, u, v)
+        ctx.save_for_backward(weight, sliced_A, sliced_B, d_scale, lambda_b, keep, u, v)
         ctx.dropout_p = dropout_p
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, sliced_A, sliced_B, d_scale, lambda_b, dropped, u, v = ctx.saved_tensors
+        weight, sliced_A, sliced_B, d_scale, lambda_b, keep, u, v = ctx.saved_tensors
         need = ctx.needs_input_grad
         d_lambda_b = (dy * v).sum(0) if need[6] else None
         du = (dy * lambda_b) @ sliced_B  # dL/d(u ⊙ λ_d')
         d_lambda_d = (du * u).sum(0).div_(1.0 - ctx.dropout_p) if need[5] else None
         dx = None
         if need[0]:
-            dx = input_grad((du * d_scale) @ sliced_A, dropped, dy, weight)
+            dx = input_grad((du * d_scale) @ sliced_A, keep, dy, weight)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         return dx, None, db, None, None, d_lambda_d, d_lambda_b, None
 

@@ -94,18 +94,22 @@ def test_vera_linear_matches_the_oracle(dtype, batch, n_in, n_out, r):
 
 def test_dropout_draws_hf_peft_s_mask():
     """With dropout, the same seed gives the mask nn.Dropout would draw on x (HF peft's order:
-    the base product draws nothing, then dropout(x))."""
+    the base product draws nothing, then dropout(x)), and leaves the generator where F.dropout
+    leaves it (the next layer's mask is HF peft's too)."""
     x, w, b, g = _inputs(2, 33, 17, 3)
     A, E, B = torch.randn(3, 33, generator=g), torch.randn(3, 1, generator=g), torch.randn(17, 3, generator=g)
     VA, VB, ld, lb = torch.randn(3, 33, generator=g), torch.randn(17, 3, generator=g), torch.randn(3), torch.randn(17)
     torch.manual_seed(4)
     mask = F.dropout(torch.ones_like(x), p=0.4, training=True)
+    next_draw = torch.rand(5)
     torch.manual_seed(4)
     got = ops.adalora_linear(x, w, b, A, E, B, 8.0, 3.0, 0.4, True)
     assert rel_err(got, _adalora_oracle(x, w, b, A, E, B, 8.0, 3.0, mask)) < 1e-5
+    assert torch.equal(torch.rand(5), next_draw)
     torch.manual_seed(4)
     got = ops.vera_linear(x, w, b, VA, VB, ld, lb, 0.4, True)
     assert rel_err(got, _vera_oracle(x, w, b, VA, VB, ld, lb, mask)) < 1e-5
+    assert torch.equal(torch.rand(5), next_draw)
     # Not training: no dropout.
     assert rel_err(ops.vera_linear(x, w, b, VA, VB, ld, lb, 0.4, False), _vera_oracle(x, w, b, VA, VB, ld, lb)) < 1e-5
 
