@@ -228,7 +228,15 @@ class AdapterLayer(nn.Module):
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names must be a list of adapter names, got the string {adapter_names!r}")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        return [n for n in names if n not in self.merged_adapters and n in self.adapter_names()]
+        if self.merged:  # HF peft's `check_adapters_to_merge`, with its warnings
+            names = [n for n in names if n not in self.merged_adapters]
+            if names:
+                merged, more = ",".join(self.merged_adapters), ",".join(names)
+                message = f"Already following adapters were merged {merged}. You are now additionally merging {more}."
+                warnings.warn(message, stacklevel=3)
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        return [n for n in names if n in self.adapter_names()]
 
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
