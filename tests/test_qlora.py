@@ -33,6 +33,7 @@ LLAMA = {
 QUANT = {
     "nf4-dq-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     "fp4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
     "nf4-storage-bf16": dict(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
