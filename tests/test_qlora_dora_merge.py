@@ -216,9 +216,10 @@ def test_merging_on_a_prepared_8bit_base_as_hf_peft(llama_dir):
 @pytest.mark.parametrize("quant", ["nf4-dq-fp32", "int8"])
 def test_three_dora_adapters_merged_in_turn_as_hf_peft(llama_dir, quant):
     """Merging THIRD replays FIRST and SECOND: SECOND's norm comes from the base recovered once
-    (HF's cached `unmerged_base_weight`), not from a base recovered again."""
+    (HF's cached `unmerged_base_weight`), not from a base recovered again. With safe_merge, which
+    HF passes on to the replay."""
     hf, ours = _adapters(llama_dir, quant, ("dora", "dora", "dora"))
-    requantized = sum(_same_step(hf, ours, lambda m, n=n: m.merge_adapter([n])) for n in NAMES)
+    requantized = sum(_same_step(hf, ours, lambda m, n=n: m.merge_adapter([n], safe_merge=True)) for n in NAMES)
     assert requantized == 1 + 3 + 5  # FIRST; out FIRST, in FIRST, SECOND; out SECOND, FIRST, in FIRST, SECOND, THIRD
     assert _same_step(hf, ours, lambda m: m.unmerge_adapter()) == 3
 
