@@ -1,31 +1,44 @@
-"""Route a Hugging Face peft model's LoRA and IA³ linear layers through peft_fast's ops.
+"""Route a Hugging Face peft model's LoRA, DoRA and IA³ layers through peft_fast's ops.
 
 `patch_peft(model)` replaces, on each eligible layer instance, `forward` with one that calls
-`peft_fast.ops.lora_linear` / `ia3_linear` (and so whatever backend dispatch picks). It
-touches nothing else: parameters, module names, state-dict keys, peft's config and its
-save/load all stay as they were, so `save_pretrained` and the HF Trainer keep working.
+peft_fast's ops (and so whatever backend dispatch picks). It touches nothing else:
+parameters, module names, state-dict keys, peft's config and its save/load all stay as they
+were, so `save_pretrained` and the HF Trainer keep working.
 
-Each call checks whether the op computes exactly what HF peft's own forward would; when it
-does not, the call goes to peft's forward unchanged. peft's forward runs for:
-every LoRA variant but DoRA, LoRA bias (`lora_bias=True`), merged adapters, disabled
-adapters, several active adapters, a mixed batch (`adapter_names=`), extra forward
-arguments, input-dtype casting switched off with mismatched dtypes, and base layers that are
-not a plain `nn.Linear` or transformers `Conv1D` (hooked or offloaded layers included).
-GPT-2's `Conv1D` stores its weight as (in, out): the op gets a transposed view.
+Each call checks whether the ops compute exactly what HF peft's own forward would; when they
+do not, the call goes to peft's forward unchanged (never wrong, sometimes slow).
 
-DoRA layers (`use_dora=True`, HF peft's `DoraLinearVariant` on `lora.Linear`) go through
-`ops.dora_linear` under the same conditions, with their `lora_magnitude_vector` (the norm is
-recomputed each call, as HF peft does without its opt-in cache).
+- `lora.Linear`: the active adapters the layer holds run in HF's order (several of them too,
+  plain LoRA and DoRA in any mix): the first through `ops.lora_linear` / `ops.dora_linear`,
+  each later one through `ops.lora_add` / `ops.dora_add` on the output so far (a later DoRA
+  adapter rescales what its predecessors added, as HF's `base_result = result - bias` does).
+  GPT-2's `Conv1D` stores its weight as (in, out): the ops get a transposed view.
+- `lora.bnb.Linear4bit` (QLoRA): the first adapter through `ops.lora_linear_4bit` /
+  `ops.dora_linear_4bit` (the packed 4-bit weight read directly), later ones through
+  `ops.lora_add` / `ops.dora_add`; `lora.bnb.Linear8bitLt`: bitsandbytes' int8 product, then
+  every adapter through `ops.lora_add` / `ops.dora_add`. DoRA's norm (and, with dropout,
+  `dropout(x)·Wᵀ`) uses the dequantized weight, as HF peft's bnb DoRA does.
+- `lora.Embedding` with one active DoRA adapter (HF's `DoraEmbeddingVariant`):
+  `ops.dora_embedding`, on a plain `nn.Embedding` base that applies no scale of its own
+  (`_get_embed_scale()` is None); plain LoRA Embedding layers keep peft's forward.
+- `ia3.Linear` with one active adapter: `ops.ia3_linear`.
 
-HF peft's DoRA Embedding layers (`lora.Embedding` with its `DoraEmbeddingVariant`) go through
-`ops.dora_embedding` under the same conditions, on a plain `nn.Embedding` base and where the
-embedding applies no scale of its own (`_get_embed_scale()` is None); plain LoRA Embedding
-layers keep peft's forward.
+DoRA is HF peft's own (`DoraLinearVariant` / `DoraEmbeddingVariant` with their DoRA layer
+classes); its norm is recomputed at each call, as HF peft does without its opt-in cache.
 
-HF peft's bitsandbytes LoRA layers (QLoRA) are routed too: `lora.bnb.Linear4bit` through
-`ops.lora_linear_4bit` (the packed 4-bit weight read directly), `lora.bnb.Linear8bitLt`
-through bitsandbytes' int8 product plus `ops.lora_add`, under the same conditions, and only
-outside autocast (where HF peft skips its input cast).
+peft's forward runs for: LoRA variants other than DoRA, LoRA bias (`lora_bias=True`), adapter
+A/B that are not bias-free `nn.Linear`, dropout modules other than `nn.Identity` /
+`nn.Dropout` (or hooked ones), a DoRA adapter whose `nn.Dropout` does not drop exactly when
+its layer trains (HF's DoRA decides on the layer's mode, the ops on the mask), HF's DoRA
+caching switched on (`peft.helpers.DoraCaching`) in eval mode, merged or disabled adapters, no active adapter on
+the layer, a mixed batch (`adapter_names=`), extra forward arguments, input-dtype casting
+switched off with mismatched dtypes, active adapters of different dtypes, on `lora.Linear` a
+chain whose input, adapters and magnitudes do not all share one dtype (HF sums a chain's
+updates in the promoted dtype and rounds once; the ops round after each adapter), bnb layers
+under autocast (where HF peft skips its input cast), several active adapters on Embedding
+or IA³ layers, and base layers that are not a plain `nn.Linear`, transformers `Conv1D`,
+`nn.Embedding` or bitsandbytes layer (hooked or offloaded layers included; an 8-bit base with
+plain LoRA only is called as HF calls it, hooks and all).
 """
 
 from __future__ import annotations
@@ -84,6 +97,14 @@ def _unhooked(base: nn.Module, cls: type) -> bool:
     return type(base) is cls and no_hooks and "forward" not in vars(base)
 
 
+def _hf_dora_cached(dora: nn.Module) -> bool:
+    """Whether HF peft's opt-in DoRA caching (`peft.helpers.DoraCaching`) is on for this DoRA
+    layer's next call: then HF may reuse a norm computed before a weight changed."""
+    from peft.tuners.lora import dora as hf_dora
+
+    return bool(getattr(hf_dora, "ENABLE_DORA_CACHING", False)) and not dora.training
+
+
 def _dora_embedding_args(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> tuple | None:
     """Arguments of `dora_embedding` equivalent to this HF peft lora.Embedding forward call (one
     active DoRA adapter, HF's own DoRA classes, a plain nn.Embedding base, no embed scale), or None."""
@@ -123,14 +144,6 @@ def _lora_embedding_forward(self: nn.Module, x: Any, *args: Any, **kwargs: Any) 
     if fast is None:
         return type(self).forward(self, x, *args, **kwargs)
     return dora_embedding(*fast)
-
-
-def _hf_dora_cached(dora: nn.Module) -> bool:
-    """Whether HF peft's opt-in DoRA caching (`peft.helpers.DoraCaching`) is on for this DoRA
-    layer's next call: then HF may reuse a norm computed before a weight changed."""
-    from peft.tuners.lora import dora as hf_dora
-
-    return bool(getattr(hf_dora, "ENABLE_DORA_CACHING", False)) and not dora.training
 
 
 def _dora_magnitude(layer: nn.Module, name: str) -> torch.Tensor | None:
@@ -183,8 +196,8 @@ def _adapter(layer: nn.Module, name: str, x: torch.Tensor) -> _Adapter | None:
         p = float(drop.p) if drop.training else 0.0
     else:
         return None
-    # HF's DoRA recomputes x'Wᵀ exactly when the layer trains with a Dropout module; the ops do
-    # when they drop: a Dropout module in eval (or p = 0) under a training layer differs.
+    # HF's DoRA recomputes x'Wᵀ (and drops x) exactly when the layer trains with a Dropout
+    # module; the ops do when they drop: a Dropout whose mode (or p = 0) disagrees differs.
     if magnitude is not None and (type(drop) is nn.Dropout and layer.training) != (p > 0.0):
         return None
     scaling = layer.scaling[name]
@@ -326,10 +339,10 @@ def _peft_layer_types() -> dict[type, Any]:
 
 def patch_peft(model: nn.Module) -> nn.Module:
     """Make every HF peft `lora.Linear`, `lora.Embedding` and `ia3.Linear` layer (and LoRA's
-    bitsandbytes `Linear4bit` / `Linear8bitLt` layers) of `model` run through
-    peft_fast's ops (in place; returns `model`). Outputs and gradients are HF peft's: calls
-    the ops cannot reproduce exactly go to peft's own forward. Patching twice is harmless;
-    `unpatch_peft` undoes it.
+    bitsandbytes `Linear4bit` / `Linear8bitLt` layers), with plain LoRA, DoRA or several active
+    adapters, of `model` run through peft_fast's ops (in place; returns `model`). Outputs and
+    gradients are HF peft's: calls the ops cannot reproduce exactly go to peft's own forward.
+    Patching twice is harmless; `unpatch_peft` undoes it.
 
     Raises TypeError when `model` is not an nn.Module, ValueError when it has no such layer.
     """
