@@ -266,16 +266,148 @@ def test_dora_embedding_layers_routed_with_hf_loss_and_grads(kind):
         assert spy.call_count == 1
 
 
-def test_falls_back_for_several_active_adapters():
-    model = _lora_model("llama")
+# -- several active adapters (HF peft's chain) ------------------------------------------------
+# "dora,lora" means the active adapters, in activation order: a DoRA adapter ("default", r=4),
+# then a plain LoRA one (r=2), each with its own dropout; HF applies them one after the other.
+CHAIN_RANKS = (4, 2, 3)
+CHAIN_DROPOUTS = (0.2, 0.1, 0.3)
+
+
+def _chain_model(kind: str, chain: str, dropout: bool, **kw):
+    """An HF peft model whose adapters `chain` ("dora,lora", ...) are all active, in that order."""
+    kinds = chain.split(",")
+    drops = CHAIN_DROPOUTS if dropout else (0.0,) * 3
+    model = _lora_model(kind, dropout=drops[0], use_dora=kinds[0] == "dora", **kw)
+    targets = LLAMA_LORA_TARGETS if kind == "llama" else ["c_attn", "c_proj", "c_fc"]
+    names = ["default"]
+    for i, k in enumerate(kinds[1:], 1):
+        cfg = peft.LoraConfig(
+            r=CHAIN_RANKS[i], lora_alpha=2 * CHAIN_RANKS[i] + i, lora_dropout=drops[i], target_modules=targets,
+            init_lora_weights=False, fan_in_fan_out=kind == "gpt2", use_dora=k == "dora",
+        )  # fmt: skip
+        names.append(f"a{i}")
+        model.add_adapter(names[-1], cfg)
+    model.base_model.set_adapter(names)
+    g = torch.Generator().manual_seed(4)
+    for name, param in model.named_parameters():  # GPT-2 starts with zero biases: make them count
+        if name.endswith("base_layer.bias"):
+            param.data = torch.randn(param.shape, generator=g).to(param)
+    return model.to(DEVICE)
+
+
+def _chain_spies():
+    return {op: _spy(op) for op in ("lora_linear", "dora_linear", "lora_add", "dora_add")}
+
+
+def _chain_calls(chain: str, n_layers: int) -> dict[str, int]:
+    """How often each op runs for one forward of the chain through `n_layers` patched layers."""
+    first, *rest = chain.split(",")
+    return {
+        "lora_linear": n_layers * (first == "lora"),
+        "dora_linear": n_layers * (first == "dora"),
+        "lora_add": n_layers * rest.count("lora"),
+        "dora_add": n_layers * rest.count("dora"),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind,chain",
+    [("llama", "dora,lora"), ("llama", "lora,dora"), ("llama", "lora,lora"), ("gpt2", "dora,lora,dora"),
+     ("llama", "lora,dora,lora")],
+)  # fmt: skip
+@pytest.mark.parametrize("dropout", [False, True])
+def test_adapter_chains_routed_with_hf_loss_and_grads(kind, chain, dropout):
+    """Several active adapters (DoRA and LoRA in any order) through the ops, one call each: the
+    loss, gradients (magnitudes included) and eval outputs of unpatched HF peft, with the same
+    dropout masks (torch backend, same seed)."""
+    model = _chain_model(kind, chain, dropout).train()
+    torch.manual_seed(9)
+    want = _loss_and_grads(model)
+    assert sum("lora_A" in n for n in want[1]) == len(chain.split(",")) * (28 if kind == "llama" else 16) // 2
+    model.eval()
+    with torch.no_grad():
+        want_eval = model(**_batch()).logits
+    peft_fast.patch_peft(model)
+    calls = _chain_calls(chain, len(peft_fast.patch.patched_layers(model)))
+    model.train()
+    spies = _chain_spies()
+    with peft_fast.use_backend("torch"), spies["lora_linear"] as ll, spies["dora_linear"] as dl:
+        with spies["lora_add"] as la, spies["dora_add"] as da:
+            torch.manual_seed(9)
+            got = _loss_and_grads(model)
+            counts = {"lora_linear": ll.call_count, "dora_linear": dl.call_count}
+            counts |= {"lora_add": la.call_count, "dora_add": da.call_count}
+            assert counts == calls  # every layer took the fast path, each adapter once
+            model.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(model(**_batch()).logits, want_eval, rtol=1e-5, atol=1e-5)
+            assert la.call_count + da.call_count == 2 * (calls["lora_add"] + calls["dora_add"])
+    _assert_same(got, want, 1e-5)
+
+
+def test_chains_fall_back_where_hf_arithmetic_differs():
+    """A chain whose adapters have different dtypes (HF casts x for each in turn and sums in the
+    promoted dtype), a DoRA adapter whose Dropout module is in eval under a training layer (HF
+    recomputes x·Wᵀ, the ops would not), and HF's opt-in DoRA caching in eval: peft's forward."""
+    model = _chain_model("llama", "dora,lora", dropout=True)
+    model.add_adapter("wide", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "a1", "wide"])
+    for name, param in model.named_parameters():
+        if ".wide." in name:
+            param.data = param.data.double()
+    model.train()
     torch.manual_seed(5)
-    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    model.base_model.set_adapter(["default", "second"])
     want = _loss_and_grads(model)
     peft_fast.patch_peft(model)
-    with _spy("lora_linear") as spy:
-        _assert_same(_loss_and_grads(model), want, 1e-6)
-    assert spy.call_count == 12  # the 12 layers with one adapter; q_proj x 2 falls back
+    spies = _chain_spies()
+    with peft_fast.use_backend("torch"), spies["dora_linear"] as dl:
+        torch.manual_seed(5)
+        _assert_same(_loss_and_grads(model), want, 1e-5)
+        assert dl.call_count == 12  # every layer but the two q_proj, which hold a float64 adapter
+    model.base_model.set_adapter(["default", "a1"])
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+    model.train()
+    o_proj.lora_dropout["default"].eval()  # no mask drawn, yet HF's DoRA takes dropout(x)·Wᵀ
+    with spies["dora_linear"] as dl, torch.no_grad():
+        unpatched = peft_fast.unpatch_peft(model)
+        torch.manual_seed(5)
+        want_logits = unpatched(**_batch()).logits
+        peft_fast.patch_peft(model)
+        torch.manual_seed(5)
+        torch.testing.assert_close(model(**_batch()).logits, want_logits, rtol=1e-5, atol=1e-6)
+        assert dl.call_count == 13  # o_proj of layer 0: peft's forward
+    from peft.helpers import DoraCaching
+
+    model.eval()
+    with spies["dora_linear"] as dl, torch.no_grad(), DoraCaching():
+        model(**_batch())
+        assert dl.call_count == 0
+    with spies["dora_linear"] as dl, torch.no_grad():
+        model(**_batch())
+        assert dl.call_count == 14
+
+
+def test_chain_over_a_bf16_base_with_fp32_adapters_falls_back():
+    """HF peft keeps fp32 adapters over a bf16 base and sums a chain's updates in fp32, rounding
+    once; the ops would round after each adapter: peft's forward runs, with its numbers."""
+    model = _chain_model("llama", "lora,dora", dropout=False).to(torch.bfloat16)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # HF's autocast_adapter_dtype default
+    model.eval()
+    with torch.no_grad():
+        want = model(**_batch()).logits
+        peft_fast.patch_peft(model)
+        spies = _chain_spies()
+        with spies["lora_linear"] as ll, spies["dora_add"] as da:
+            assert torch.equal(model(**_batch()).logits, want)
+        assert ll.call_count == 0 and da.call_count == 0
+        model.base_model.set_adapter("a1")  # one adapter: the fast path, within bf16 rounding
+        want_single = peft_fast.unpatch_peft(model)(**_batch()).logits
+        peft_fast.patch_peft(model)
+        with spies["dora_linear"] as dl:
+            torch.testing.assert_close(model(**_batch()).logits, want_single, rtol=2e-2, atol=2e-2)
+        assert dl.call_count == 14
 
 
 def test_save_pretrained_round_trip(tmp_path):

@@ -5,8 +5,10 @@ and the refusal when bitsandbytes is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -43,6 +45,8 @@ QUANT = {
     ),
     "int8": dict(load_in_8bit=True),
 }
+# Only for the patch_peft DoRA tests (test_patch_peft_routes_hf_bnb_dora): FP4 computed in fp32.
+EXTRA_QUANT = {"fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,7 @@ def load(path, quant: str, **kw) -> torch.nn.Module:
     """A fresh copy of the checkpoint loaded with this quantization (loaded once, then deep-copied)."""
     key = (str(path), quant, tuple(sorted(kw.items(), key=str)))
     if key not in _LOADED:
-        cfg = BitsAndBytesConfig(**QUANT[quant])
+        cfg = BitsAndBytesConfig(**{**QUANT, **EXTRA_QUANT}[quant])
         _LOADED[key] = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", **kw)
     return copy.deepcopy(_LOADED[key])
 
@@ -281,6 +285,98 @@ def test_patch_peft_routes_hf_bnb_layers(llama_dir, quant):
         mp.setattr(peft_fast.patch, op, lambda *a: calls.append(1) or original(*a))
         _check_same_training_step(hf, patched)
     assert len(calls) == 2 * 14  # every layer through the op: forward, then the checkpointed recompute
+
+
+def _hf_pair_patched(path, quant, chain: str, dropout: float):
+    """(HF peft model, a second one with the same adapter weights that patch_peft routed) over two
+    loads of one quantized checkpoint, without prepare_model_for_kbit_training (HF's 8-bit DoRA
+    breaks after it on CPU, see below); the adapters `chain` ("dora", "lora,dora", ...: "default"
+    then a1, a2) are all active, in that order, each with `dropout`."""
+    kinds = chain.split(",")
+    names = ["default"] + [f"a{i}" for i in range(1, len(kinds))]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = peft.get_peft_model(load(path, quant), _chain_config(0, kinds[0], dropout))
+        for i, kind in enumerate(kinds[1:], 1):
+            model.add_adapter(names[i], _chain_config(i, kind, dropout))
+        model.base_model.set_adapter(names)
+        models.append(model)
+    hf, patched = models
+    for name in names:
+        peft.set_peft_model_state_dict(patched, peft.get_peft_model_state_dict(hf, adapter_name=name), name)
+    _no_avx512_repacking(hf, patched)
+    peft_fast.patch_peft(patched)
+    assert len(peft_fast.patch.patched_layers(patched)) == 14
+    return hf, patched
+
+
+def _chain_config(i: int, kind: str, dropout: float):
+    r = (4, 2, 3)[i]
+    return peft.LoraConfig(
+        r=r, lora_alpha=2 * r + i, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False,
+        use_dora=kind == "dora",
+    )  # fmt: skip
+
+
+def _op_calls(quant: str, chain: str) -> dict[str, int]:
+    """The ops patch_peft runs for one forward through the 14 layers: on 4 bits the first adapter
+    in the fused 4-bit op, on 8 bits every adapter after bitsandbytes' int8 product."""
+    kinds = chain.split(",")
+    first, rest = (None, kinds) if quant == "int8" else (kinds[0], kinds[1:])
+    return {
+        "lora_linear_4bit": 14 * (first == "lora"),
+        "dora_linear_4bit": 14 * (first == "dora"),
+        "lora_add": 14 * rest.count("lora"),
+        "dora_add": 14 * rest.count("dora"),
+    }
+
+
+def _counting_ops():
+    """Spies on the ops patch.py calls (their behaviour kept); {name: mock}."""
+    return {op: mock.patch.object(peft_fast.patch, op, wraps=getattr(peft_fast.patch, op)) for op in _op_calls("", "")}
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "quant,chain,dropout",
+    [("nf4-dq-fp32", "dora", 0.0), ("nf4-dq-fp32", "dora", 0.1), ("fp4-fp32", "dora", 0.0),
+     ("fp4-fp32", "dora", 0.1), ("int8", "dora", 0.0), ("int8", "dora", 0.1),
+     ("nf4-dq-fp32", "dora,lora,dora", 0.1), ("fp4-fp32", "lora,dora", 0.0), ("int8", "lora,dora", 0.1),
+     ("int8", "dora,lora", 0.0)],
+)  # fmt: skip
+def test_patch_peft_routes_hf_bnb_dora(llama_dir, quant, chain, dropout):
+    """HF peft's own bnb DoRA layers (alone, or chained with other active adapters) through
+    peft_fast's ops: a training step (same seed, so the same dropout masks on the torch backend)
+    gives HF's loss, logits and gradients (magnitudes included), and eval gives HF's logits,
+    with every layer on the fast path."""
+    calls = _op_calls(quant, chain)
+    for phase in ("train", "eval"):  # fresh models per phase: HF's 8-bit DoRA breaks in eval after a step
+        hf, patched = _hf_pair_patched(llama_dir, quant, chain, dropout)
+        hf.train(phase == "train")
+        patched.train(phase == "train")
+        ids = _ids()
+        with torch.set_grad_enabled(phase == "train"):
+            torch.manual_seed(3)
+            want = hf(input_ids=ids, labels=ids)
+            spies = _counting_ops()
+            with contextlib.ExitStack() as stack, peft_fast.use_backend("torch"):
+                mocks = {op: stack.enter_context(spy) for op, spy in spies.items()}
+                torch.manual_seed(3)
+                got = patched(input_ids=ids, labels=ids)
+        assert {op: m.call_count for op, m in mocks.items()} == calls, phase
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        if phase == "eval":
+            continue
+        want.loss.backward()
+        got.loss.backward()
+        gw, gg = _grads(hf), _grads(patched)
+        assert gw.keys() == gg.keys() and sum("lora_magnitude_vector" in k for k in gw) == 14 * chain.count("dora")
+        for k in gw:
+            assert _rel_err(gg[k], gw[k]) < 1e-5, k
 
 
 # -- DoRA over quantized bases -----------------------------------------------------------------
