@@ -35,7 +35,7 @@ LLAMA = {
 QUANT = {
     "nf4-dq-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     "fp4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
-    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "nf4-storage-bf16": dict(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -45,8 +45,6 @@ QUANT = {
     ),
     "int8": dict(load_in_8bit=True),
 }
-# Only for the patch_peft DoRA tests (test_patch_peft_routes_hf_bnb_dora): FP4 computed in fp32.
-EXTRA_QUANT = {"fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def load(path, quant: str, **kw) -> torch.nn.Module:
     """A fresh copy of the checkpoint loaded with this quantization (loaded once, then deep-copied)."""
     key = (str(path), quant, tuple(sorted(kw.items(), key=str)))
     if key not in _LOADED:
-        cfg = BitsAndBytesConfig(**{**QUANT, **EXTRA_QUANT}[quant])
+        cfg = BitsAndBytesConfig(**QUANT[quant])
         _LOADED[key] = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", **kw)
     return copy.deepcopy(_LOADED[key])
 
