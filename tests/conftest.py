@@ -121,6 +121,38 @@ def make_inputs(kind: str, batch: int = 3, seq: int = 7, seed: int = 1) -> dict[
     return inputs
 
 
+def hf_and_ours(kind: str, config_of, randomized: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """HF peft's and peft_fast's models of `kind` built from the same seed with
+    `config_of(library)` (the `peft` or `peft_fast` module -> its config); every parameter whose
+    name contains `randomized` gets the same standard-normal values in both (for the adapters HF
+    initialises to zero or to a constant, which would hide the others' role). The parameter
+    names must match one to one."""
+    import peft
+
+    import peft_fast
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(make_model(kind), config_of(peft))
+    torch.manual_seed(0)
+    ours = peft_fast.get_peft_model(make_model(kind), config_of(peft_fast))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(theirs.named_parameters(), ours.named_parameters(), strict=True):
+            assert n == m
+            if randomized in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+                q.copy_(p)
+    return theirs, ours
+
+
+def training_loss(model: torch.nn.Module, kind: str, seed: int = 0) -> torch.Tensor:
+    """The language-model loss on `make_inputs(kind)`, with torch's generator set to `seed` first
+    (it fixes the base model's own dropout and the adapters')."""
+    inputs = make_inputs(kind)
+    torch.manual_seed(seed)
+    return model(**inputs, labels=inputs["input_ids"]).loss
+
+
 def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kw) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **kw).logits

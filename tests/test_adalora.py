@@ -12,7 +12,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import hf_and_ours, make_inputs, make_model, training_loss
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
@@ -30,27 +30,12 @@ def _config(module, kind: str, **kw):
 
 
 def _pair(kind: str, **kw):
-    """HF peft's and peft_fast's AdaLoRA models built from the same seed, with random E (HF
-    starts E at zero, which would hide A's and B's role) copied into both."""
-    torch.manual_seed(0)
-    theirs = peft.get_peft_model(make_model(kind), _config(peft, kind, **kw))
-    torch.manual_seed(0)
-    ours = get_peft_model(make_model(kind), _config(peft_fast, kind, **kw))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for (n, p), (m, q) in zip(theirs.named_parameters(), ours.named_parameters()):
-            assert n == m
-            if "lora_E" in n:
-                p.copy_(torch.randn(p.shape, generator=g))
-                q.copy_(p)
-    return theirs, ours
+    """HF peft's and peft_fast's AdaLoRA models from the same seed, with random E (HF starts E at
+    zero, which would hide A's and B's role) copied into both."""
+    return hf_and_ours(kind, lambda lib: _config(lib, kind, **kw), "lora_E")
 
 
-def _loss(model, kind: str, seed: int = 0):
-    """The training loss on fixed inputs; the seed fixes the base model's own dropout (GPT-2)."""
-    inputs = make_inputs(kind)
-    torch.manual_seed(seed)
-    return model(**inputs, labels=inputs["input_ids"]).loss
+_loss = training_loss
 
 
 # -- config --------------------------------------------------------------------------------------

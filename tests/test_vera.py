@@ -10,7 +10,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import hf_and_ours, make_inputs, make_model, training_loss
 from safetensors.torch import load_file
 
 import peft_fast
@@ -27,24 +27,10 @@ def _config(module, kind: str, **kw):
 def _pair(kind: str, **kw):
     """HF peft's and peft_fast's VeRA models from the same seed, with random λ_b and λ_d (HF
     starts λ_b at zero) copied into both."""
-    torch.manual_seed(0)
-    theirs = peft.get_peft_model(make_model(kind), _config(peft, kind, **kw))
-    torch.manual_seed(0)
-    ours = get_peft_model(make_model(kind), _config(peft_fast, kind, **kw))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for (n, p), (m, q) in zip(theirs.named_parameters(), ours.named_parameters()):
-            assert n == m
-            if "vera_lambda" in n:
-                p.copy_(torch.randn(p.shape, generator=g))
-                q.copy_(p)
-    return theirs, ours
+    return hf_and_ours(kind, lambda lib: _config(lib, kind, **kw), "vera_lambda")
 
 
-def _loss(model, kind: str, seed: int = 0):
-    inputs = make_inputs(kind)
-    torch.manual_seed(seed)  # the base model's own dropout (GPT-2) and VeRA's
-    return model(**inputs, labels=inputs["input_ids"]).loss
+_loss = training_loss
 
 
 def test_config_fields_and_defaults_are_hf_peft():
