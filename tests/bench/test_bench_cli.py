@@ -17,14 +17,6 @@ from peft_fast_bench.main import main as bench_main
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness and its refusals")
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """The bench sets one CPU thread for stable medians; the rest of the suite gets its count back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_lora_suite_writes_one_record_under_out(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     out = tmp_path / "results"

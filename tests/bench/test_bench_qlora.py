@@ -19,13 +19,6 @@ pytest.importorskip("bitsandbytes", reason="the qlora suite loads its 4-bit mode
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness")
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_preset_prints_its_table_and_writes_its_record(tmp_path, capsys):
     out = tmp_path / "results"
     assert bench_main(["--suite", "qlora", "--preset", "tiny", "--out", str(out), "--no-plot"]) == 0

@@ -17,14 +17,6 @@ from peft_fast_bench.main import main as bench_main
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness")
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """The bench sets one CPU thread for stable medians; the rest of the suite gets its count back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_variants_suite_writes_its_record(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results"

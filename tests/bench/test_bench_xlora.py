@@ -16,13 +16,6 @@ from peft_fast_bench.main import main as bench_main
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness")
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_xlora_suite_writes_its_record(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bench_main(["--suite", "xlora", "--preset", "tiny", "--rounds", "1", "--out", "out", "--no-plot"]) == 0
