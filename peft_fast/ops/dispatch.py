@@ -64,6 +64,9 @@ AUTO_DEFAULT: dict[str, tuple[str, ...]] = {
     "loha_linear": ("triton", "torch"),
     "lokr_linear": ("triton", "torch"),
     "xlora_linear": ("triton", "torch"),
+    # The fused 4-bit matmul replaces the base product itself: bitsandbytes' dequantizer + cuBLAS
+    # until a measurement in the backend table puts "triton" first for a shape class.
+    "lora_linear_4bit": ("torch",),
 }
 # The backend table shipped with the package (read-only: nothing writes into an install).
 BACKEND_TABLE = Path(__file__).with_name("backend_table.json")

@@ -99,6 +99,16 @@ def test_auto_defaults_are_composites_only():
     assert dispatch.AUTO_DEFAULT["lokr_linear"] == ("triton", "torch")
     for op in ("lora_linear", "ia3_linear"):
         assert "triton" not in dispatch.AUTO_DEFAULT[op], op
+    # the fused 4-bit matmul replaces the base product: bitsandbytes + cuBLAS until measured
+    assert dispatch.AUTO_DEFAULT["lora_linear_4bit"] == ("torch",)
+
+
+def test_a_measurement_puts_the_fused_4bit_matmul_first(tmp_path, monkeypatch):
+    path = _write(tmp_path / "t.json", {"lora_linear_4bit": {"tokens>4096": ["triton"]}})
+    assert dispatch.auto_order("lora_linear_4bit", BIG, table={}) == ("torch",)
+    monkeypatch.setenv(dispatch.BACKEND_TABLE_ENV, str(path))
+    assert dispatch.auto_order("lora_linear_4bit", BIG) == ("triton", "torch")
+    assert dispatch.auto_order("lora_linear_4bit", SMALL) == ("torch",)
 
 
 class _CudaTensor:

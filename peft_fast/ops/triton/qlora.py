@@ -26,7 +26,8 @@ give their shapes), so a compiled 4-bit model has no graph break here.
 takes these kernels only where the backend table (`peft-fast bench --write-table`) has a
 measurement for `lora_linear_4bit` at the call's shape class; with none (the shipped table:
 no GPU has measured them yet) it keeps the torch composition (bitsandbytes' dequantizer +
-cuBLAS), which "auto" must never be slower than. `set_backend("triton")` asks for them.
+cuBLAS), which "auto" must never be slower than: `dispatch.AUTO_DEFAULT["lora_linear_4bit"]` is
+("torch",). `set_backend("triton")` asks for them.
 `ia3_linear_4bit` stays on the torch path for now.
 """
 
@@ -259,10 +260,6 @@ def _supports_lora(
         return "Triton's interpreter computes bf16 tl.dot wrongly; bf16 compute takes the torch path"
     if dropout_p > 0.0 and training and x.numel() > MAX_ELEMENTS:
         return f"dropout on {x.numel()} elements exceeds the kernels' int32 mask numbering"
-    if dispatch.get_backend() == "auto" and x.device.type == "cuda":
-        measured = dispatch.backend_table().get("entries", {}).get("lora_linear_4bit", {})
-        if "triton" not in measured.get(dispatch.shape_class(x), []):
-            return "no measurement of the fused 4-bit matmul for this shape class: auto keeps the torch composition"
     return size_reason(x, torch.empty(state.shape, device="meta"))
 
 
