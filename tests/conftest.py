@@ -14,6 +14,7 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -156,3 +157,12 @@ def training_loss(model: torch.nn.Module, kind: str, seed: int = 0) -> torch.Ten
 def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kw) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, **kw).logits
+
+
+@pytest.fixture
+def keep_threads():
+    """For the bench-harness tests (`pytestmark = pytest.mark.usefixtures("keep_threads")`): the
+    bench sets one CPU thread for stable medians; the rest of the suite gets its count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -14,7 +14,10 @@ from peft_fast.ops import dispatch
 from peft_fast_bench import lora
 from peft_fast_bench.main import main as bench_main
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness and its refusals")
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness and its refusals"),
+    pytest.mark.usefixtures("keep_threads"),
+]
 
 
 def test_lora_suite_writes_one_record_under_out(tmp_path, monkeypatch, capsys):

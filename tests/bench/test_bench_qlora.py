@@ -16,7 +16,10 @@ from peft_fast_bench.main import _qlora_layer_harness
 from peft_fast_bench.main import main as bench_main
 
 pytest.importorskip("bitsandbytes", reason="the qlora suite loads its 4-bit model through bitsandbytes")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness")
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness"),
+    pytest.mark.usefixtures("keep_threads"),
+]
 
 
 def test_tiny_preset_prints_its_table_and_writes_its_record(tmp_path, capsys):

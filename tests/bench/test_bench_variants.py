@@ -14,7 +14,10 @@ import torch
 from peft_fast_bench import variants
 from peft_fast_bench.main import main as bench_main
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness")
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness"),
+    pytest.mark.usefixtures("keep_threads"),
+]
 
 
 def test_variants_suite_writes_its_record(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,10 @@ from peft_fast_bench import main as bench_module
 from peft_fast_bench import xlora
 from peft_fast_bench.main import main as bench_main
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness")
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU harness"),
+    pytest.mark.usefixtures("keep_threads"),
+]
 
 
 def test_xlora_suite_writes_its_record(tmp_path, monkeypatch):
