@@ -53,7 +53,7 @@ class IA3Linear(AdapterLayer):
                 base.bias.data = new_b
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def _unmerge(self) -> None:
         base = self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()
