@@ -3,6 +3,7 @@ feed-forward projections."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,7 @@ class IA3Linear(AdapterLayer):
             self.merged_adapters.append(name)
 
     def _unmerge(self) -> None:
+        warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=3)  # as HF peft
         base = self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()
