@@ -8,12 +8,11 @@ trainable parameters must agree. HF peft is the oracle.
 
 from __future__ import annotations
 
-import warnings
-
 import peft
 import pytest
 import torch
 from conftest import make_inputs, make_model, output_of
+from test_dora_models import _warned
 
 import peft_fast
 from peft_fast.tuners.base import AdapterLayer
@@ -261,14 +260,6 @@ UNMERGE_WARNING_CONFIGS = {
     "lokr": ("LoKrConfig", {"target_modules": ["q_proj", "v_proj"], "r": 4}),
     "adalora": ("AdaLoraConfig", {"target_modules": ["q_proj", "v_proj"], "r": 4, "total_step": 10}),
 }
-
-
-def _warned(call):
-    """The UserWarning messages `call()` gives, in order."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        call()
-    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
 @pytest.mark.parametrize("method", list(UNMERGE_WARNING_CONFIGS))
