@@ -367,9 +367,10 @@ MERGE_STACKS = {
 STACK_NAMES = ("default", "other", "third")
 
 
-def _stack_twins(kind, doras):
-    """(HF peft model, peft_fast model) holding one adapter per entry of `doras` (True: DoRA), all active."""
-    base = make_model(kind)
+def _stack_twins(kind, doras, dtype=torch.float32):
+    """(HF peft model, peft_fast model) over a base in `dtype`, holding one adapter per entry of
+    `doras` (True: DoRA), all active."""
+    base = make_model(kind).to(dtype)
     torch.manual_seed(11)
     theirs = peft.get_peft_model(copy.deepcopy(base), _cfg(peft, kind, use_dora=doras[0]))
     ours = peft_fast.get_peft_model(copy.deepcopy(base), _cfg(peft_fast, kind, use_dora=doras[0]))
@@ -433,3 +434,18 @@ def test_merging_several_adapters_gives_hf_weights_exactly(kind, stack, safe_mer
     sd_t, sd_o = plain[theirs].state_dict(), plain[ours].state_dict()
     assert sorted(sd_o) == sorted(sd_t)
     assert all(torch.equal(sd_o[k], sd_t[k]) for k in sd_t)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+@pytest.mark.parametrize("stack", ["lora+dora+lora", "dora+lora+dora"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merging_into_a_bf16_base_gives_hf_weights_exactly(kind, stack, safe_merge):
+    """A bf16 base with fp32 adapters (both libraries' autocast_adapter_dtype): HF's Linear / Conv1D
+    merge a plain delta uncast without safe_merge (the sum rounded once into bf16) and cast first
+    with it; Embedding always casts first; DoRA rounds its fp32 result once."""
+    theirs, ours, names = _stack_twins(kind, MERGE_STACKS[stack], dtype=torch.bfloat16)
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {m.base_layer.weight.dtype for m in _layers(ours).values()} == {torch.bfloat16}
+    for name in names:
+        _same_step(theirs, ours, lambda m, name=name: m.merge_adapter(adapter_names=[name], safe_merge=safe_merge))
+    _same_step(theirs, ours, lambda m: m.unmerge_adapter())
