@@ -7,6 +7,7 @@ the oracle; the op-level tests (float64 oracle) are tests/ops/test_dora.py."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -348,3 +349,103 @@ def test_refusals():
         peft.LoraConfig(use_dora=True, megatron_config={"a": 1})
     with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):
         peft.LoraConfig(use_dora=True, lora_bias=True)
+
+
+# -- merging several adapters on float layers: the weights HF peft gets, bit for bit ------------------
+# HF peft merges adapters in turn; a DoRA adapter's norm needs the base without the adapters merged
+# before it, which HF recovers by really unmerging them and merging them again (`_unmerged_base_weight`).
+# Every base weight after every merge / unmerge must be torch.equal to HF's (fp32), on Linear (Llama),
+# Conv1D with fan_in_fan_out (GPT-2) and Embedding (both), with the warnings HF gives.
+MERGE_STACKS = {
+    "dora+dora": (True, True),
+    "lora+dora": (False, True),
+    "dora+lora": (True, False),
+    "dora+dora+dora": (True, True, True),
+    "dora+lora+dora": (True, False, True),
+    "lora+dora+lora": (False, True, False),
+}
+STACK_NAMES = ("default", "other", "third")
+
+
+def _stack_twins(kind, doras, dtype=torch.float32):
+    """(HF peft model, peft_fast model) over a base in `dtype`, holding one adapter per entry of
+    `doras` (True: DoRA), all active."""
+    base = make_model(kind).to(dtype)
+    torch.manual_seed(11)
+    theirs = peft.get_peft_model(copy.deepcopy(base), _cfg(peft, kind, use_dora=doras[0]))
+    ours = peft_fast.get_peft_model(copy.deepcopy(base), _cfg(peft_fast, kind, use_dora=doras[0]))
+    for k, (name, dora) in enumerate(zip(STACK_NAMES[1:], doras[1:])):
+        more = {"r": 2 + k, "lora_alpha": 3 + k, "use_dora": dora}
+        theirs.add_adapter(name, _cfg(peft, kind, **more))
+        ours.add_adapter(name, _cfg(peft_fast, kind, **more))
+    ours.load_state_dict(theirs.state_dict())
+    names = list(STACK_NAMES[: len(doras)])
+    for model in (theirs, ours):
+        model.base_model.set_adapter(names)
+        model.eval()
+    return theirs, ours, names
+
+
+def _warned(call):
+    """The UserWarning messages `call()` gives, in order."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def _same_step(theirs, ours, step):
+    """Run `step(model)` on both models: the same warnings, then every base weight equal to HF's."""
+    assert _warned(lambda: step(ours)) == _warned(lambda: step(theirs))
+    hf_layers = _layers(theirs)
+    layers = _layers(ours)
+    assert sorted(layers) == sorted(hf_layers)
+    for name, layer in layers.items():
+        hf = hf_layers[name]
+        assert layer.merged_adapters == hf.merged_adapters, name
+        assert torch.equal(layer.base_layer.weight, hf.get_base_layer().weight), name
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+@pytest.mark.parametrize("stack", list(MERGE_STACKS))
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merging_several_adapters_gives_hf_weights_exactly(kind, stack, safe_merge):
+    theirs, ours, names = _stack_twins(kind, MERGE_STACKS[stack])
+    kinds = {type(m.base_layer).__name__ for m in _layers(ours).values()}
+    assert kinds == ({"Linear", "Embedding"} if kind == "llama" else {"Conv1D", "Embedding"})
+    original = {n: m.base_layer.weight.clone() for n, m in _layers(ours).items()}
+
+    _same_step(theirs, ours, lambda m: m.merge_adapter(safe_merge=safe_merge))  # together
+    assert all(not torch.equal(m.base_layer.weight, original[n]) for n, m in _layers(ours).items())
+    _same_step(theirs, ours, lambda m: m.unmerge_adapter())
+    for name in names:  # in turn, from the second on with HF's "Already ... merged" warning
+        _same_step(theirs, ours, lambda m, name=name: m.merge_adapter(adapter_names=[name], safe_merge=safe_merge))
+    _same_step(theirs, ours, lambda m: m.merge_adapter(safe_merge=safe_merge))  # all merged: nothing to do
+    torch.testing.assert_close(output_of(ours, make_inputs(kind)), output_of(theirs, make_inputs(kind)))
+    _same_step(theirs, ours, lambda m: m.unmerge_adapter())
+    _same_step(theirs, ours, lambda m: m.unmerge_adapter())  # nothing merged: HF warns once per layer
+    for name, layer in _layers(ours).items():  # the replays leave the base as it was, to rounding
+        torch.testing.assert_close(layer.base_layer.weight, original[name], rtol=1e-4, atol=1e-5)
+
+    plain = {}
+    for model in (theirs, ours):
+        warned = _warned(lambda model=model: plain.setdefault(model, model.merge_and_unload(safe_merge=safe_merge)))
+        assert warned == []
+    sd_t, sd_o = plain[theirs].state_dict(), plain[ours].state_dict()
+    assert sorted(sd_o) == sorted(sd_t)
+    assert all(torch.equal(sd_o[k], sd_t[k]) for k in sd_t)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+@pytest.mark.parametrize("stack", ["lora+dora+lora", "dora+lora+dora"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merging_into_a_bf16_base_gives_hf_weights_exactly(kind, stack, safe_merge):
+    """A bf16 base with fp32 adapters (both libraries' autocast_adapter_dtype): HF's Linear / Conv1D
+    merge a plain delta uncast without safe_merge (the sum rounded once into bf16) and cast first
+    with it; Embedding always casts first; DoRA rounds its fp32 result once."""
+    theirs, ours, names = _stack_twins(kind, MERGE_STACKS[stack], dtype=torch.bfloat16)
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {m.base_layer.weight.dtype for m in _layers(ours).values()} == {torch.bfloat16}
+    for name in names:
+        _same_step(theirs, ours, lambda m, name=name: m.merge_adapter(adapter_names=[name], safe_merge=safe_merge))
+    _same_step(theirs, ours, lambda m: m.unmerge_adapter())

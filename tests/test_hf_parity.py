@@ -12,8 +12,10 @@ import peft
 import pytest
 import torch
 from conftest import make_inputs, make_model, output_of
+from test_dora_models import _warned
 
 import peft_fast
+from peft_fast.tuners.base import AdapterLayer
 
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]  # Linear and Embedding LoRA
 
@@ -246,3 +248,37 @@ def test_safe_merge_refuses_non_finite_weights_like_hf():
     q_proj = _lora_layers(ours)["base_model.model.model.layers.0.self_attn.q_proj"]
     assert not q_proj.merged and torch.isfinite(q_proj.base_layer.weight).all()
     assert _state(ours)["merged"] == _state(theirs)["merged"]
+
+
+# ---- HF peft's "Already unmerged. Nothing to do." on every layer type that gives it ---------------
+UNMERGE_WARNING_CONFIGS = {
+    "lora": ("LoraConfig", {"target_modules": TARGETS, "r": 4}),
+    "dora": ("LoraConfig", {"target_modules": TARGETS, "r": 4, "use_dora": True}),
+    "ia3": ("IA3Config", {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+    "vera": ("VeraConfig", {"target_modules": ["q_proj", "o_proj"], "r": 4}),
+    "loha": ("LoHaConfig", {"target_modules": ["q_proj", "v_proj"], "r": 4}),
+    "lokr": ("LoKrConfig", {"target_modules": ["q_proj", "v_proj"], "r": 4}),
+    "adalora": ("AdaLoraConfig", {"target_modules": ["q_proj", "v_proj"], "r": 4, "total_step": 10}),
+}
+
+
+@pytest.mark.parametrize("method", list(UNMERGE_WARNING_CONFIGS))
+def test_unmerge_when_nothing_is_merged_warns_like_hf(method):
+    config_name, kw = UNMERGE_WARNING_CONFIGS[method]
+    models = [
+        lib.get_peft_model(make_model("llama"), getattr(lib, config_name)(task_type="CAUSAL_LM", **kw))
+        for lib in (peft, peft_fast)
+    ]
+    theirs, ours = (m.eval() for m in models)
+    n_layers = len([m for m in ours.modules() if isinstance(m, AdapterLayer)])
+    assert n_layers > 0
+    warned = _warned(ours.unmerge_adapter)
+    assert warned == ["Already unmerged. Nothing to do."] * n_layers  # one per layer, as HF peft
+    assert warned == _warned(theirs.unmerge_adapter)
+    for model in (theirs, ours):
+        model.merge_adapter()
+    assert _warned(ours.unmerge_adapter) == _warned(theirs.unmerge_adapter)  # merged: no such warning
+    layer = next(m for m in ours.modules() if isinstance(m, AdapterLayer))
+    weight = layer.get_base_layer().weight.clone()
+    assert _warned(layer.unmerge) == ["Already unmerged. Nothing to do."]
+    assert torch.equal(layer.get_base_layer().weight, weight)

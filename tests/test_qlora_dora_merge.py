@@ -232,3 +232,17 @@ def test_bf16_adapters_merge_as_hf_peft(llama_dir, quant):
     for names in ([FIRST], [SECOND]):
         _same_step(hf, ours, lambda m, names=names: m.merge_adapter(names))
     _same_step(hf, ours, lambda m: m.unmerge_adapter())
+
+
+@pytest.mark.parametrize("quant", ["nf4-dq-fp32", "int8"])
+def test_unmerge_with_nothing_merged_warns_as_hf_peft(llama_dir, quant):
+    """HF peft's bnb layers warn "Already unmerged. Nothing to do." (and requantize nothing) when
+    unmerge is called with nothing merged: once per layer from unmerge_adapter."""
+    hf, ours = _adapters(llama_dir, quant, ("dora", "lora"))
+    warned = _warnings_of(ours.unmerge_adapter)
+    assert warned == ["Already unmerged. Nothing to do."] * len(_lora_layers(ours))
+    assert warned == _warnings_of(hf.unmerge_adapter)
+    _assert_same_bytes(hf, ours)
+    _same_step(hf, ours, lambda m: m.merge_adapter([FIRST, SECOND]))
+    _same_step(hf, ours, lambda m: m.unmerge_adapter())
+    assert _warnings_of(next(iter(_lora_layers(ours).values())).unmerge) == ["Already unmerged. Nothing to do."]

@@ -242,6 +242,15 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def unmerge(self) -> None:
+        """Take every merged adapter out of the base weights, the last merged first; with none merged,
+        HF peft's "Already unmerged. Nothing to do." warning and nothing else."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self._unmerge()
+
+    def _unmerge(self) -> None:
+        """Unmerge the merged adapters (there is at least one)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     # -- forward -----------------------------------------------------------------------------
@@ -633,9 +642,9 @@ class BaseTuner(nn.Module):
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
+        """Unmerge every adapter layer; as in HF peft, each layer with nothing merged warns."""
         for layer in self.adapter_layers():
-            if layer.merged:
-                layer.unmerge()
+            layer.unmerge()
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
         if merge:

@@ -175,7 +175,7 @@ class LycorisLayer(AdapterLayer):
                 weight.data += self.delta_weight(name)
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def _unmerge(self) -> None:
         """Subtract the merged adapters' ΔW again, last merged first."""
         weight = self.base_layer.weight
         while self.merged_adapters:

@@ -3,6 +3,7 @@ feed-forward projections."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -53,7 +54,8 @@ class IA3Linear(AdapterLayer):
                 base.bias.data = new_b
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def _unmerge(self) -> None:
+        warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=3)  # as HF peft
         base = self.base_layer
         while self.merged_adapters:
             name = self.merged_adapters.pop()

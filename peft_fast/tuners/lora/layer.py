@@ -4,7 +4,8 @@ and DoRA (`use_dora=True`) on the same three, as HF peft 0.21 (see peft_fast/ops
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -61,6 +62,7 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA: adapter -> DoraMagnitude
         self._dora_norms = ops.DoraNormCache()  # eval-mode weight norms
         self._dora_merge_norms: dict[str, torch.Tensor] = {}  # norms of merged DoRA adapters, for unmerge
+        self._replay_base: torch.Tensor | None = None  # see `_base_without_merged`
 
     def _set_numbers(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
         self.r[adapter_name] = r
@@ -202,49 +204,102 @@ class LoraLayer(AdapterLayer):
         factor = self.lora_magnitude_vector[name].weight / norm
         return factor.view(-1, 1) if self._dora_norm_dim() == 1 else factor.view(1, -1)
 
-    def _unmerged_base_weight(self) -> torch.Tensor:
-        """A copy of the base weight with every merged adapter taken out again (what HF peft's
-        `_unmerged_base_weight` recovers for DoRA's norm when several adapters are merged in turn)."""
-        weight = self.base_layer.weight.data.clone()
-        for name in reversed(self.merged_adapters):
-            weight = self._unmerged(weight, name)
-        return weight
+    # -- merging: one implementation for float and quantized bases (tuners/lora/bnb.py) ------------
+    def _merge_weight(self) -> torch.Tensor:
+        """The base weight merging works on, as stored (quantized layers: dequantized)."""
+        return self.base_layer.weight.data
 
-    def _unmerged(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+    def _store_weight(self, weight: torch.Tensor) -> None:
+        """Put `weight`, shaped and laid out as `_merge_weight` gives it, into the base layer
+        (quantized layers: requantized with the layer's own settings)."""
+        self.base_layer.weight.data = weight
+
+    def _warn_merge_step(self, step: str) -> None:
+        """The warning HF peft gives before merging ("Merge") or unmerging ("Unmerge") each adapter:
+        none on float layers."""
+
+    def _plain_operands(self, weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`weight` and a plain LoRA `delta` in the dtypes HF peft adds or subtracts them in: on float
+        layers the delta cast to the weight's dtype."""
+        return weight, delta.to(weight.dtype)
+
+    def _plain_merged(self, weight: torch.Tensor, delta: torch.Tensor, safe_merge: bool) -> torch.Tensor:
+        """`weight` with a plain LoRA `delta` added as HF peft adds it."""
+        w, d = self._plain_operands(weight, delta)
+        return w + d
+
+    def _merge_norm(self, base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """DoRA's merge norm ‖W₀ + ΔW‖ per output feature of the stored `base` and `delta`, both taken
+        as (out, in) first (HF peft's `get_weight_norm` with scaling 1)."""
+        if self._dora_norm_dim() == 0:
+            base, delta = base.T, delta.T
+        weight = base + delta
+        return torch.linalg.norm(weight, dim=1).to(weight.dtype).detach()
+
+    @contextmanager
+    def _base_without_merged(self, safe_merge: bool) -> Iterator[torch.Tensor]:
+        """HF peft's `_unmerged_base_weight`: the merged adapters are unmerged for real (quantized
+        layers: dequantize, undo, requantize), a copy of the base weight is yielded, and they are
+        merged again on exit. Merges during that replay get the same copy instead of replaying again."""
+        if self._replay_base is not None:
+            yield self._replay_base
+            return
+        merged = list(self.merged_adapters)
+        try:
+            if merged:
+                self.unmerge()
+            self._replay_base = self._merge_weight().detach().clone()
+            yield self._replay_base
+        finally:
+            try:
+                to_merge = [n for n in merged if n not in self.merged_adapters]
+                if to_merge:
+                    self.merge(safe_merge=safe_merge, adapter_names=to_merge)
+            finally:
+                self._replay_base = None
+
+    def _merged_weight(self, name: str, safe_merge: bool) -> torch.Tensor:
+        """The base weight with adapter `name` merged in (HF peft's `merge`). DoRA (HF's `merge_safe` /
+        `merge_unsafe`): m / ‖W₀ + ΔW‖ ⊙ (W + ΔW), W₀ the base without the merged adapters (see
+        `_base_without_merged`) and W the weight after that replay; the norm is kept for unmerge."""
         delta = self.delta_weight(name)
-        if self.use_dora.get(name, False):
-            factor = self._dora_factor(name, self._dora_merge_norms[name])
-            return (weight / factor - delta).to(weight.dtype)
-        return weight - delta.to(weight.dtype)
+        if not self.use_dora.get(name, False):
+            return self._plain_merged(self._merge_weight(), delta, safe_merge)
+        with self._base_without_merged(safe_merge) as base:
+            norm = self._merge_norm(base, delta)
+        self._dora_merge_norms[name] = norm
+        weight = self._merge_weight()  # rebuilt by the replay
+        return (self._dora_factor(name, norm) * (weight + delta)).to(weight.dtype)
+
+    def _unmerged_weight(self, name: str) -> torch.Tensor:
+        """The base weight with adapter `name`, the last merged, taken out (HF peft's `unmerge`)."""
+        delta = self.delta_weight(name)
+        weight = self._merge_weight()
+        if not self.use_dora.get(name, False):
+            w, d = self._plain_operands(weight, delta)
+            return w - d
+        factor = self._dora_factor(name, self._dora_merge_norms.pop(name))
+        return (weight / factor - delta).to(weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
-        weight = self.base_layer.weight
+        """Merge the adapters (default: the active ones) into the base weight one after another, as
+        HF peft does; with `safe_merge`, a result holding NaN or inf raises ValueError and is not stored."""
         for name in self._adapters_to_merge(adapter_names):
-            delta = self.delta_weight(name)
-            norm = None
-            if self.use_dora.get(name, False):
-                base = self._unmerged_base_weight() if self.merged_adapters else weight.data
-                norm = torch.linalg.norm(base + delta, dim=self._dora_norm_dim()).detach()
-                merged = (self._dora_factor(name, norm) * (weight.data + delta)).to(weight.dtype)
-            else:
-                merged = weight.data + delta.to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
+            self._warn_merge_step("Merge")
+            weight = self._merged_weight(name, safe_merge)
+            if safe_merge and not torch.isfinite(weight).all():
+                self._dora_merge_norms.pop(name, None)
                 raise ValueError(f"merging adapter {name!r} would put NaN or inf into the base weights; not merged")
-            if safe_merge or norm is not None:
-                weight.data = merged
-            else:
-                weight.data += delta.to(weight.dtype)
-            if norm is not None:
-                self._dora_merge_norms[name] = norm
+            self._store_weight(weight)
             self.merged_adapters.append(name)
         self._dora_norms.clear()
 
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
+    def _unmerge(self) -> None:
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data = self._unmerged(weight.data, name)
-            self._dora_merge_norms.pop(name, None)
+            self._warn_merge_step("Unmerge")
+            weight = self._unmerged_weight(self.merged_adapters[-1])
+            self.merged_adapters.pop()
+            self._store_weight(weight)
         self._dora_norms.clear()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -344,6 +399,13 @@ class LoraLinear(LoraLayer):
             plan=mb.plan_for(names, x.device),
             stack=self._lora_stack,
         )
+
+    def _plain_merged(self, weight: torch.Tensor, delta: torch.Tensor, safe_merge: bool) -> torch.Tensor:
+        """Without `safe_merge` HF peft's Linear adds the delta in place uncast (`weight += delta`),
+        which rounds the sum once into the weight's dtype; with it, the delta is cast first."""
+        if safe_merge:
+            return super()._plain_merged(weight, delta, safe_merge)
+        return (weight + delta).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"fan_in_fan_out={self.fan_in_fan_out}"

@@ -147,7 +147,7 @@ class VeraLinear(AdapterLayer):
                 weight.data += delta
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
+    def _unmerge(self) -> None:
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
