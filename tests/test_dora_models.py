@@ -449,3 +449,18 @@ def test_merging_into_a_bf16_base_gives_hf_weights_exactly(kind, stack, safe_mer
     for name in names:
         _same_step(theirs, ours, lambda m, name=name: m.merge_adapter(adapter_names=[name], safe_merge=safe_merge))
     _same_step(theirs, ours, lambda m: m.unmerge_adapter())
+
+
+@pytest.mark.parametrize("stack", ["lora+dora+lora", "dora+lora+dora"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merging_bf16_adapters_on_cpu_gives_hf_weights_exactly(kind, stack):
+    """bf16 adapters on a bf16 base: on CPU HF peft computes each delta B A · scaling in fp32 and
+    casts it back once (its get_delta_weight); a bf16 product rounds differently."""
+    theirs, ours, names = _stack_twins(kind, MERGE_STACKS[stack], dtype=torch.bfloat16)
+    for model in (theirs, ours):
+        model.to(torch.bfloat16)
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    for name in names:
+        _same_step(theirs, ours, lambda m, name=name: m.merge_adapter(adapter_names=[name]))
+    _same_step(theirs, ours, lambda m: m.unmerge_adapter())
+    _same_step(theirs, ours, lambda m: m.merge_adapter(safe_merge=True))

@@ -105,6 +105,15 @@ class LoraLayer(AdapterLayer):
         """The adapter's A (r, in) and B (out, r)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def _scaled_product(self, adapter_name: str) -> torch.Tensor:
+        """`scaling · B A` in B's dtype, as HF peft's get_delta_weight computes it: fp16/bf16
+        factors on CPU are multiplied (and scaled) in fp32 and the result cast back once."""
+        A, B = self.lora_weights(adapter_name)
+        dtype = B.dtype
+        if B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            return ((B.float() @ A.float()) * self.scaling[adapter_name]).to(dtype)
+        return (B @ A) * self.scaling[adapter_name]
+
     def active_lora(self) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
         """(A, B, scaling, dropout p) of the active adapters, or None if none is active here.
 
@@ -349,8 +358,7 @@ class LoraLinear(LoraLayer):
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.lora_weights(adapter_name)
-        delta = (B @ A) * self.scaling[adapter_name]
+        delta = self._scaled_product(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
     def _lora_forward(
@@ -443,8 +451,7 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.lora_weights(adapter_name)
-        return (B @ A).T * self.scaling[adapter_name]
+        return self._scaled_product(adapter_name).T
 
     def _embed(
         self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, result: torch.Tensor | None = None
