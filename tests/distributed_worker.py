@@ -43,4 +43,11 @@ def run_all(model: str, data: str, runs: list[str]) -> int:
 if __name__ == "__main__":
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("peft_fast.ops.dispatch").setLevel(logging.DEBUG)
-    sys.exit(run_all(sys.argv[1], sys.argv[2], sys.argv[3:]))
+    status = run_all(sys.argv[1], sys.argv[2], sys.argv[3:])
+    # The exit status is the runs' (each printed above). os._exit skips interpreter finalization:
+    # after five process groups set up and destroyed in one process, gloo's C++ threads were once
+    # torn down at finalization and aborted the process ("terminate called without an active
+    # exception", SIGABRT) after every run had exited 0 (CI on a loaded machine, 29 Nov).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
