@@ -7,6 +7,7 @@ same error whatever the backend.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -63,24 +64,57 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return in_f, out_f
 
 
-def check_lora_args(
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, names: tuple[str, str] = ("lora_A", "lora_B")
+def check_adapter_factors(
+    lora_A, lora_B, in_f: int, out_f: int, scaling, names: tuple[str, str] = ("lora_A", "lora_B")
 ) -> int:
-    """The rank r of one adapter; ValueError/TypeError naming the argument when the linear
-    arguments, lora_A (r, in), lora_B (out, r), scaling or dropout_p do not fit."""
+    """The rank r of a low-rank pair; ValueError/TypeError naming the argument when lora_A
+    (r, in) with r >= 1, lora_B (out, r) or scaling (a real number) do not fit."""
     a_name, b_name = names
-    in_f, out_f = check_linear_args(x, weight, bias)
     if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
         raise ValueError(f"{a_name} must be (r, {in_f}) with r >= 1, got {tuple(getattr(lora_A, 'shape', ()))}")
     r = lora_A.shape[0]
     if not isinstance(lora_B, torch.Tensor) or tuple(lora_B.shape) != (out_f, r):
         raise ValueError(f"{b_name} must be ({out_f}, {r}), got {tuple(getattr(lora_B, 'shape', ()))}")
-    if lora_A.dtype != lora_B.dtype:
-        raise TypeError(f"{a_name} and {b_name} must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return r
+
+
+def check_dropout_p(dropout_p) -> None:
+    """ValueError unless dropout_p is a probability in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def check_magnitude(magnitude, features: int) -> None:
+    """ValueError/TypeError unless DoRA's magnitude is a floating (features,) tensor."""
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (features,):
+        raise ValueError(
+            f"magnitude must be a ({features},) tensor (one value per output feature), "
+            f"got {tuple(getattr(magnitude, 'shape', ())) or type(magnitude).__name__}"
+        )
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating tensor, got {magnitude.dtype}")
+
+
+def check_embedding_result(result, input_ids: torch.Tensor, weight: torch.Tensor) -> None:
+    """ValueError unless `result` (an embedding output computed elsewhere) has the lookup's shape
+    (*input_ids.shape, embedding_dim)."""
+    want = (*input_ids.shape, weight.shape[1])
+    if not isinstance(result, torch.Tensor) or tuple(result.shape) != want:
+        raise ValueError(f"result must have the lookup's shape {want}, got {tuple(getattr(result, 'shape', ()))}")
+
+
+def check_lora_args(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, names: tuple[str, str] = ("lora_A", "lora_B")
+) -> int:
+    """The rank r of one adapter; ValueError/TypeError naming the argument when the linear
+    arguments, lora_A (r, in), lora_B (out, r), scaling or dropout_p do not fit."""
+    in_f, out_f = check_linear_args(x, weight, bias)
+    r = check_adapter_factors(lora_A, lora_B, in_f, out_f, scaling, names)
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"{names[0]} and {names[1]} must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    check_dropout_p(dropout_p)
     return r
 
 

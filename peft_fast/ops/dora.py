@@ -17,7 +17,7 @@ import torch
 
 from . import dispatch
 from . import dora_reference as reference
-from .checks import check_lora_args
+from .checks import check_adapter_factors, check_dropout_p, check_embedding_result, check_lora_args, check_magnitude
 
 dispatch.register("dora_weight_norm", "torch", reference.dora_weight_norm)
 dispatch.register("dora_linear", "torch", reference.dora_linear)
@@ -60,28 +60,13 @@ class DoraNormCache:
         return norm
 
 
-def _check_magnitude(magnitude: torch.Tensor, features: int) -> None:
-    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (features,):
-        raise ValueError(
-            f"magnitude must be a ({features},) tensor (one value per output feature), "
-            f"got {tuple(getattr(magnitude, 'shape', ())) or type(magnitude).__name__}"
-        )
-    if not magnitude.is_floating_point():
-        raise TypeError(f"magnitude must be a floating tensor, got {magnitude.dtype}")
-
-
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """‖W + s·B·A‖ per row of weight (out, in), lora_A (r, in), lora_B (out, r): an fp32 (out,)
     tensor without gradient. `W + s·B·A` is never materialized."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features), got {getattr(weight, 'shape', weight)!r}")
     out_f, in_f = weight.shape
-    if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must be (r, {in_f}) with r >= 1, got {tuple(getattr(lora_A, 'shape', ()))}")
-    if not isinstance(lora_B, torch.Tensor) or tuple(lora_B.shape) != (out_f, lora_A.shape[0]):
-        raise ValueError(f"lora_B must be ({out_f}, {lora_A.shape[0]}), got {tuple(getattr(lora_B, 'shape', ()))}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    check_adapter_factors(lora_A, lora_B, in_f, out_f, scaling)
     fn = dispatch.select("dora_weight_norm", weight, lora_A, lora_B, scaling)
     return fn(weight, lora_A, lora_B, float(scaling))
 
@@ -108,7 +93,7 @@ def dora_linear(
     base output's dtype; gradients reach x, A, B, magnitude and a trainable bias (and W,
     through plain autograd, when it requires grad)."""
     check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    _check_magnitude(magnitude, weight.shape[0])
+    check_magnitude(magnitude, weight.shape[0])
     if norm is None:
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     elif tuple(norm.shape) != (weight.shape[0],):
@@ -151,9 +136,8 @@ def dora_add(
         raise ValueError(f"result must be {(*x.shape[:-1], out_f)}, got {tuple(getattr(result, 'shape', ()))}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,)):
         raise ValueError(f"bias must be ({out_f},) or None, got {tuple(getattr(bias, 'shape', ()))}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check_magnitude(magnitude, out_f)
+    check_dropout_p(dropout_p)
+    check_magnitude(magnitude, out_f)
     if norm is None:
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling)  # checks lora_A, lora_B and scaling
     elif tuple(norm.shape) != (out_f,):
@@ -185,10 +169,9 @@ def dora_embedding(
     is the lookup E[ids] unless given (the output with earlier adapters added, HF peft's chain)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be (num_embeddings, embedding_dim), got {getattr(weight, 'shape', weight)!r}")
-    _check_magnitude(magnitude, weight.shape[1])
-    want = (*input_ids.shape, weight.shape[1])
-    if result is not None and (not isinstance(result, torch.Tensor) or tuple(result.shape) != want):
-        raise ValueError(f"result must have the lookup's shape {want}, got {tuple(getattr(result, 'shape', ()))}")
+    check_magnitude(magnitude, weight.shape[1])
+    if result is not None:
+        check_embedding_result(result, input_ids, weight)
     if norm is None:
         norm = dora_weight_norm(weight.t(), lora_A, lora_B, scaling)
     fn = dispatch.select("dora_embedding", input_ids, weight, lora_A, lora_B, magnitude, scaling)

@@ -182,7 +182,7 @@ def dora_linear(
 def dora_add(
     result: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -197,7 +197,9 @@ def dora_add(
     output, or the base output with earlier adapters already added), with plain autograd:
     `result + (scale − 1) ⊙ base + scale ⊙ s · x'AᵀBᵀ`, scale = m / ‖W + s·B·A‖, where
     base = result − b without dropout (so earlier adapters' updates are rescaled too, as in
-    HF peft) and base = x'Wᵀ with it (x' = dropout(x), drawn as `F.dropout` draws it)."""
+    HF peft) and base = x'Wᵀ with it (x' = dropout(x), drawn as `F.dropout` draws it).
+    `weight` is read only for the norm (when none is given) and for x'Wᵀ: it may be None when
+    `norm` is given and nothing is dropped."""
     if norm is None:
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     xa = x.to(lora_A.dtype)
@@ -226,8 +228,13 @@ def dora_linear_4bit(
     norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA on a 4-bit base as HF peft's bnb Linear4bit computes it: bitsandbytes' Linear4bit
-    output, then the DoRA update with the dequantized weight (its norm, and x'Wᵀ with dropout)."""
-    weight = dequantize_4bit(state)
+    output, then the DoRA update with the dequantized weight (its norm, and x'Wᵀ with dropout).
+    The weight is dequantized once for both, as HF peft does, and not at all when the caller
+    holds the norm and nothing is dropped."""
+    dropping = dropout_p > 0.0 and training
+    weight = dequantize_4bit(state) if norm is None or dropping else None
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     result = linear_4bit(x, state, bias, compute_dtype)
     return dora_add(result, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, norm=norm)
 

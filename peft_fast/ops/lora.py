@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from . import dispatch, reference
-from .checks import check_lora_args, check_mixed_call
+from .checks import check_embedding_result, check_lora_args, check_mixed_call
 from .mixed_batch import LoraStackCache, RowGroups, group_rows
 
 dispatch.register("lora_linear", "torch", reference.lora_linear)
@@ -58,16 +58,10 @@ def lora_embedding(
     instead of to the lookup."""
     lookup = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     if result is not None:
-        _check_embedding_result(result, input_ids, weight)
+        check_embedding_result(result, input_ids, weight)
         return reference.lora_embedding(input_ids, weight, lora_A, lora_B, scaling, *lookup, result=result)
     fn = dispatch.select("lora_embedding", input_ids, weight, lora_A, lora_B, scaling)
     return fn(input_ids, weight, lora_A, lora_B, scaling, *lookup)
-
-
-def _check_embedding_result(result: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor) -> None:
-    want = (*input_ids.shape, weight.shape[1])
-    if not isinstance(result, torch.Tensor) or tuple(result.shape) != want:
-        raise ValueError(f"result must have the lookup's shape {want}, got {tuple(getattr(result, 'shape', ()))}")
 
 
 def lora_linear_mixed(

@@ -9,7 +9,7 @@ import torch
 
 from ..quant.formats import QuantState4bit
 from . import dispatch, reference
-from .dora import dora_weight_norm
+from .checks import check_adapter_factors, check_dropout_p, check_magnitude
 from .dora_reference import dora_linear_4bit as _dora_linear_4bit_reference
 
 dispatch.register("dequantize_4bit", "torch", reference.dequantize_4bit)
@@ -65,20 +65,20 @@ def dora_linear_4bit(
 
     The base product is bitsandbytes' Linear4bit (in `compute_dtype`, default x's dtype, back in
     x's dtype); the norm and, with dropout, x'Wᵀ use the dequantized weight, as HF peft's bnb
-    DoRA does. `norm` (out,) is the weight norm when the caller holds it. Returns (..., out) in
-    x's dtype."""
+    DoRA does. `norm` (out,) is the weight norm when the caller holds it (then, without dropout,
+    the weight is not dequantized at all). Returns (..., out) in x's dtype."""
     if not isinstance(state, QuantState4bit):
         raise TypeError(f"state must be a QuantState4bit, got {type(state).__name__}")
     out_f, in_f = state.shape
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(f"x must be (..., {in_f}), got {tuple(getattr(x, 'shape', ()))}")
-    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (out_f,):
-        raise ValueError(f"magnitude must be a ({out_f},) tensor, got {tuple(getattr(magnitude, 'shape', ()))}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_magnitude(magnitude, out_f)
+    check_dropout_p(dropout_p)
+    check_adapter_factors(lora_A, lora_B, in_f, out_f, scaling)
+    if norm is not None and tuple(norm.shape) != (out_f,):
+        raise ValueError(f"norm must be ({out_f},), got {tuple(norm.shape)}")
     compute_dtype = x.dtype if compute_dtype is None else compute_dtype
-    if norm is None:
-        norm = dora_weight_norm(dequantize_4bit(state), lora_A, lora_B, scaling)
+    # No norm given: the backend takes it of the weight it dequantizes anyway (once per call).
     args = (x, state, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p), training, compute_dtype)
     return dispatch.select("dora_linear_4bit", *args, norm=norm)(*args, norm=norm)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .checks import check_linear_args
+from .checks import check_dropout_p, check_linear_args
 from .frozen_linear import applies, draw_dropout, input_grad
 
 __all__ = ["vera_linear"]
@@ -139,7 +139,6 @@ def vera_linear(
         raise ValueError(f"vera_B must be (>= {out_f}, {r}), got {tuple(getattr(vera_B, 'shape', ()))}")
     if not isinstance(lambda_b, torch.Tensor) or tuple(lambda_b.shape) != (out_f,):
         raise ValueError(f"lambda_b must be ({out_f},), got {tuple(getattr(lambda_b, 'shape', ()))}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    check_dropout_p(dropout_p)
     args = (x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
     return dispatch.select("vera_linear", *args)(*args)

@@ -139,6 +139,32 @@ def test_dora_linear_4bit_uses_the_given_norm_and_compute_dtype(monkeypatch):
     assert seen == [torch.float16, torch.float32]
 
 
+def test_dora_linear_4bit_dequantizes_its_weight_once_or_not_at_all(monkeypatch):
+    """DoRA's own dequantized weight (for the norm and, with dropout, x'Wᵀ) is made once per call,
+    as HF peft's bnb DoRA makes it, and not at all when the norm is given and nothing is dropped;
+    the results stay the float64 formula's."""
+    state = _state((6, 64))
+    W = dequantize_4bit(state, torch.float32)
+    x, _, A, B, m = _dora_inputs(M=3, K=64, N=6, r=2, seed=7)
+    calls = []
+    for module in (dora_reference, qlora):
+        real = module.dequantize_4bit
+        monkeypatch.setattr(module, "dequantize_4bit", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+
+    y = qlora.dora_linear_4bit(x, state, None, A, B, m, 0.5, 0.0, False)  # the norm from the weight
+    assert len(calls) == 1 and _rel(y, _dora64(x, W, A, B, m, 0.5)[0]) < 1e-5
+    torch.manual_seed(3)
+    qlora.dora_linear_4bit(x, state, None, A, B, m, 0.5, 0.3, True)  # norm and x'Wᵀ from one copy
+    assert len(calls) == 2
+    norm = torch.linalg.norm(W.double() + 0.5 * B.double() @ A.double(), dim=1).float()
+    y = qlora.dora_linear_4bit(x, state, None, A, B, m, 0.5, 0.0, False, norm=norm)  # eval, cached norm
+    assert len(calls) == 2 and _rel(y, _dora64(x, W, A, B, m, 0.5, norm=norm)[0]) < 1e-5
+    with pytest.raises(ValueError, match=r"norm must be \(6,\)"):
+        qlora.dora_linear_4bit(x, state, None, A, B, m, 0.5, norm=norm[:2])
+    with pytest.raises(ValueError, match=r"lora_B must be \(6, 2\)"):
+        qlora.dora_linear_4bit(x, state, None, A, B[:3], m, 0.5)
+
+
 # -- LoHa / LoKr ---------------------------------------------------------------------------------
 
 
